@@ -1,0 +1,29 @@
+"""hf_tokenprune: question-aware visual-token pruning at the LLM input for Hugging Face multimodal LLMs."""
+
+from .adapters import MalformedVisualInputError, UnsupportedModelError
+from .compressor import Compressor, CompressorMismatchError
+from .config import TokenPruneConfig
+from .scorers import AttentionScorer, CompressorScorer, RandomScorer, Scorer, ScoreInputs, UniformScorer
+from .stats import PruneStats
+from .wrap import PrunedCacheError, from_pretrained, prune_wrap, unwrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionScorer",
+    "Compressor",
+    "CompressorMismatchError",
+    "CompressorScorer",
+    "MalformedVisualInputError",
+    "PruneStats",
+    "PrunedCacheError",
+    "RandomScorer",
+    "ScoreInputs",
+    "Scorer",
+    "TokenPruneConfig",
+    "UniformScorer",
+    "UnsupportedModelError",
+    "from_pretrained",
+    "prune_wrap",
+    "unwrap",
+]

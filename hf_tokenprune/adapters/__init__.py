@@ -1,0 +1,28 @@
+"""Model-family adapters and their registry (``config.model_type`` -> adapter)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Adapter, MalformedVisualInputError, VisualLayout
+from .llava_onevision import LlavaOnevisionAdapter
+from .qwen2_vl import Qwen2VLAdapter
+
+ADAPTERS: dict[str, type[Adapter]] = {t: cls for cls in (Qwen2VLAdapter, LlavaOnevisionAdapter) for t in cls.model_types}
+
+__all__ = ["ADAPTERS", "Adapter", "MalformedVisualInputError", "UnsupportedModelError", "VisualLayout",
+           "get_adapter"]
+
+
+class UnsupportedModelError(ValueError):
+    """The model family has no adapter."""
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter of a ``...ForConditionalGeneration`` model; :class:`UnsupportedModelError` otherwise."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS or not hasattr(model, "model"):
+        raise UnsupportedModelError(
+            f"hf_tokenprune does not support {type(model).__name__} (model_type={model_type!r}); supported "
+            f"model types: {', '.join(sorted(ADAPTERS))} (the ...ForConditionalGeneration classes)")
+    return ADAPTERS[model_type](model)

@@ -1,0 +1,181 @@
+"""The adapter contract: everything model-specific that input-stage pruning needs to know.
+
+An adapter answers, for one model family: which module merges the visual features into the text embeddings
+(its forward receives ``input_ids``), which module is the text model (pruning happens in a pre-hook on it),
+which positions of a call are visual and to which image / video frame they belong, and how the text model
+numbers positions (1-D, or Qwen2-VL's multi-row M-RoPE ids).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+def _runs(row: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, length) of the runs of True in a 1-D bool tensor."""
+    padded = torch.cat([row.new_zeros(1), row.to(torch.int8), row.new_zeros(1)])
+    edges = torch.diff(padded).nonzero().flatten().tolist()
+    return [(s, e - s) for s, e in zip(edges[::2], edges[1::2])]
+
+
+class MalformedVisualInputError(ValueError):
+    """The visual placeholder tokens of a batch do not match the visual inputs (grids, frames, sizes)."""
+
+
+@dataclass
+class VisualLayout:
+    """Where the visual tokens of one batch are.
+
+    ``visual_mask[b, i]`` marks the visual placeholder positions, ``instruction_mask[b, i]`` the instruction
+    tokens (see :meth:`Adapter.layout`), and ``segments[b]`` the lengths of sample ``b``'s images / video frames
+    in order of appearance (they sum to the sample's visual-token count).
+    """
+
+    visual_mask: torch.Tensor
+    instruction_mask: torch.Tensor
+    segments: list[list[int]]
+
+    @property
+    def counts(self) -> list[int]:
+        return [sum(s) for s in self.segments]
+
+
+class Adapter:
+    """Base class of the model-family adapters. Subclasses set ``model_types`` and implement the hooks below."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # -- modules -------------------------------------------------------------------------------------------
+    @property
+    def multimodal_model(self) -> nn.Module:
+        """The module whose forward receives ``input_ids`` and merges the visual features."""
+        return self.model.model
+
+    @property
+    def text_model(self) -> nn.Module:
+        """The decoder that receives ``inputs_embeds``; pruning runs in a forward pre-hook on it."""
+        return self.model.model.get_decoder()
+
+    @property
+    def model_type(self) -> str:
+        return self.model.config.model_type
+
+    # -- tokens ----------------------------------------------------------------------------------------------
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        cfg = self.model.config
+        return tuple(i for i in (cfg.image_token_id, getattr(cfg, "video_token_id", None)) if i is not None)
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Token ids of the chat template that are not part of the instruction."""
+        ids: set[int] = set(self.visual_token_ids)
+        for cfg in (self.model.config, self.model.config.get_text_config(), self.model.generation_config):
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id", "vision_start_token_id",
+                         "vision_end_token_id"):
+                value = getattr(cfg, name, None)
+                ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+        return frozenset(ids)
+
+    def item_lengths(self, call: dict[str, Any], token_id: int) -> list[int] | None:
+        """Token counts of the batch's images (``token_id`` = image token) or videos, in order, if known.
+
+        ``generate`` pre-encodes the visual inputs and passes ``mm_encoder_outputs`` (one feature tensor per
+        item); families override this to read their raw inputs (e.g. grids) on plain forward calls.
+        """
+        modality = "image" if token_id == self.model.config.image_token_id else "video"
+        output = (call.get("mm_encoder_outputs") or {}).get(modality)
+        if output is None:
+            return None
+        pooled = output.pooler_output
+        return [int(p.shape[0]) for p in pooled] if isinstance(pooled, (list, tuple)) else None
+
+    def frames(self, length: int, token_id: int, positions: torch.Tensor, call: dict[str, Any]) -> list[int]:
+        """Split one image/video item of ``length`` tokens into its frames (``positions``: the item's
+        ``[rows, length]`` position ids). Images are one piece."""
+        return [length]
+
+    def segments(self, input_ids: torch.Tensor, visual_mask: torch.Tensor, positions: torch.Tensor,
+                 call: dict[str, Any]) -> list[list[int]]:
+        """Per sample, the lengths of its images / video frames in order of appearance. Checks the
+        placeholders against the visual inputs and raises :class:`MalformedVisualInputError` on a mismatch."""
+        items = {t: self.item_lengths(call, t) for t in self.visual_token_ids}
+        used = dict.fromkeys(items, 0)
+        out: list[list[int]] = []
+        for b in range(input_ids.shape[0]):
+            pieces: list[int] = []
+            for start, length in _runs(visual_mask[b]):
+                token = int(input_ids[b, start])
+                if bool((input_ids[b, start:start + length] != token).any()):
+                    raise MalformedVisualInputError(
+                        f"sample {b}: image and video placeholder tokens are adjacent without a separator")
+                lengths = items[token]
+                if lengths is None:
+                    pieces.extend(self.frames(length, token, positions[:, b, start:start + length], call))
+                    continue
+                covered = 0
+                while covered < length:
+                    if used[token] >= len(lengths):
+                        raise MalformedVisualInputError(
+                            f"sample {b}: more visual placeholder tokens than the visual inputs provide "
+                            f"({len(lengths)} item(s) of token id {token} for the whole batch)")
+                    n = lengths[used[token]]
+                    used[token] += 1
+                    at = start + covered
+                    pieces.extend(self.frames(n, token, positions[:, b, at:at + n], call))
+                    covered += n
+                if covered != length:
+                    raise MalformedVisualInputError(
+                        f"sample {b}: a run of {length} visual placeholder tokens does not match the visual "
+                        f"inputs (their items give {covered} tokens)")
+            out.append(pieces)
+        for token, lengths in items.items():
+            if lengths is not None and used[token] != len(lengths):
+                raise MalformedVisualInputError(
+                    f"{len(lengths)} visual item(s) of token id {token} given but only {used[token]} have "
+                    "placeholder tokens in input_ids")
+        return out
+
+    def layout(self, call: dict[str, Any], attention_mask: torch.Tensor | None,
+               positions: torch.Tensor) -> VisualLayout:
+        """Visual and instruction positions of a prefill call (``call`` holds the multimodal model's kwargs).
+
+        Instruction tokens of a sample are the tokens after its last visual token up to the end of the prompt,
+        without padding and without the chat template's special tokens (:attr:`special_token_ids`). A sample
+        with no such token (the prompt ends with the image) uses its last prompt token.
+        """
+        input_ids = call["input_ids"]
+        visual = torch.isin(input_ids, torch.tensor(self.visual_token_ids, device=input_ids.device))
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
+        idx = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last_visual = torch.where(visual, idx, -1).amax(dim=1, keepdim=True)
+        special = torch.isin(input_ids, torch.tensor(sorted(self.special_token_ids), device=input_ids.device))
+        instruction = (idx > last_visual) & real & ~special
+        empty = ~instruction.any(dim=1)
+        if empty.any():
+            last_real = torch.where(real, idx, -1).amax(dim=1)
+            instruction[empty, last_real[empty]] = True
+        return VisualLayout(visual, instruction, self.segments(input_ids, visual, positions, call))
+
+    # -- positions -----------------------------------------------------------------------------------------
+    def expand_positions(self, position_ids: torch.Tensor | None, batch: int, length: int,
+                         device: torch.device) -> torch.Tensor:
+        """The position ids the text model would use on a prefill, as a ``[rows, batch, length]`` tensor."""
+        if position_ids is None:
+            return torch.arange(length, device=device).view(1, 1, -1).expand(1, batch, -1)
+        return position_ids.view(1, *position_ids.shape[-2:]).expand(1, batch, -1)
+
+    def text_model_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """``[rows, batch, length]`` back into the form the text model's forward takes."""
+        return positions[0]
+
+    def rotary_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """``[rows, batch, length]`` into the form ``text_model.rotary_emb`` takes."""
+        return positions[0]

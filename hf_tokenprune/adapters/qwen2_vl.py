@@ -1,0 +1,50 @@
+"""Qwen2-VL and Qwen2.5-VL: dynamic-resolution images and videos, 3-D M-RoPE position ids.
+
+Visual tokens are ``<|image_pad|>`` / ``<|video_pad|>`` runs of ``t * h * w / merge**2`` tokens per item
+(``image_grid_thw`` / ``video_grid_thw``). ``generate`` pre-encodes the visual inputs and drops the grids, so
+items are then read from ``mm_encoder_outputs`` and video frames from the temporal M-RoPE row. ``generate``
+passes 4-row position ids (row 0 text positions, rows 1-3 temporal/height/width); the outer model computes 3
+rows when called without them. Kept tokens keep their (t, h, w) ids, so decode positions (last + 1 from
+``generate``) stay consistent with the unpruned model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Adapter
+
+
+class Qwen2VLAdapter(Adapter):
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+
+    def item_lengths(self, call: dict[str, Any], token_id: int) -> list[int] | None:
+        lengths = super().item_lengths(call, token_id)
+        grid = call.get("image_grid_thw" if token_id == self.model.config.image_token_id else "video_grid_thw")
+        if lengths is not None or grid is None:
+            return lengths
+        merge = self.model.config.vision_config.spatial_merge_size ** 2
+        return [int(t * h * w) // merge for t, h, w in grid.tolist()]
+
+    def frames(self, length: int, token_id: int, positions: torch.Tensor, call: dict[str, Any]) -> list[int]:
+        if token_id != self.model.config.video_token_id:
+            return [length]
+        temporal = positions[-3]
+        starts = [0, *(torch.nonzero(temporal[1:] != temporal[:-1]).flatten() + 1).tolist(), length]
+        return [e - s for s, e in zip(starts[:-1], starts[1:])]
+
+    def expand_positions(self, position_ids: torch.Tensor | None, batch: int, length: int,
+                         device: torch.device) -> torch.Tensor:
+        if position_ids is None:
+            return torch.arange(length, device=device).view(1, 1, -1).expand(3, batch, -1)
+        if position_ids.dim() == 2:
+            return position_ids[None].expand(3, batch, -1)
+        return position_ids.expand(-1, batch, -1)
+
+    def text_model_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions
+
+    def rotary_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions[-3:]

@@ -1,0 +1,97 @@
+"""TokenPruneConfig: what to prune, how many tokens to keep, and how to number what is kept."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+POSITIONS = ("original", "contiguous")
+SCOPES = ("sample", "image")
+SCORER_NAMES = ("compressor", "attention", "random", "uniform")
+
+
+@dataclass
+class TokenPruneConfig:
+    """Configuration of input-stage visual-token pruning.
+
+    Args:
+        ratio: fraction of visual tokens KEPT, in (0, 1]. ``1.0`` disables pruning.
+        scorer: a built-in scorer name (``"compressor"``, ``"attention"``, ``"random"``, ``"uniform"``)
+            or a :class:`~hf_tokenprune.scorers.Scorer` instance.
+        compressor: the trained compressor for ``scorer="compressor"``: a Hub repo id, a local directory
+            or a :class:`~hf_tokenprune.Compressor`.
+        positions: ``"original"`` keeps each kept token's original position ids (default, matches the
+            unpruned model with the dropped tokens masked out); ``"contiguous"`` numbers the shortened
+            sequence 0, 1, 2, ... as if it had never been longer.
+        min_tokens: lower bound on the tokens kept per budget unit (sample or image/frame).
+        scope: ``"sample"`` ranks all visual tokens of a sample together (default); ``"image"`` gives every
+            image (or video frame) its own ``ratio`` budget.
+        seed: seed of the ``"random"`` scorer.
+        allow_compressor_mismatch: accept a compressor trained for another model family.
+    """
+
+    ratio: float = 0.25
+    scorer: Any = "compressor"
+    compressor: Any = None
+    positions: str = "original"
+    min_tokens: int = 1
+    scope: str = "sample"
+    seed: int = 0
+    allow_compressor_mismatch: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+            raise TypeError(f"ratio must be a number in (0, 1], got {type(self.ratio).__name__} {self.ratio!r}")
+        if not (0.0 < float(self.ratio) <= 1.0) or math.isnan(self.ratio):
+            raise ValueError(
+                f"ratio is the fraction of visual tokens KEPT and must be in (0, 1], got {self.ratio!r}"
+            )
+        self.ratio = float(self.ratio)
+        if isinstance(self.scorer, str):
+            if self.scorer not in SCORER_NAMES:
+                raise ValueError(f"unknown scorer {self.scorer!r}; built-in scorers are {', '.join(SCORER_NAMES)}"
+                                 " (or pass a Scorer instance)")
+        elif not callable(getattr(self.scorer, "score", None)):
+            raise TypeError(f"scorer must be a name or an object with a score() method, got {self.scorer!r}")
+        if self.compressor is not None and not isinstance(self.compressor, str) and not callable(
+            getattr(self.compressor, "relevance", None)
+        ):
+            raise TypeError(
+                "compressor must be a Hub repo id, a local path or a Compressor, "
+                f"got {type(self.compressor).__name__}"
+            )
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+    @property
+    def scorer_name(self) -> str:
+        return self.scorer if isinstance(self.scorer, str) else type(self.scorer).__name__
+
+    def replace(self, **overrides: Any) -> TokenPruneConfig:
+        """A copy with some fields changed (validated)."""
+        unknown = set(overrides) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"unknown TokenPruneConfig field(s): {', '.join(sorted(unknown))}")
+        return TokenPruneConfig(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict. A scorer object is recorded by its class name, a Compressor object as None."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["scorer"] = self.scorer_name
+        if self.compressor is not None and not isinstance(self.compressor, str):
+            out["compressor"] = None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TokenPruneConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown TokenPruneConfig field(s): {', '.join(sorted(unknown))}")
+        return cls(**data)

@@ -1,0 +1,66 @@
+"""The first LLM layer's instruction->vision attention ``A^0_v``, computed cheaply.
+
+Only layer 0's input norm, q/k projections (and q/k norms where the family has them) and rotary embedding are
+run, and only the instruction rows of the softmax are formed: O(N_u * L) instead of a full eager forward.
+Works whatever attention implementation the model itself runs with (sdpa, flash, eager). Scores are computed
+in float32 after the projections.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def first_layer_attention(text_model: nn.Module, inputs_embeds: torch.Tensor, rotary_positions: torch.Tensor,
+                          attention_mask: torch.Tensor | None, instruction_mask: torch.Tensor) -> torch.Tensor:
+    """Attention each position receives in layer 0, averaged over heads and over the instruction tokens.
+
+    Args:
+        text_model: the decoder (``layers[0]`` with ``input_layernorm`` and ``self_attn.q_proj/k_proj``,
+            ``rotary_emb``).
+        inputs_embeds: ``[batch, length, hidden]`` prefill embeddings (visual features merged in).
+        rotary_positions: position ids in the form ``text_model.rotary_emb`` takes.
+        attention_mask: ``[batch, length]`` (1 = real token) or None.
+        instruction_mask: ``[batch, length]``, the query rows to average over (at least one per sample).
+
+    Returns:
+        ``[batch, length]`` float32; the entries of visual positions form ``A^0_v``.
+    """
+    layer = text_model.layers[0]
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    batch, length, _ = inputs_embeds.shape
+    with torch.no_grad():
+        hidden = layer.input_layernorm(inputs_embeds)
+        n_q = int(instruction_mask.sum(dim=1).max())
+        # instruction rows of each sample, right-padded to n_q
+        q_order = torch.sort(instruction_mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :n_q]
+        q_valid = torch.gather(instruction_mask, 1, q_order)
+        q_hidden = torch.gather(hidden, 1, q_order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        q = attn.q_proj(q_hidden).view(batch, n_q, -1, head_dim)
+        k = attn.k_proj(hidden).view(batch, length, -1, head_dim)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = text_model.rotary_emb(hidden, rotary_positions)
+        cos, sin = cos.float(), sin.float()
+        q_cos = torch.gather(cos, 1, q_order.unsqueeze(-1).expand(-1, -1, cos.shape[-1]))
+        q_sin = torch.gather(sin, 1, q_order.unsqueeze(-1).expand(-1, -1, sin.shape[-1]))
+        q, k = q.float().transpose(1, 2), k.float().transpose(1, 2)  # [b, heads, n, d]
+        q = q * q_cos.unsqueeze(1) + _rotate_half(q) * q_sin.unsqueeze(1)
+        k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        logits = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling  # [b, heads, n_q, length]
+        keys = torch.arange(length, device=inputs_embeds.device)
+        allowed = keys[None, None, :] <= q_order[:, :, None]  # causal
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.bool()[:, None, :]
+        logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+        probs = logits.softmax(dim=-1).mean(dim=1)  # [b, n_q, length]
+        probs = probs * q_valid.unsqueeze(-1)
+        return probs.sum(dim=1) / q_valid.sum(dim=1, keepdim=True).clamp(min=1)

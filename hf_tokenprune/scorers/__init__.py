@@ -1,0 +1,45 @@
+"""Scorers: one ``score(inputs) -> [batch, max_visual]`` method each (higher = keep)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .attention import AttentionScorer
+from .base import Scorer, ScoreInputs
+from .compressor import CompressorScorer
+from .random import RandomScorer
+from .uniform import UniformScorer
+
+if TYPE_CHECKING:
+    from ..adapters.base import Adapter
+    from ..config import TokenPruneConfig
+
+__all__ = ["AttentionScorer", "CompressorScorer", "RandomScorer", "ScoreInputs", "Scorer", "UniformScorer",
+           "build_scorer"]
+
+
+def build_scorer(config: TokenPruneConfig, adapter: Adapter) -> Scorer:
+    """The scorer a config asks for; loads and checks the compressor for ``scorer="compressor"``."""
+    if not isinstance(config.scorer, str):
+        return config.scorer
+    if config.scorer == "attention":
+        return AttentionScorer()
+    if config.scorer == "random":
+        return RandomScorer(config.seed)
+    if config.scorer == "uniform":
+        return UniformScorer()
+    from ..compressor import Compressor
+
+    if config.compressor is None:
+        raise ValueError(
+            "scorer='compressor' needs a trained compressor for this model: pass compressor=<Hub repo id | local "
+            "directory | Compressor>, or choose a training-free scorer such as scorer='attention'"
+        )
+    compressor = config.compressor
+    if isinstance(compressor, str):
+        compressor = Compressor.from_pretrained(compressor)
+    compressor.check_compatible(adapter.model_type, getattr(adapter.model.config, "_name_or_path", None) or None,
+                                allow_mismatch=config.allow_compressor_mismatch)
+    param = next(adapter.text_model.parameters())
+    compressor.to(param.device).eval()
+    return CompressorScorer(compressor)

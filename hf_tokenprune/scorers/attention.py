@@ -1,0 +1,16 @@
+"""``"attention"``: rank by the raw first-layer instruction->vision attention ``A^0_v``."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Scorer, ScoreInputs
+
+
+class AttentionScorer(Scorer):
+    """Task-conditional, training-free: the visual tokens the instruction attends to most in layer 0."""
+
+    name = "attention"
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        return inputs.first_layer_attention

@@ -1,0 +1,23 @@
+"""``"compressor"``: the trained CNN ``f_theta`` over the first-layer attention (the paper's method)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..compressor import Compressor
+from .base import Scorer, ScoreInputs
+
+
+class CompressorScorer(Scorer):
+    """Predicted answer relevance ``softmax(f_theta(A^0_v))``; ranks by the logits (same order)."""
+
+    name = "compressor"
+
+    def __init__(self, compressor: Compressor) -> None:
+        self.compressor = compressor
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        param = next(self.compressor.parameters())
+        with torch.no_grad():
+            features = inputs.first_layer_attention.to(param.device, param.dtype)
+            return self.compressor(features, inputs.valid.to(param.device)).to(inputs.valid.device)

@@ -1,0 +1,69 @@
+"""PruneStats: what one prefill pruned, and the KV-cache bytes and prefill FLOPs it saved (from the config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PruneStats:
+    """Record of one pruned prefill.
+
+    ``kept_indices[b]`` are the kept positions among sample ``b``'s visual tokens (counted in order of
+    appearance, ascending). Sequence lengths are the batch's padded lengths, which is what the LLM runs on;
+    KV-cache bytes and FLOPs are for the whole batch.
+    """
+
+    scorer: str
+    ratio: float
+    kept_indices: list[torch.Tensor]
+    visual_tokens_before: list[int]
+    visual_tokens_after: list[int]
+    seq_len_before: int
+    seq_len_after: int
+    kv_cache_bytes_before: int
+    kv_cache_bytes_after: int
+    prefill_flops_before: float
+    prefill_flops_after: float
+    scoring_time_s: float
+    pruned: bool = field(default=True)
+
+    @property
+    def prefill_flops_ratio(self) -> float:
+        return self.prefill_flops_after / self.prefill_flops_before if self.prefill_flops_before else 1.0
+
+    @property
+    def kv_cache_ratio(self) -> float:
+        return self.kv_cache_bytes_after / self.kv_cache_bytes_before if self.kv_cache_bytes_before else 1.0
+
+    def __str__(self) -> str:
+        return (f"PruneStats(scorer={self.scorer}, ratio={self.ratio:g}, visual tokens {self.visual_tokens_before}"
+                f" -> {self.visual_tokens_after}, sequence {self.seq_len_before} -> {self.seq_len_after}, "
+                f"KV cache {self.kv_cache_bytes_before / 2**20:.2f} -> {self.kv_cache_bytes_after / 2**20:.2f} MiB, "
+                f"prefill FLOPs x{self.prefill_flops_ratio:.3f}, scoring {1e3 * self.scoring_time_s:.1f} ms)")
+
+
+def kv_cache_bytes(text_config, batch: int, length: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values for ``batch x length`` tokens over all layers."""
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    per_token = 2 * text_config.num_hidden_layers * kv_heads * head_dim
+    return per_token * batch * length * torch.empty((), dtype=dtype).element_size()
+
+
+def prefill_flops(text_config, batch: int, length: int) -> float:
+    """Forward FLOPs of the decoder layers on a ``batch x length`` prefill (multiply-add = 2 FLOPs).
+
+    Per layer and token: q/k/v/o projections and the gated MLP (``2 * params``), plus causal attention
+    scores and weighted sum (``2 * 2 * length / 2 * heads * head_dim``). Embeddings and the LM head
+    (one token under ``generate``) are left out.
+    """
+    hidden = text_config.hidden_size
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    params = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * text_config.intermediate_size
+    per_layer = 2 * params * length + 2 * length * length * heads * head_dim
+    return float(batch * text_config.num_hidden_layers * per_layer)
