@@ -60,6 +60,7 @@ def first_layer_attention(text_model: nn.Module, inputs_embeds: torch.Tensor, ro
         allowed = keys[None, None, :] <= q_order[:, :, None]  # causal
         if attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, :]
+        allowed = allowed | ~q_valid[:, :, None]  # padding query rows: any finite row, zeroed below
         logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
         probs = logits.softmax(dim=-1).mean(dim=1)  # [b, n_q, length]
         probs = probs * q_valid.unsqueeze(-1)

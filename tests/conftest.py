@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny models of every supported family with real processors, and their inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_tokenprune import tiny
+
+FAMILIES = tiny.FAMILIES
+
+
+def chat(question: str, kind: str | None) -> list[dict]:
+    content = [{"type": kind}] if kind else []
+    return [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
+
+
+def image_size(b: int) -> tuple[int, int]:
+    """Sample ``b``'s image size: every sample of a batch gets a different number of visual tokens."""
+    return (56 + 28 * b, 56 + 56 * b)
+
+
+def make_inputs(processor, kind: str | None = "image", batch: int = 2, questions: list[str] | None = None):
+    """A left-padded batch: sample ``b`` has its own question and a visual input of its own size."""
+    processor.tokenizer.padding_side = "left"
+    questions = questions or ["what colour is the circle", "what shape is left of the red square ?"][:batch]
+    texts = [processor.apply_chat_template(chat(q, kind), add_generation_prompt=True, tokenize=False)
+             for q in questions]
+    visual = {}
+    if kind == "image":
+        visual["images"] = [tiny.make_image(b, size=image_size(b)) for b in range(len(texts))]
+    elif kind == "video":
+        visual["videos"] = [tiny.make_video(b, frames=4, size=56) for b in range(len(texts))]
+    return processor(text=texts, padding=True, return_tensors="pt", **visual)
+
+
+@pytest.fixture(scope="session")
+def built():
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = tiny.build(family)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _unwrap_after_test(built):
+    yield
+    from hf_tokenprune import unwrap
+
+    for family in FAMILIES:
+        model = built(family)[0]
+        if "tokenprune" in model.__dict__:
+            unwrap(model)
+
+
+def greedy(model, inputs, steps: int = 10):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True)
