@@ -73,16 +73,25 @@ class Adapter:
         cfg = self.model.config
         return tuple(i for i in (cfg.image_token_id, getattr(cfg, "video_token_id", None)) if i is not None)
 
+    def _config_token_ids(self, *names: str) -> set[int]:
+        ids: set[int] = set()
+        for cfg in (self.model.config, self.model.config.get_text_config(), self.model.generation_config):
+            for name in names:
+                value = getattr(cfg, name, None)
+                ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+        return ids
+
+    @property
+    def end_of_turn_ids(self) -> frozenset[int]:
+        """Tokens that close a chat turn (the model's eos ids, e.g. ``<|im_end|>``)."""
+        return frozenset(self._config_token_ids("eos_token_id"))
+
     @property
     def special_token_ids(self) -> frozenset[int]:
         """Token ids of the chat template that are not part of the instruction."""
-        ids: set[int] = set(self.visual_token_ids)
-        for cfg in (self.model.config, self.model.config.get_text_config(), self.model.generation_config):
-            for name in ("bos_token_id", "eos_token_id", "pad_token_id", "vision_start_token_id",
-                         "vision_end_token_id"):
-                value = getattr(cfg, name, None)
-                ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
-        return frozenset(ids)
+        return frozenset(self._config_token_ids("bos_token_id", "eos_token_id", "pad_token_id",
+                                                "vision_start_token_id", "vision_end_token_id")
+                         | set(self.visual_token_ids))
 
     def item_lengths(self, call: dict[str, Any], token_id: int) -> list[int] | None:
         """Token counts of the batch's images (``token_id`` = image token) or videos, in order, if known.
@@ -147,17 +156,23 @@ class Adapter:
                positions: torch.Tensor) -> VisualLayout:
         """Visual and instruction positions of a prefill call (``call`` holds the multimodal model's kwargs).
 
-        Instruction tokens of a sample are the tokens after its last visual token up to the end of the prompt,
-        without padding and without the chat template's special tokens (:attr:`special_token_ids`). A sample
-        with no such token (the prompt ends with the image) uses its last prompt token.
+        Instruction tokens of a sample are the tokens after its last visual token up to the last end-of-turn
+        token (:attr:`end_of_turn_ids`, i.e. the end of the user's turn; the end of the prompt if there is
+        none), without padding and without the chat template's special tokens (:attr:`special_token_ids`).
+        The generation prompt (``<|im_start|>assistant``) is therefore not part of it. A sample with no such
+        token (the prompt ends with the image) uses its last prompt token.
         """
         input_ids = call["input_ids"]
-        visual = torch.isin(input_ids, torch.tensor(self.visual_token_ids, device=input_ids.device))
+        device = input_ids.device
+        visual = torch.isin(input_ids, torch.tensor(self.visual_token_ids, device=device))
         real = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
-        idx = torch.arange(input_ids.shape[1], device=input_ids.device)
+        idx = torch.arange(input_ids.shape[1], device=device)
         last_visual = torch.where(visual, idx, -1).amax(dim=1, keepdim=True)
-        special = torch.isin(input_ids, torch.tensor(sorted(self.special_token_ids), device=input_ids.device))
-        instruction = (idx > last_visual) & real & ~special
+        turn_end = torch.isin(input_ids, torch.tensor(sorted(self.end_of_turn_ids), device=device)) & real
+        last_end = torch.where(turn_end & (idx > last_visual), idx, -1).amax(dim=1, keepdim=True)
+        end = torch.where(last_end >= 0, last_end, input_ids.shape[1])
+        special = torch.isin(input_ids, torch.tensor(sorted(self.special_token_ids), device=device))
+        instruction = (idx > last_visual) & (idx < end) & real & ~special
         empty = ~instruction.any(dim=1)
         if empty.any():
             last_real = torch.where(real, idx, -1).amax(dim=1)

@@ -1,0 +1,246 @@
+"""The lightweight compressor f_theta: first-layer attention of each visual token -> relevance distribution.
+
+A stack of depthwise-separable 1-D convolutions runs over the visual-token sequence (one float per token) and
+emits one logit per token; :meth:`Compressor.relevance` turns the logits into a distribution over the valid
+tokens. Padded batches give the same outputs at valid positions as each sample alone.
+
+Input normalisation: ``x = log(A / mean_valid(A) + 1e-6)``, i.e. each token's attention relative to the
+uniform share over the sample's valid tokens. This makes the input invariant to the overall scale of ``A``
+(which shrinks like 1/L with the context length) and to the number of visual tokens ``N`` (uniform attention
+maps to 0 whatever ``N``), while keeping how peaked the attention is. Negative inputs are clamped to 0.
+
+Serialisation goes through :class:`huggingface_hub.PyTorchModelHubMixin` (``save_pretrained``,
+``from_pretrained``, ``push_to_hub``): ``config.json`` plus ``model.safetensors``. Loading is stricter than
+the mixin's default: ``config.json`` is required, weights must match exactly (``strict=True``) and pickle
+checkpoints (``pytorch_model.bin``) are refused instead of being used as a fallback.
+"""
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
+from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+from torch import Tensor, nn
+
+__all__ = ["Compressor", "CompressorMismatchError", "DepthwiseSeparableConv1d", "FEATURES"]
+
+FEATURES = ("first_layer_attention",)
+MAX_CHANNELS = 4096
+MAX_LAYERS = 16
+MAX_KERNEL_SIZE = 63
+_INPUT_EPS = 1e-6
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class CompressorMismatchError(ValueError):
+    """The compressor was trained for a different base model family than the one it is applied to."""
+
+
+class DepthwiseSeparableConv1d(nn.Module):
+    """Depthwise ``Conv1d(c_in, c_in, k, groups=c_in, padding='same')``, pointwise ``Conv1d(c_in, c_out, 1)``,
+    per-position LayerNorm over channels, GELU; padded positions are zeroed on output."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv1d(in_channels, in_channels, kernel_size, padding="same", groups=in_channels)
+        self.pointwise = nn.Conv1d(in_channels, out_channels, 1)
+        self.norm = nn.LayerNorm(out_channels)
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        """``x``: ``[B, C_in, N]`` with zeros at padded positions; ``keep``: ``[B, 1, N]`` bool."""
+        x = self.pointwise(self.depthwise(x))
+        x = F.gelu(self.norm(x.transpose(1, 2)).transpose(1, 2))
+        return x.masked_fill(~keep, 0.0)
+
+
+def _validate_config(channels: object, kernel_size: object, base_model_type: object,
+                     base_model_name: object, feature: object) -> tuple[int, ...]:
+    """Raise ValueError naming the offending field; return ``channels`` as a tuple."""
+    if not isinstance(channels, (list, tuple)) or not channels:
+        raise ValueError(f"channels must be a non-empty list of ints, got {channels!r}")
+    if len(channels) > MAX_LAYERS:
+        raise ValueError(f"channels has {len(channels)} entries; at most {MAX_LAYERS} layers are allowed")
+    for c in channels:
+        if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= MAX_CHANNELS:
+            raise ValueError(f"channels entries must be ints in [1, {MAX_CHANNELS}], got {c!r} in {channels}")
+    if (isinstance(kernel_size, bool) or not isinstance(kernel_size, int)
+            or not 1 <= kernel_size <= MAX_KERNEL_SIZE or kernel_size % 2 == 0):
+        raise ValueError(f"kernel_size must be an odd int in [1, {MAX_KERNEL_SIZE}], got {kernel_size!r}")
+    if feature not in FEATURES:
+        raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
+    for name, value in (("base_model_type", base_model_type), ("base_model_name", base_model_name)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a str or None, got {type(value).__name__} {value!r}")
+    return tuple(channels)
+
+
+class Compressor(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="hf_tokenprune",
+    tags=["token-pruning", "vision-language"],
+    repo_url=None,
+):
+    """Maps per-visual-token first-layer attention ``[B, N]`` to relevance logits ``[B, N]``.
+
+    Args:
+        channels: output channels of the depthwise-separable layers (one layer per entry). The scalar input is
+            first lifted to ``channels[0]`` channels by a pointwise convolution.
+        kernel_size: odd kernel size of the depthwise convolutions.
+        base_model_type: ``config.model_type`` of the model the compressor was trained for (e.g. ``"llava"``).
+        base_model_name: Hub id of that model, informational.
+        feature: the input feature; only ``"first_layer_attention"``.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int] = (32, 64, 128, 256, 512),
+        kernel_size: int = 5,
+        base_model_type: str | None = None,
+        base_model_name: str | None = None,
+        feature: str = "first_layer_attention",
+    ) -> None:
+        channels = _validate_config(channels, kernel_size, base_model_type, base_model_name, feature)
+        super().__init__()
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.base_model_type = base_model_type
+        self.base_model_name = base_model_name
+        self.feature = feature
+        self.lift = nn.Conv1d(1, channels[0], 1)
+        self.blocks = nn.ModuleList(
+            DepthwiseSeparableConv1d(c_in, c_out, kernel_size)
+            for c_in, c_out in zip((channels[0], *channels[:-1]), channels, strict=True)
+        )
+        self.head = nn.Conv1d(channels[-1], 1, 1)
+
+    @staticmethod
+    def _check_inputs(features: Tensor, mask: Tensor | None) -> Tensor:
+        """Validate shapes and return a bool mask (all True when ``mask`` is None)."""
+        if features.dim() != 2:
+            raise ValueError(f"features must have shape [batch, n_visual], got {tuple(features.shape)}")
+        if mask is None:
+            return torch.ones(features.shape, dtype=torch.bool, device=features.device)
+        if mask.shape != features.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} differs from features {tuple(features.shape)}")
+        mask = mask.to(device=features.device, dtype=torch.bool)
+        if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+            raise ValueError("mask must be right-padded: valid (True) positions first, padding at the end")
+        return mask
+
+    @staticmethod
+    def normalize_features(features: Tensor, mask: Tensor) -> Tensor:
+        """``log(A / mean_valid(A) + 1e-6)`` in float32, 0 at padded positions."""
+        a = torch.where(mask, features.float().clamp_min(0.0), 0.0)
+        mean = a.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp_min(1)
+        x = torch.log(a / mean.clamp_min(torch.finfo(torch.float32).tiny) + _INPUT_EPS)
+        return torch.where(mask, x, 0.0)
+
+    def forward(self, features: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Relevance logits.
+
+        Args:
+            features: ``[B, N]`` first-layer instruction->vision attention of each visual token.
+            mask: ``[B, N]`` bool, True at valid tokens, padding at the end of each row; None = all valid.
+
+        Returns:
+            ``[B, N]`` logits in the parameters' dtype, ``-inf`` at padded positions.
+        """
+        mask = self._check_inputs(features, mask)
+        return self._logits(features, mask)
+
+    def _logits(self, features: Tensor, mask: Tensor) -> Tensor:
+        """:meth:`forward` for an already validated bool ``mask``."""
+        keep = mask.unsqueeze(1)
+        x = self.normalize_features(features, mask).to(self.head.weight.dtype).unsqueeze(1)
+        x = self.lift(x).masked_fill(~keep, 0.0)
+        for block in self.blocks:
+            x = block(x, keep)
+        return self.head(x).squeeze(1).masked_fill(~mask, float("-inf"))
+
+    def relevance(self, features: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Softmax of the logits over each row's valid tokens: ``[B, N]``, rows sum to 1, 0 at padded
+        positions (an all-padding row is all 0)."""
+        mask = self._check_inputs(features, mask)
+        logits = self._logits(features, mask)
+        # a finite fill keeps the softmax of an all-padding row NaN-free (uniform, then zeroed below)
+        probs = torch.softmax(logits.masked_fill(~mask, torch.finfo(logits.dtype).min), dim=-1)
+        return probs.masked_fill(~mask, 0.0)
+
+    def check_compatible(self, model_type: str, model_name: str | None = None, *,
+                         allow_mismatch: bool = False) -> None:
+        """Refuse to score tokens of a model family the compressor was not trained for.
+
+        Raises:
+            CompressorMismatchError: ``base_model_type`` is set, differs from ``model_type`` and
+                ``allow_mismatch`` is False. A differing ``base_model_name`` only warns.
+        """
+        if self.base_model_type is not None and self.base_model_type != model_type and not allow_mismatch:
+            raise CompressorMismatchError(
+                f"this compressor was trained for model_type {self.base_model_type!r} but the model has "
+                f"model_type {model_type!r}; its relevance scores are unlikely to transfer. To use it anyway "
+                "pass allow_mismatch=True (TokenPruneConfig(allow_compressor_mismatch=True))."
+            )
+        if self.base_model_name is not None and model_name is not None and self.base_model_name != model_name:
+            warnings.warn(
+                f"compressor was trained on {self.base_model_name!r}, applying it to {model_name!r}",
+                stacklevel=2,
+            )
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        config: dict | None = None,
+        **model_kwargs,
+    ) -> "Compressor":
+        """Load ``model.safetensors`` (never a pickle) into a model built from ``config.json``.
+
+        Overrides the mixin, which would fall back to ``pytorch_model.bin``, load with ``strict=False`` and
+        build a default model when ``config.json`` is missing.
+        """
+        if config is None:
+            raise FileNotFoundError(f"no {constants.CONFIG_NAME} found for compressor {model_id!r}")
+        weights_name = constants.SAFETENSORS_SINGLE_FILE
+        refusal = (f"hf_tokenprune only loads compressor weights from {weights_name}; pickle checkpoints "
+                   "(pytorch_model.bin, *.pt) are refused because unpickling can run arbitrary code. "
+                   "Convert the weights with safetensors.torch.save_model and retry.")
+        if os.path.isdir(model_id):
+            model_file = os.path.join(model_id, weights_name)
+            if not os.path.isfile(model_file):
+                pickles = sorted(f for f in os.listdir(model_id) if f.endswith(_PICKLE_SUFFIXES))
+                found = f" (found {', '.join(pickles)})" if pickles else ""
+                raise FileNotFoundError(f"{model_id} has no {weights_name}{found}. {refusal}")
+        else:
+            try:
+                model_file = hf_hub_download(
+                    repo_id=model_id,
+                    filename=weights_name,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    token=token,
+                    local_files_only=local_files_only,
+                )
+            except RemoteEntryNotFoundError as err:
+                raise FileNotFoundError(f"Hub repo {model_id!r} has no {weights_name}. {refusal}") from err
+            except LocalEntryNotFoundError as err:
+                raise FileNotFoundError(
+                    f"{weights_name} of {model_id!r} is not in the local Hub cache and the Hub was not "
+                    "reached (offline mode or no connection). Pickle checkpoints are never used as a "
+                    f"fallback. ({err})"
+                ) from err
+        model = cls(**model_kwargs)
+        return cls._load_as_safetensor(model, model_file, map_location, strict)

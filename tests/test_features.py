@@ -1,0 +1,54 @@
+"""A^0_v from layer 0's projections equals the attention an eager forward actually computes."""
+
+import pytest
+import torch
+from conftest import FAMILIES, make_inputs
+
+from hf_tokenprune import tiny
+from hf_tokenprune.adapters import get_adapter
+from hf_tokenprune.features import first_layer_attention
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_matches_eager_layer0_attention(family, kind):
+    model = tiny.build_model(family, attn_implementation="eager")
+    processor = tiny.build_processor(family)
+    inputs = make_inputs(processor, kind)
+    adapter = get_adapter(model)
+    seen = {}
+
+    def spy(module, args, kwargs):
+        seen.update(kwargs)
+
+    handle = adapter.text_model.register_forward_pre_hook(spy, with_kwargs=True)
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+    handle.remove()
+    embeds, mask = seen["inputs_embeds"], inputs["attention_mask"]
+    batch, length = embeds.shape[:2]
+    positions = adapter.expand_positions(seen.get("position_ids"), batch, length, embeds.device)
+    layout = adapter.layout({"input_ids": inputs["input_ids"]}, mask, positions)
+    ours = first_layer_attention(adapter.text_model, embeds, adapter.rotary_positions(positions), mask,
+                                 layout.instruction_mask)
+    eager = out.attentions[0].mean(dim=1)  # [batch, query, key]
+    rows = layout.instruction_mask.unsqueeze(-1).float()
+    expected = (eager * rows).sum(dim=1) / rows.sum(dim=1)
+    assert torch.allclose(ours, expected, atol=1e-6)
+    assert layout.instruction_mask.sum() > 0
+
+
+def test_instruction_tokens_exclude_template_specials_and_padding():
+    model, processor = tiny.build("qwen2_vl")
+    inputs = make_inputs(processor, "image")
+    adapter = get_adapter(model)
+    ids = inputs["input_ids"]
+    positions = adapter.expand_positions(None, *ids.shape, ids.device)
+    layout = adapter.layout({"input_ids": ids}, inputs["attention_mask"], positions)
+    tokenizer = processor.tokenizer
+    for b in range(ids.shape[0]):
+        words = tokenizer.convert_ids_to_tokens(ids[b][layout.instruction_mask[b]].tolist())
+        assert "<|im_end|>" not in words and "<|im_start|>" not in words and "[PAD]" not in words
+        last_visual = int(layout.visual_mask[b].nonzero().max())
+        assert int(layout.instruction_mask[b].nonzero().min()) > last_visual
+    assert "colour" in tokenizer.convert_ids_to_tokens(ids[0][layout.instruction_mask[0]].tolist())
