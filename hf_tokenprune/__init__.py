@@ -3,7 +3,7 @@
 from .adapters import MalformedVisualInputError, UnsupportedModelError
 from .compressor import Compressor, CompressorMismatchError
 from .config import TokenPruneConfig
-from .scorers import AttentionScorer, CompressorScorer, RandomScorer, Scorer, ScoreInputs, UniformScorer
+from .scorers import AttentionScorer, CompressorScorer, RandomScorer, ScoreInputs, Scorer, UniformScorer
 from .stats import PruneStats
 from .wrap import PrunedCacheError, from_pretrained, prune_wrap, unwrap
 

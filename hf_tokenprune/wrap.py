@@ -26,8 +26,8 @@ from torch import nn
 
 from .adapters import Adapter, get_adapter
 from .config import TokenPruneConfig
-from .pruning import Slicing, contiguous_positions, pack, select_top
-from .scorers import Scorer, ScoreInputs, build_scorer
+from .pruning import Slicing, contiguous_positions, select_top
+from .scorers import ScoreInputs, Scorer, build_scorer
 from .stats import PruneStats, kv_cache_bytes, prefill_flops
 
 
@@ -106,7 +106,8 @@ class TokenPruneHandle:
         self._call = call
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         prefill = self._prefill
-        if not (self._active() and prefill is not None and prefill.owns(cache)) or kwargs.get("position_ids") is not None:
+        ours = self._active() and prefill is not None and prefill.owns(cache)
+        if not ours or kwargs.get("position_ids") is not None:
             return None
         # A decode step without position ids: number it after the pruned prompt ourselves (the model would
         # derive it from the pruned cache length, or from rope_deltas, and get it wrong).

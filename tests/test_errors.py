@@ -69,9 +69,8 @@ def test_right_padding_is_refused(built):
                        padding_side="right", return_tensors="pt")
     assert inputs["attention_mask"][0, -1] == 0
     prune_wrap(model, ratio=0.5, scorer="attention")
-    with pytest.raises(ValueError, match="LEFT-padded"):
-        with torch.no_grad():
-            model(**inputs)
+    with pytest.raises(ValueError, match="LEFT-padded"), torch.no_grad():
+        model(**inputs)
 
 
 def test_labels_are_refused_while_pruning(built):
@@ -94,9 +93,8 @@ def test_continuing_a_pruned_cache_with_a_new_prompt_is_refused(built):
     follow["input_ids"] = torch.cat([first.sequences, extra], dim=1)
     follow["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(2, 7, dtype=torch.long)], dim=1)
     follow["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(2, 7, dtype=torch.int)], 1)
-    with pytest.raises(PrunedCacheError, match="multi-turn"):
-        with torch.no_grad():
-            model.generate(**follow, cache=first.past_key_values, max_new_tokens=2)
+    with pytest.raises(PrunedCacheError, match="multi-turn"), torch.no_grad():
+        model.generate(**follow, cache=first.past_key_values, max_new_tokens=2)
 
 
 def test_unwrap_of_an_unwrapped_model(built):

@@ -8,7 +8,9 @@ from .base import Adapter, MalformedVisualInputError, VisualLayout
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: dict[str, type[Adapter]] = {t: cls for cls in (Qwen2VLAdapter, LlavaOnevisionAdapter) for t in cls.model_types}
+ADAPTERS: dict[str, type[Adapter]] = {
+    t: cls for cls in (Qwen2VLAdapter, LlavaOnevisionAdapter) for t in cls.model_types
+}
 
 __all__ = ["ADAPTERS", "Adapter", "MalformedVisualInputError", "UnsupportedModelError", "VisualLayout",
            "get_adapter"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .attention import AttentionScorer
-from .base import Scorer, ScoreInputs
+from .base import ScoreInputs, Scorer
 from .compressor import CompressorScorer
 from .random import RandomScorer
 from .uniform import UniformScorer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..compressor import Compressor
-from .base import Scorer, ScoreInputs
+from .base import ScoreInputs, Scorer
 
 
 class CompressorScorer(Scorer):

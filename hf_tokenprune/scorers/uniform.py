@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Scorer, ScoreInputs
+from .base import ScoreInputs, Scorer
 
 
 def spread_order(n: int) -> torch.Tensor:
