@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -28,7 +28,6 @@ class PruneStats:
     prefill_flops_before: float
     prefill_flops_after: float
     scoring_time_s: float
-    pruned: bool = field(default=True)
 
     @property
     def prefill_flops_ratio(self) -> float:

@@ -54,7 +54,11 @@ class _PrunedPrefill:
 
 
 class TokenPruneHandle:
-    """``model.tokenprune``: the configuration, the last call's :class:`PruneStats`, and :meth:`disabled`."""
+    """``model.tokenprune``: the configuration, the last call's :class:`PruneStats`, and :meth:`disabled`.
+
+    ``last_stats`` is reset on every prefill and stays ``None`` when the call had nothing to prune (no visual
+    tokens, pruning disabled or ``ratio=1``).
+    """
 
     def __init__(self, model: nn.Module, adapter: Adapter, config: TokenPruneConfig, scorer: Scorer) -> None:
         self._model_ref = weakref.ref(model)
@@ -120,17 +124,16 @@ class TokenPruneHandle:
         return args, kwargs
 
     def _before_text_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        if not self._active():
-            return None
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             return None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None and cache.get_seq_length() > 0:
-            return self._continue(kwargs, cache) if self._prefill is not None and self._prefill.owns(cache) else None
+            ours = self._active() and self._prefill is not None and self._prefill.owns(cache)
+            return self._continue(kwargs, cache) if ours else None
         call, self._call = self._call, None
-        self._prefill = None
-        return self._prune_prefill(kwargs, call)
+        self._prefill, self.last_stats = None, None
+        return self._prune_prefill(kwargs, call) if self._active() else None
 
     def _after_text_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         prefill = self._prefill

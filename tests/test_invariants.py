@@ -85,6 +85,8 @@ def test_text_only_inputs_pass_through(built, family):
     inputs = make_inputs(processor, None)
     reference = greedy(model, inputs)
     prune_wrap(model, ratio=0.25, scorer="attention")
+    greedy(model, make_inputs(processor, "image"), steps=1)
+    assert model.tokenprune.last_stats is not None
     out = greedy(model, inputs)
     assert torch.equal(out.sequences, reference.sequences)
     assert model.tokenprune.last_stats is None
