@@ -164,7 +164,7 @@ class TokenPruneHandle:
             return None
         units = layout.segments if self.config.scope == "image" else [[sum(s)] if s else [] for s in layout.segments]
         inputs = ScoreInputs(self.adapter.text_model, embeds, mask, self.adapter.rotary_positions(positions),
-                             layout, units, self.adapter.model_type)
+                             layout, units)
         start = time.perf_counter()
         scores = self.scorer.score(inputs)
         scoring_time = time.perf_counter() - start

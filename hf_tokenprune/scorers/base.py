@@ -29,7 +29,6 @@ class ScoreInputs:
     rotary_positions: torch.Tensor
     layout: VisualLayout
     units: list[list[int]]
-    model_type: str
 
     @cached_property
     def valid(self) -> torch.Tensor:
