@@ -93,7 +93,8 @@ def main() -> None:
         })
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=2)
-    print("| ratio | visual tokens | kept | seq len | forward time incl. vision + scoring (pruned/full, median [min-max]) | FLOPs ratio |"
+    print("| ratio | visual tokens | kept | seq len |"
+          " forward time incl. vision + scoring (pruned/full, median [min-max]) | FLOPs ratio |"
           " KV cache ratio | scoring / full prefill |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -1,7 +1,8 @@
 """``hf-tokenprune demo``: prune a tiny offline VLM of every supported family end to end and check it.
 
 Builds each family's tiny random-weight model with its real transformers processor (no download), runs
-``generate`` on a left-padded batch of two images of different sizes with a question each, pruned to
+``generate`` on a left-padded batch of two images of different sizes with a question each (and on a batch of
+two videos, for the families that take videos: ``tiny.MODALITIES``), pruned to
 ``ratio`` by the chosen scorer, and checks the answer against the unpruned model with the dropped tokens
 masked out of attention. Random weights answer gibberish; the demo shows the mechanics and their cost.
 """
@@ -31,11 +32,11 @@ def _inputs(processor, kind: str):
 
 
 def run(ratio: float = 0.25, scorer: str = "attention", max_new_tokens: int = 16) -> list[dict]:
-    """One row per family and input kind; prints a table."""
+    """One row per family and input kind it supports; prints a table."""
     rows = []
     for family in tiny.FAMILIES:
         model, processor = tiny.build(family)
-        for kind in ("image", "video"):
+        for kind in tiny.MODALITIES[family]:
             inputs = _inputs(processor, kind)
             prune_wrap(model, ratio=ratio, scorer=scorer)
             with torch.no_grad():

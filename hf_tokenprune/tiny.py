@@ -6,7 +6,9 @@ so tests and demos can run the complete ``processor(...) -> model.generate(...)`
 ``pipeline("image-text-to-text", ...)`` flows on CPU in well under a second per call.
 
 Families: ``qwen2_vl`` (Qwen2VLForConditionalGeneration), ``qwen2_5_vl`` (Qwen2_5_VLForConditionalGeneration),
-``llava_onevision`` (LlavaOnevisionForConditionalGeneration, SigLIP vision tower + Qwen2 text model).
+``llava_onevision`` (LlavaOnevisionForConditionalGeneration, SigLIP vision tower + Qwen2 text model), ``llava``
+(LLaVA-1.5: LlavaForConditionalGeneration, CLIP vision tower + Llama text model; images only, see
+:data:`MODALITIES`).
 
 Video without torchvision
 -------------------------
@@ -21,7 +23,8 @@ outputs (``pixel_values_videos``/``video_grid_thw`` for Qwen, ``pixel_values_vid
 ``(videos, frames, C, H, W)`` for LLaVA-OneVision).  Token expansion, chat templates, ``mm_token_type_ids``
 and image processing are the unmodified stock code.  The subclasses are registered with ``AutoProcessor`` on
 import, so ``AutoProcessor.from_pretrained(dir)`` works after ``save_pretrained(dir)`` once this module is
-imported.
+imported.  LLaVA-1.5 has no video processor; its ``TinyLlavaProcessor`` only shares the reloading of the PIL
+image processor (the saved type name drops the "Pil" suffix).
 """
 
 from __future__ import annotations
@@ -40,9 +43,12 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
     GenerationConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionProcessor,
+    LlavaProcessor,
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -55,6 +61,7 @@ from transformers import (
 )
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
 )
@@ -65,15 +72,18 @@ from transformers.video_utils import VideoMetadata, make_batched_videos
 
 __all__ = [
     "FAMILIES",
+    "MODALITIES",
     "SPECIAL_TOKENS",
     "WORDS",
     "QWEN_CHAT_TEMPLATE",
     "LLAVA_ONEVISION_CHAT_TEMPLATE",
+    "LLAVA_CHAT_TEMPLATE",
     "TinyQwen2VLVideoProcessor",
     "TinyLlavaOnevisionVideoProcessor",
     "TinyQwen2VLProcessor",
     "TinyQwen2_5_VLProcessor",
     "TinyLlavaOnevisionProcessor",
+    "TinyLlavaProcessor",
     "build_tokenizer",
     "build_processor",
     "build_model",
@@ -83,7 +93,15 @@ __all__ = [
     "special_token_ids",
 ]
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava")
+
+# The input kinds each family's model and processor accept (LLaVA-1.5 has no video input).
+MODALITIES: dict[str, tuple[str, ...]] = {
+    "qwen2_vl": ("image", "video"),
+    "qwen2_5_vl": ("image", "video"),
+    "llava_onevision": ("image", "video"),
+    "llava": ("image",),
+}
 
 # ----------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -100,7 +118,7 @@ SPECIAL_TOKENS = (
     "<|vision_end|>",  # 6  Qwen vision_end_token_id
     "<|image_pad|>",  # 7  Qwen image_token_id
     "<|video_pad|>",  # 8  Qwen video_token_id
-    "<image>",  # 9  LLaVA-OneVision image_token_index
+    "<image>",  # 9  LLaVA-OneVision / LLaVA-1.5 image_token_index
     "<video>",  # 10 LLaVA-OneVision video_token_index
 )
 
@@ -336,6 +354,19 @@ LLAVA_ONEVISION_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# LLaVA-1.5 (images only): the LLaVA-OneVision template without the video items.  The real llava-1.5-hf
+# template is "USER: <image>\n... ASSISTANT:"; the <|im_start|>/<|im_end|> turns keep the shared tokenizer's eos
+# as the end-of-turn token, like the other families.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% if message['content'] is string %}{{ '\n' + message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ '\n' + content['text'] }}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer (lower-cased; whitespace/punctuation/digit split) with both families' specials.
@@ -552,7 +583,7 @@ class TinyLlavaOnevisionVideoProcessor(_TinyVideoProcessorBase):
 # `PilBackend.to_dict` saves "Qwen2VLImageProcessorPil" as "Qwen2VLImageProcessor", so map both names.
 _IMAGE_PROCESSOR_CLASSES = {
     name: cls
-    for cls in (Qwen2VLImageProcessorPil, LlavaOnevisionImageProcessorPil)
+    for cls in (Qwen2VLImageProcessorPil, LlavaOnevisionImageProcessorPil, CLIPImageProcessorPil)
     for name in (cls.__name__, cls.__name__.removesuffix("Pil"))
 }
 _VIDEO_PROCESSOR_CLASSES = {
@@ -561,7 +592,8 @@ _VIDEO_PROCESSOR_CLASSES = {
 
 
 class _TorchFreeVideoProcessorMixin:
-    """Lets a stock processor hold one of our numpy video processors and reload it in ``from_pretrained``."""
+    """Lets a stock processor hold one of our numpy video processors and reload it in ``from_pretrained``;
+    the image processor is always reloaded as its PIL class (processors without video use only that part)."""
 
     def check_argument_for_proper_class(self, argument_name, argument):
         if argument_name == "video_processor":
@@ -613,10 +645,19 @@ class TinyLlavaOnevisionProcessor(_TorchFreeVideoProcessorMixin, LlavaOnevisionP
     """Stock :class:`~transformers.LlavaOnevisionProcessor` with a torchvision-free video processor."""
 
 
+class TinyLlavaProcessor(_TorchFreeVideoProcessorMixin, LlavaProcessor):
+    """Stock :class:`~transformers.LlavaProcessor` (no video) that reloads its image processor as the PIL class."""
+
+
 def _register_with_auto_processor() -> None:
     # AutoProcessor resolves `processor_class` names through PROCESSOR_MAPPING's extra content, which needs a
     # key config class.  These key classes are never instantiated.
-    for processor_class in (TinyQwen2VLProcessor, TinyQwen2_5_VLProcessor, TinyLlavaOnevisionProcessor):
+    for processor_class in (
+        TinyQwen2VLProcessor,
+        TinyQwen2_5_VLProcessor,
+        TinyLlavaOnevisionProcessor,
+        TinyLlavaProcessor,
+    ):
         key = type(
             f"_{processor_class.__name__}Key",
             (PreTrainedConfig,),
@@ -641,6 +682,10 @@ QWEN_DEFAULT_IMAGE_SIZE = 112  # max_pixels = 112*112 -> <= 64 visual tokens per
 LLAVA_PATCH_SIZE = 7
 LLAVA_DEFAULT_IMAGE_SIZE = 28
 LLAVA_MAX_GRID = 2  # anyres pinpoints: every (i*tile, j*tile) with 1 <= i, j <= 2
+# LLaVA-1.5: CLIP at 42 px with patch 7 -> 6x6 = 36 patch features + CLS, the CLS dropped by
+# vision_feature_select_strategy="default" -> 36 visual tokens per image (the real model: 336 / 14 -> 576).
+LLAVA15_PATCH_SIZE = 7
+LLAVA15_DEFAULT_IMAGE_SIZE = 42
 
 
 def _check_family(family: str) -> None:
@@ -657,7 +702,9 @@ def build_processor(family: str, *, image_size: int | None = None) -> ProcessorM
 
     ``image_size``: for the Qwen families the side of the largest square image kept at full resolution
     (``max_pixels = image_size**2``, default 112 -> at most 64 visual tokens per image); for LLaVA-OneVision
-    the SigLIP tile size (default 28; must equal the ``image_size`` given to :func:`build_model`).
+    the SigLIP tile size (default 28), for LLaVA-1.5 the CLIP input size every image is resized and cropped to
+    (default 42 -> 36 visual tokens per image); for both it must equal the ``image_size`` given to
+    :func:`build_model`.
     """
     _check_family(family)
     tokenizer = build_tokenizer()
@@ -678,6 +725,21 @@ def build_processor(family: str, *, image_size: int | None = None) -> ProcessorM
             tokenizer=tokenizer,
             video_processor=video_processor,
             chat_template=QWEN_CHAT_TEMPLATE,
+        )
+    if family == "llava":
+        image_size = image_size or LLAVA15_DEFAULT_IMAGE_SIZE
+        if image_size % LLAVA15_PATCH_SIZE:
+            raise ValueError(f"LLaVA-1.5 image_size must be a multiple of {LLAVA15_PATCH_SIZE}")
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        )
+        return TinyLlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=LLAVA15_PATCH_SIZE,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # CLIP's CLS token
+            chat_template=LLAVA_CHAT_TEMPLATE,
         )
     image_size = image_size or LLAVA_DEFAULT_IMAGE_SIZE
     if image_size % LLAVA_PATCH_SIZE:
@@ -777,6 +839,29 @@ def _make_config(family: str, num_hidden_layers: int, image_size: int | None) ->
             vision_end_token_id=ids["<|vision_end|>"],
             tie_word_embeddings=False,
         )
+    if family == "llava":
+        image_size = image_size or LLAVA15_DEFAULT_IMAGE_SIZE
+        text["model_type"] = "llama"
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+        vision = dict(
+            model_type="clip_vision_model",
+            hidden_size=VISION_HIDDEN_SIZE,
+            intermediate_size=2 * VISION_HIDDEN_SIZE,
+            projection_dim=VISION_HIDDEN_SIZE,
+            num_hidden_layers=2,
+            num_attention_heads=VISION_HEADS,
+            image_size=image_size,
+            patch_size=LLAVA15_PATCH_SIZE,
+        )
+        return LlavaConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_index=ids["<image>"],
+            image_seq_length=(image_size // LLAVA15_PATCH_SIZE) ** 2,
+            vision_feature_select_strategy="default",  # drop CLS
+            vision_feature_layer=-2,  # the penultimate CLIP layer, like LLaVA-1.5
+            tie_word_embeddings=False,
+        )
     image_size = image_size or LLAVA_DEFAULT_IMAGE_SIZE
     text["model_type"] = "qwen2"
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
@@ -807,6 +892,7 @@ _MODEL_CLASSES = {
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
+    "llava": LlavaForConditionalGeneration,
 }
 
 
@@ -821,7 +907,8 @@ def build_model(
 ) -> PreTrainedModel:
     """Tiny random-weight model of the real architecture, deterministic for ``seed``, in ``.eval()`` mode.
 
-    ``image_size`` only matters for LLaVA-OneVision (SigLIP tile size, must match :func:`build_processor`).
+    ``image_size`` only matters for LLaVA-OneVision (SigLIP tile size) and LLaVA-1.5 (CLIP input size); it must
+    match :func:`build_processor`.
     The global torch RNG state is left untouched.
     """
     _check_family(family)

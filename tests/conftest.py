@@ -8,10 +8,12 @@ import torch
 from hf_tokenprune import tiny
 
 FAMILIES = tiny.FAMILIES
+# (family, input kind) pairs the family supports: LLaVA-1.5 has images only.
+CASES = [(f, k) for f in FAMILIES for k in tiny.MODALITIES[f]]
 
 
-def chat(question: str, kind: str | None) -> list[dict]:
-    content = [{"type": kind}] if kind else []
+def chat(question: str, kind: str | None, count: int = 1) -> list[dict]:
+    content = [{"type": kind}] * count if kind else []
     return [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
 
 
@@ -20,15 +22,23 @@ def image_size(b: int) -> tuple[int, int]:
     return (56 + 28 * b, 56 + 56 * b)
 
 
-def make_inputs(processor, kind: str | None = "image", batch: int = 2, questions: list[str] | None = None):
-    """A left-padded batch: sample ``b`` has its own question and a visual input of its own size."""
+def sample_images(b: int, count: int = 1) -> list:
+    """Sample ``b``'s ``count`` images, all of size :func:`image_size` ``(b)``."""
+    return [tiny.make_image(b + 10 * i, size=image_size(b)) for i in range(count)]
+
+
+def make_inputs(processor, kind: str | None = "image", batch: int = 2, questions: list[str] | None = None,
+                images_per_sample: tuple[int, ...] | None = None):
+    """A left-padded batch: sample ``b`` has its own question and a visual input of its own size
+    (``images_per_sample[b]`` images of that size, default one)."""
     processor.tokenizer.padding_side = "left"
     questions = questions or ["what colour is the circle", "what shape is left of the red square ?"][:batch]
-    texts = [processor.apply_chat_template(chat(q, kind), add_generation_prompt=True, tokenize=False)
-             for q in questions]
+    counts = images_per_sample or (1,) * len(questions)
+    texts = [processor.apply_chat_template(chat(q, kind, n), add_generation_prompt=True, tokenize=False)
+             for q, n in zip(questions, counts, strict=True)]
     visual = {}
     if kind == "image":
-        visual["images"] = [tiny.make_image(b, size=image_size(b)) for b in range(len(texts))]
+        visual["images"] = [image for b, n in enumerate(counts) for image in sample_images(b, n)]
     elif kind == "video":
         visual["videos"] = [tiny.make_video(b, frames=4, size=56) for b in range(len(texts))]
     return processor(text=texts, padding=True, return_tensors="pt", **visual)

@@ -20,7 +20,7 @@ from hf_tokenprune import (
 def test_unsupported_model_lists_the_supported_ones():
     llm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                        num_attention_heads=2))
-    with pytest.raises(UnsupportedModelError, match="llava_onevision, qwen2_5_vl, qwen2_vl"):
+    with pytest.raises(UnsupportedModelError, match="llava, llava_onevision, qwen2_5_vl, qwen2_vl"):
         prune_wrap(llm, ratio=0.5, scorer="attention")
 
 

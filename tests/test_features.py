@@ -2,15 +2,14 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, make_inputs
+from conftest import CASES, make_inputs
 
 from hf_tokenprune import tiny
 from hf_tokenprune.adapters import get_adapter
 from hf_tokenprune.features import first_layer_attention
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("kind", ["image", "video"])
+@pytest.mark.parametrize(("family", "kind"), CASES)
 def test_matches_eager_layer0_attention(family, kind):
     model = tiny.build_model(family, attn_implementation="eager")
     processor = tiny.build_processor(family)

@@ -106,6 +106,26 @@ def test_uniform_scorer_spreads_over_each_image_or_frame(built):
     assert (kept < frame).sum() == (kept >= frame).sum() == -(-frame // 4)
 
 
+def test_uniform_scorer_spreads_over_adjacent_llava_images(built):
+    """LLaVA-1.5's ``<image><image>`` is one placeholder run: it is split into its images on generate()
+    (from the encoded features) and on a plain forward (from ``pixel_values``)."""
+    model, processor = built("llava")
+    inputs = make_inputs(processor, "image", images_per_sample=(1, 2))
+    per_image = 36  # 42 px CLIP input, patch 7
+    # ratio 0.26: 10 of each image's 36 tokens; one budget over the 72-token run would keep 19
+    prune_wrap(model, ratio=0.26, scorer="uniform", scope="image")
+    greedy(model, inputs, steps=1)
+    generated = model.tokenprune.last_stats
+    with torch.no_grad():
+        model(**inputs)
+    forward = model.tokenprune.last_stats
+    for stats in (generated, forward):
+        assert stats.visual_tokens_before == [per_image, 2 * per_image]
+        kept = stats.kept_indices[1]
+        assert (kept < per_image).sum() == (kept >= per_image).sum() == 10
+    assert all(torch.equal(a, b) for a, b in zip(generated.kept_indices, forward.kept_indices, strict=True))
+
+
 def test_custom_scorer_with_a_wrong_shape_gets_a_clear_error(built):
     model, processor = built("qwen2_vl")
 

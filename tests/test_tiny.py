@@ -13,6 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 from hf_tokenprune import tiny
 from hf_tokenprune.tiny import (
     FAMILIES,
+    MODALITIES,
     SPECIAL_TOKENS,
     build,
     build_model,
@@ -23,14 +24,17 @@ from hf_tokenprune.tiny import (
 )
 
 QWEN = ("qwen2_vl", "qwen2_5_vl")
+VIDEO_FAMILIES = [f for f in FAMILIES if "video" in MODALITIES[f]]
 IDS = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
 
 # Visual tokens per image (default processors): Qwen = (H/14)*(W/14) after smart_resize, capped at 64;
-# LLaVA-OneVision = anyres over 28 px tiles (4x4 SigLIP patches each) incl. base tile and row newlines.
+# LLaVA-OneVision = anyres over 28 px tiles (4x4 SigLIP patches each) incl. base tile and row newlines;
+# LLaVA-1.5 = every image resized + center-cropped to 42 px -> 6x6 CLIP patches (CLS dropped).
 EXPECTED_IMAGE_TOKENS = {
     "qwen2_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "qwen2_5_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "llava_onevision": {28: 36, 56: 88, 84: 88, 112: 88, 224: 88, (84, 42): 52},
+    "llava": {28: 36, 56: 36, 84: 36, 112: 36, 224: 36, (84, 42): 36},
 }
 # 4 frames of 56x56: Qwen -> grid (2, 8, 8) / 4 = 32; LLaVA-OV -> 4 frames * 2x2 pooled + 1 newline = 17.
 EXPECTED_VIDEO_TOKENS = {"qwen2_vl": 32, "qwen2_5_vl": 32, "llava_onevision": 17}
@@ -79,6 +83,8 @@ def _visual_feature_count(family: str, model, inputs) -> int:
     with torch.no_grad():
         if family in QWEN:
             out = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        elif family == "llava":
+            out = model.get_image_features(inputs["pixel_values"])
         else:
             out = model.get_image_features(
                 inputs["pixel_values"], inputs["image_sizes"], batch_num_images=inputs["batch_num_images"]
@@ -153,6 +159,15 @@ def test_model_config_consistent_with_tokenizer(family):
         head_dim = text.hidden_size // text.num_attention_heads
         assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
         assert cfg.vision_config.patch_size == _processor(family).image_processor.patch_size
+    elif family == "llava":
+        assert cfg.image_token_id == IDS["<image>"] and getattr(cfg, "video_token_id", None) is None
+        assert cfg.vision_config.model_type == "clip_vision_model" and text.model_type == "llama"
+        processor = _processor(family)
+        assert processor.image_token_id == cfg.image_token_id
+        assert cfg.vision_config.patch_size == processor.patch_size
+        assert cfg.vision_config.image_size == processor.image_processor.crop_size["height"]
+        assert cfg.vision_feature_select_strategy == processor.vision_feature_select_strategy == "default"
+        assert processor.num_additional_image_tokens == 1  # CLIP's CLS token
     else:
         assert cfg.image_token_index == IDS["<image>"] and cfg.video_token_index == IDS["<video>"]
         assert cfg.vision_config.model_type == "siglip_vision_model"
@@ -178,7 +193,7 @@ def test_build_model_deterministic_and_rng_neutral(family):
 
 def test_build_rejects_unknown_family():
     with pytest.raises(ValueError):
-        build_processor("llava")
+        build_processor("llava_next")
     with pytest.raises(ValueError):
         build_model("qwen3_vl")
 
@@ -249,7 +264,7 @@ def test_batch_different_image_sizes_left_padding(family):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
 def test_video_generate(family):
     model, processor = _model(family), _processor(family)
     inputs = processor.apply_chat_template(
@@ -279,7 +294,7 @@ def test_video_generate(family):
     assert out.shape == (1, inputs["input_ids"].shape[1] + 16)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
 def test_video_batch_via_processor_call(family):
     """Two videos of different sizes (PIL frame list + THWC uint8 array) in one left-padded batch."""
     model, processor = _model(family), _processor(family)
@@ -334,13 +349,15 @@ def test_processor_save_and_auto_reload(family, tmp_path):
     reloaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(reloaded) is type(processor)
     assert type(reloaded.image_processor) is type(processor.image_processor)
-    assert type(reloaded.video_processor) is type(processor.video_processor)
     assert reloaded.chat_template == processor.chat_template
     assert reloaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
-    for kwargs in (
-        {"image": make_image(4, (84, 56))},
-        {"video": make_video(2, frames=4)},
-    ):
+    media = [{"image": make_image(4, (84, 56))}]
+    if "video" in MODALITIES[family]:
+        assert type(reloaded.video_processor) is type(processor.video_processor)
+        media.append({"video": make_video(2, frames=4)})
+    else:
+        assert not hasattr(processor, "video_processor") and not hasattr(reloaded, "video_processor")
+    for kwargs in media:
         a, b = (
             p.apply_chat_template(
                 _chat("what colour ?", **kwargs),
@@ -381,6 +398,16 @@ def test_build_returns_matching_pair():
     model.generate(**inputs, max_new_tokens=2)
 
 
+def test_build_llava_returns_matching_pair():
+    model, processor = build("llava", image_size=28, seed=3)
+    assert model.config.vision_config.image_size == 28
+    assert processor.image_processor.crop_size == {"height": 28, "width": 28}
+    inputs = _image_inputs(processor, make_image(0, 84))
+    n_tokens = int((inputs["input_ids"] == _image_token_id(model)).sum())
+    assert n_tokens == 16 == _visual_feature_count("llava", model, inputs)
+    model.generate(**inputs, max_new_tokens=2)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # synthetic media
 # ---------------------------------------------------------------------------------------------------------
@@ -399,6 +426,11 @@ def test_make_image_and_video_deterministic():
 
 
 def test_module_exports():
-    assert tiny.FAMILIES == ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+    assert tiny.FAMILIES == ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava")
+    assert set(MODALITIES) == set(FAMILIES)
+    assert MODALITIES["llava"] == ("image",)
+    assert all(MODALITIES[f] == ("image", "video") for f in FAMILIES if f != "llava")
+    for family in FAMILIES:  # a family has a video processor iff it takes videos
+        assert hasattr(build_processor(family), "video_processor") == ("video" in MODALITIES[family])
     for name in tiny.__all__:
         assert hasattr(tiny, name)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, MalformedVisualInputError, VisualLayout
+from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
-    t: cls for cls in (Qwen2VLAdapter, LlavaOnevisionAdapter) for t in cls.model_types
+    t: cls for cls in (Qwen2VLAdapter, LlavaOnevisionAdapter, LlavaAdapter) for t in cls.model_types
 }
 
 __all__ = ["ADAPTERS", "Adapter", "MalformedVisualInputError", "UnsupportedModelError", "VisualLayout",
