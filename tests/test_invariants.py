@@ -139,3 +139,16 @@ def test_batch_equals_each_sample_alone(built, family):
         assert torch.equal(model.tokenprune.last_stats.kept_indices[0], kept_together[b])
         new_tokens = together.sequences[b, batch["input_ids"].shape[1]:]
         assert torch.equal(alone.sequences[0, alone_inputs["input_ids"].shape[1]:], new_tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_equals_masked_reference_with_eager_attention(family):
+    model = tiny.build_model(family, attn_implementation="eager")
+    inputs = make_inputs(tiny.build_processor(family), "image")
+    prune_wrap(model, ratio=0.25, scorer="attention")
+    pruned = greedy(model, inputs, steps=6)
+    drop = drop_mask(inputs["input_ids"], get_adapter(model).visual_token_ids, model.tokenprune.last_stats)
+    with masked_reference(model, drop):
+        reference = greedy(model, inputs, steps=6)
+    assert torch.equal(pruned.sequences, reference.sequences)
+    assert max_logit_diff(pruned, reference) < 1e-4
