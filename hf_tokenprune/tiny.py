@@ -794,6 +794,13 @@ def _make_config(family: str, num_hidden_layers: int, image_size: int | None) ->
     ids = special_token_ids()
     vocab_size = len(SPECIAL_TOKENS) + len(WORDS)
     text = _text_kwargs(vocab_size, num_hidden_layers)
+    qwen_tokens = dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
     if family == "qwen2_vl":
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": MROPE_SECTION}
         vision = dict(
@@ -809,11 +816,7 @@ def _make_config(family: str, num_hidden_layers: int, image_size: int | None) ->
         return Qwen2VLConfig(
             text_config=text,
             vision_config=vision,
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-            tie_word_embeddings=False,
+            **qwen_tokens,
         )
     if family == "qwen2_5_vl":
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": MROPE_SECTION}
@@ -833,11 +836,7 @@ def _make_config(family: str, num_hidden_layers: int, image_size: int | None) ->
         return Qwen2_5_VLConfig(
             text_config=text,
             vision_config=vision,
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-            tie_word_embeddings=False,
+            **qwen_tokens,
         )
     if family == "llava":
         image_size = image_size or LLAVA15_DEFAULT_IMAGE_SIZE
