@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import tiny
-from .adapters import get_adapter
-from .verify import drop_mask, masked_reference
+from .verify import generate_masked_reference
 from .wrap import prune_wrap
 
 QUESTIONS = ("what colour is the circle ?", "what shape is left of the red square ?")
@@ -43,10 +42,8 @@ def run(ratio: float = 0.25, scorer: str = "attention", max_new_tokens: int = 16
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      output_logits=True, return_dict_in_generate=True)
             stats = model.tokenprune.last_stats
-            drop = drop_mask(inputs["input_ids"], get_adapter(model).visual_token_ids, stats)
-            with masked_reference(model, drop), torch.no_grad():
-                ref = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                     output_logits=True, return_dict_in_generate=True)
+            ref = generate_masked_reference(model, inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                            output_logits=True, return_dict_in_generate=True)
             diff = max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits))
             answer = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:],
                                             skip_special_tokens=True)[0]

@@ -78,10 +78,9 @@ class Slicing:
         idx = self.index.view(*self.index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
         return torch.gather(x, 1, idx)
 
-    def mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Slice a 2-D attention mask (None = all ones); extra padding slots get 0."""
-        sliced = self.slot_valid.long() if attention_mask is None else self.sequence(attention_mask) * self.slot_valid
-        return sliced.to(torch.long if attention_mask is None else attention_mask.dtype)
+    def mask(self, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """The 2-D attention mask of the sliced rows: 0 on the extra left padding."""
+        return self.slot_valid.to(dtype)
 
     def positions(self, positions: torch.Tensor) -> torch.Tensor:
         """Slice ``[rows, batch, length]`` position ids, keeping the original values."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,3 +56,14 @@ def masked_reference(model: nn.Module, drop: torch.Tensor) -> Iterator[None]:
             yield
     finally:
         handle.remove()
+
+
+def generate_masked_reference(model: nn.Module, inputs: dict, **generate_kwargs) -> Any:
+    """``model.generate(**inputs, **generate_kwargs)`` unpruned, with the tokens the last pruned call dropped
+    masked out (rows of ``last_stats`` beyond the batch, e.g. beams, repeat their sample's ids)."""
+    stats = model.tokenprune.last_stats
+    input_ids = inputs["input_ids"]
+    input_ids = input_ids.repeat_interleave(len(stats.kept_indices) // input_ids.shape[0], dim=0)
+    drop = drop_mask(input_ids, get_adapter(model).visual_token_ids, stats)
+    with masked_reference(model, drop), torch.no_grad():
+        return model.generate(**inputs, **generate_kwargs)

@@ -98,6 +98,11 @@ class TokenPruneHandle:
     def _active(self) -> bool:
         return self._enabled and self.config.ratio < 1.0
 
+    def _pruned_cache(self, kwargs: dict) -> Any:
+        """The call's cache if it is the one our pruned prefill filled (and pruning is active), else None."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        return cache if self._active() and self._prefill is not None and self._prefill.owns(cache) else None
+
     def _check_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._active() and kwargs.get("labels") is not None:
             raise ValueError("hf_tokenprune prunes inference prefills only: a forward with labels would score "
@@ -108,10 +113,8 @@ class TokenPruneHandle:
         if args:
             call.setdefault("input_ids", args[0])
         self._call = call
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        prefill = self._prefill
-        ours = self._active() and prefill is not None and prefill.owns(cache)
-        if not ours or kwargs.get("position_ids") is not None:
+        cache, prefill = self._pruned_cache(kwargs), self._prefill
+        if cache is None or kwargs.get("position_ids") is not None:
             return None
         # A decode step without position ids: number it after the pruned prompt ourselves (the model would
         # derive it from the pruned cache length, or from rope_deltas, and get it wrong).
@@ -129,8 +132,8 @@ class TokenPruneHandle:
             return None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None and cache.get_seq_length() > 0:
-            ours = self._active() and self._prefill is not None and self._prefill.owns(cache)
-            return self._continue(kwargs, cache) if ours else None
+            ours = self._pruned_cache(kwargs)
+            return self._continue(kwargs, ours) if ours is not None else None
         call, self._call = self._call, None
         self._prefill, self.last_stats = None, None
         return self._prune_prefill(kwargs, call) if self._active() else None
@@ -179,7 +182,7 @@ class TokenPruneHandle:
         drop = layout.visual_mask & ~keep_visual
         real = mask.bool() if mask is not None else torch.ones_like(drop)
         slicing = Slicing.from_keep(real & ~drop)
-        new_mask = slicing.mask(None).to(mask.dtype if mask is not None else torch.long)
+        new_mask = slicing.mask(mask.dtype if mask is not None else torch.long)
         if self.config.positions == "original":
             new_positions = slicing.positions(positions)
         else:

@@ -71,3 +71,11 @@ def greedy(model, inputs, steps: int = 10):
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                               output_logits=True, return_dict_in_generate=True)
+
+
+def masked_greedy(model, inputs, steps: int = 10):
+    """:func:`greedy` of the unpruned model with the tokens the last pruned call dropped masked out."""
+    from hf_tokenprune.verify import generate_masked_reference
+
+    return generate_masked_reference(model, inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                     output_logits=True, return_dict_in_generate=True)

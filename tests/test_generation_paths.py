@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, chat, greedy, make_inputs
+from conftest import FAMILIES, greedy, make_inputs
 from transformers import pipeline
 
 import hf_tokenprune
@@ -96,25 +96,16 @@ def test_from_pretrained_loads_a_local_directory_offline(tmp_path, monkeypatch):
     assert wrapped.tokenprune.last_stats.visual_tokens_after[0] < wrapped.tokenprune.last_stats.visual_tokens_before[0]
 
 
-def test_chat_helper_used_by_the_tests_puts_the_image_first():
-    assert chat("q", "image")[0]["content"][0] == {"type": "image"}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_beam_search_equals_masked_reference(built, family):
     """Beams of a sample share its pruned prefill; beam search then matches the masked unpruned model."""
-    from hf_tokenprune.verify import drop_mask, masked_reference
+    from hf_tokenprune.verify import generate_masked_reference
 
     model, processor = built(family)
     inputs = make_inputs(processor, "image")
     prune_wrap(model, ratio=0.25, scorer="attention")
+    beams = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False)
-    stats = model.tokenprune.last_stats
-    assert len(stats.kept_indices) == 6  # batch 2 x 3 beams
-    expanded = inputs["input_ids"].repeat_interleave(3, dim=0)
-    drop = drop_mask(expanded, get_adapter(model).visual_token_ids, stats)
-    with masked_reference(model, drop), torch.no_grad():
-        reference = model.generate(**inputs, max_new_tokens=8, num_beams=3, num_return_sequences=2,
-                                   do_sample=False)
-    assert torch.equal(out, reference)
+        out = model.generate(**inputs, **beams)
+    assert len(model.tokenprune.last_stats.kept_indices) == 6  # batch 2 x 3 beams
+    assert torch.equal(out, generate_masked_reference(model, inputs, **beams))

@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-from conftest import CASES, FAMILIES, chat, greedy, make_inputs, sample_images
+from conftest import CASES, FAMILIES, chat, greedy, make_inputs, masked_greedy, sample_images
 
 from hf_tokenprune import prune_wrap, tiny, unwrap
-from hf_tokenprune.adapters import get_adapter
-from hf_tokenprune.verify import drop_mask, masked_reference
 
 
 def max_logit_diff(a, b):
@@ -33,9 +31,7 @@ def test_pruned_equals_masked_reference(built, family, kind, scorer):
     pruned = greedy(model, inputs, steps=10)
     stats = model.tokenprune.last_stats
     assert all(a < b for a, b in zip(stats.visual_tokens_after, stats.visual_tokens_before))
-    drop = drop_mask(inputs["input_ids"], get_adapter(model).visual_token_ids, stats)
-    with masked_reference(model, drop):
-        reference = greedy(model, inputs, steps=10)
+    reference = masked_greedy(model, inputs, steps=10)
     assert torch.equal(pruned.sequences, reference.sequences)
     assert max_logit_diff(pruned, reference) < 1e-4
     # and the check is sensitive: without the mask the logits differ
@@ -147,8 +143,6 @@ def test_pruned_equals_masked_reference_with_eager_attention(family):
     inputs = make_inputs(tiny.build_processor(family), "image")
     prune_wrap(model, ratio=0.25, scorer="attention")
     pruned = greedy(model, inputs, steps=6)
-    drop = drop_mask(inputs["input_ids"], get_adapter(model).visual_token_ids, model.tokenprune.last_stats)
-    with masked_reference(model, drop):
-        reference = greedy(model, inputs, steps=6)
+    reference = masked_greedy(model, inputs, steps=6)
     assert torch.equal(pruned.sequences, reference.sequences)
     assert max_logit_diff(pruned, reference) < 1e-4

@@ -46,7 +46,7 @@ def test_slicing_left_pads_rows_that_keep_fewer_tokens():
     assert slicing.index[1, 1:].tolist() == [2, 3]
     x = torch.arange(8.0).view(2, 4)
     assert slicing.sequence(x)[0].tolist() == [0.0, 2.0, 3.0]
-    assert slicing.mask(None).tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert slicing.mask().tolist() == [[1, 1, 1], [0, 1, 1]]
     positions = torch.arange(4).view(1, 1, 4).expand(3, 2, 4)
     assert slicing.positions(positions)[:, 1, 1:].tolist() == [[2, 3]] * 3
 
