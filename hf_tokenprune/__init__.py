@@ -5,7 +5,7 @@ from .compressor import Compressor, CompressorMismatchError
 from .config import TokenPruneConfig
 from .scorers import AttentionScorer, CompressorScorer, RandomScorer, ScoreInputs, Scorer, UniformScorer
 from .stats import PruneStats
-from .wrap import PrunedCacheError, from_pretrained, prune_wrap, unwrap
+from .wrap import PrunedCacheError, from_pretrained, prune_wrap, score_inputs, unwrap
 
 __version__ = "0.1.0"
 
@@ -25,5 +25,6 @@ __all__ = [
     "UnsupportedModelError",
     "from_pretrained",
     "prune_wrap",
+    "score_inputs",
     "unwrap",
 ]

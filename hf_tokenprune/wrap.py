@@ -53,6 +53,14 @@ class _PrunedPrefill:
         return cache is not None and self.cache_ref is not None and self.cache_ref() is cache
 
 
+class _Captured(Exception):  # noqa: N818 - control flow, never escapes score_inputs
+    """Stops a forward at the LLM input, carrying what the scorer would see."""
+
+    def __init__(self, found: tuple[ScoreInputs, torch.Tensor] | None) -> None:
+        super().__init__("captured")
+        self.inputs = found[0] if found is not None else None
+
+
 class TokenPruneHandle:
     """``model.tokenprune``: the configuration, the last call's :class:`PruneStats`, and :meth:`disabled`.
 
@@ -69,6 +77,7 @@ class TokenPruneHandle:
         self._enabled = True
         self._call: dict[str, Any] | None = None
         self._prefill: _PrunedPrefill | None = None
+        self._capturing = False
         text_model = adapter.text_model
         self._hooks = [
             adapter.model.register_forward_pre_hook(self._check_call, with_kwargs=True),
@@ -135,6 +144,8 @@ class TokenPruneHandle:
             ours = self._pruned_cache(kwargs)
             return self._continue(kwargs, ours) if ours is not None else None
         call, self._call = self._call, None
+        if self._capturing:
+            raise _Captured(self._score_inputs(kwargs, call))
         self._prefill, self.last_stats = None, None
         return self._prune_prefill(kwargs, call) if self._active() else None
 
@@ -144,7 +155,8 @@ class TokenPruneHandle:
             prefill.cache_ref = weakref.ref(output.cache)
 
     # -- prefill ---------------------------------------------------------------------------------------------
-    def _prune_prefill(self, kwargs: dict, call: dict[str, Any] | None) -> tuple | None:
+    def _score_inputs(self, kwargs: dict, call: dict[str, Any] | None) -> tuple[ScoreInputs, torch.Tensor] | None:
+        """What the scorer sees on this prefill, and the expanded position ids; None without visual tokens."""
         embeds = kwargs["inputs_embeds"]
         batch, length = embeds.shape[:2]
         input_ids = call.get("input_ids") if call else None
@@ -166,8 +178,16 @@ class TokenPruneHandle:
         if not layout.visual_mask.any():
             return None
         units = layout.segments if self.config.scope == "image" else [[sum(s)] if s else [] for s in layout.segments]
-        inputs = ScoreInputs(self.adapter.text_model, embeds, mask, self.adapter.rotary_positions(positions),
-                             layout, units)
+        return ScoreInputs(self.adapter.text_model, embeds, mask, self.adapter.rotary_positions(positions),
+                           layout, units), positions
+
+    def _prune_prefill(self, kwargs: dict, call: dict[str, Any] | None) -> tuple | None:
+        found = self._score_inputs(kwargs, call)
+        if found is None:
+            return None
+        inputs, positions = found
+        embeds, mask, layout = kwargs["inputs_embeds"], kwargs.get("attention_mask"), inputs.layout
+        batch, length = embeds.shape[:2]
         start = time.perf_counter()
         scores = self.scorer.score(inputs)
         scoring_time = time.perf_counter() - start
@@ -176,7 +196,8 @@ class TokenPruneHandle:
             raise ValueError(f"scorer {type(self.scorer).__name__} returned "
                              f"{getattr(scores, 'shape', type(scores).__name__)}; expected a tensor of shape "
                              f"{tuple(valid.shape)} (batch, max visual tokens)")
-        keep_packed = select_top(scores.to(valid.device), valid, units, self.config.ratio, self.config.min_tokens)
+        keep_packed = select_top(scores.to(valid.device), valid, inputs.units, self.config.ratio,
+                                 self.config.min_tokens)
         keep_visual = torch.zeros_like(layout.visual_mask)
         keep_visual[layout.visual_mask] = keep_packed[valid]
         drop = layout.visual_mask & ~keep_visual
@@ -245,6 +266,34 @@ class TokenPruneHandle:
         return (), kwargs
 
 
+def score_inputs(model: nn.Module, inputs: dict[str, Any], scope: str = "sample") -> ScoreInputs | None:
+    """Run ``model`` (wrapped or not) on ``inputs`` (a processor output) up to the first LLM layer, and return
+    what a scorer sees on that prefill: visual layout, ``first_layer_attention`` (A^0_v), visual embeddings.
+
+    The LLM itself does not run. ``None`` when the call has no visual tokens. ``scope`` sets ``units`` as in
+    :class:`TokenPruneConfig`.
+    """
+    handle = model.__dict__.get("tokenprune")
+    temporary = not isinstance(handle, TokenPruneHandle)
+    if temporary:
+        config = TokenPruneConfig(ratio=1.0, scorer="uniform", scope=scope)
+        adapter = get_adapter(model)
+        handle = TokenPruneHandle(model, adapter, config, build_scorer(config, adapter))
+    elif handle.config.scope != scope:
+        raise ValueError(f"the model is wrapped with scope={handle.config.scope!r}; ask for that scope")
+    handle._capturing = True
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    except _Captured as captured:
+        return captured.inputs
+    finally:
+        handle._capturing = False
+        if temporary:
+            handle.remove()
+    raise RuntimeError(f"{type(model).__name__}'s text model never ran on these inputs")
+
+
 def _resolve_config(config: TokenPruneConfig | None, overrides: dict[str, Any]) -> TokenPruneConfig:
     if config is None:
         return TokenPruneConfig(**overrides)
@@ -295,4 +344,4 @@ def from_pretrained(name_or_path: str, ratio: float = 0.25, compressor: Any = No
     return prune_wrap(model.eval(), config, **overrides)
 
 
-__all__ = ["PrunedCacheError", "TokenPruneHandle", "from_pretrained", "prune_wrap", "unwrap"]
+__all__ = ["PrunedCacheError", "TokenPruneHandle", "from_pretrained", "prune_wrap", "score_inputs", "unwrap"]

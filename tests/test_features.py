@@ -51,3 +51,32 @@ def test_instruction_tokens_exclude_template_specials_and_padding():
         last_visual = int(layout.visual_mask[b].nonzero().max())
         assert int(layout.instruction_mask[b].nonzero().min()) > last_visual
     assert "colour" in tokenizer.convert_ids_to_tokens(ids[0][layout.instruction_mask[0]].tolist())
+
+
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_score_inputs_is_what_the_pruner_scores(family, kind, built):
+    """``score_inputs`` (no LLM run) gives the A^0_v the attention scorer ranks on a real pruned prefill."""
+    from hf_tokenprune import prune_wrap, score_inputs
+
+    model, processor = built(family)
+    inputs = make_inputs(processor, kind)
+    captured = score_inputs(model, inputs)
+    assert captured.layout.counts == [int(n) for n in captured.valid.sum(dim=1)]
+    feature = captured.first_layer_attention
+    prune_wrap(model, ratio=0.5, scorer="attention")
+    with torch.no_grad():
+        model(**inputs)
+    for b, kept in enumerate(model.tokenprune.last_stats.kept_indices):
+        n = captured.layout.counts[b]
+        expected = torch.topk(feature[b, :n], k=len(kept)).indices.sort().values
+        assert torch.equal(kept, expected)
+    assert score_inputs(model, inputs).first_layer_attention.equal(feature)  # wrapped: same, hooks intact
+    assert "tokenprune" in model.__dict__
+
+
+def test_score_inputs_without_visual_tokens_is_none(built):
+    from hf_tokenprune import score_inputs
+
+    model, processor = built("qwen2_vl")
+    inputs = make_inputs(processor, None, batch=1)
+    assert score_inputs(model, inputs) is None
