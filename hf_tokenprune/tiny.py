@@ -316,6 +316,33 @@ WORDS: tuple[str, ...] = tuple(
             ")",
             "-",
             "/",
+            # the toy VQA world (hf_tokenprune.world): appended, so earlier ids never change
+            "diamond",
+            "is",
+            "the",
+            "of",
+            "left",
+            "right",
+            "above",
+            "below",
+            "object",
+            "objects",
+            "frame",
+            "shows",
+            "one",
+            "two",
+            "three",
+            "four",
+            "small",
+            "large",
+            "many",
+            "are",
+            "there",
+            "all",
+            "yes",
+            "no",
+            "in",
+            *"0123456789",
         ]
     )
 )
@@ -946,7 +973,7 @@ def _size_wh(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _draw_shape(draw: PIL.ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], fill) -> None:
+def draw_shape(draw: PIL.ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], fill) -> None:
     x0, y0, x1, y1 = box
     if kind in ("circle", "ellipse", "oval", "dot"):
         draw.ellipse(box, fill=fill)
@@ -962,6 +989,9 @@ def _draw_shape(draw: PIL.ImageDraw.ImageDraw, kind: str, box: tuple[int, int, i
             for k in range(10)
         ]
         draw.polygon(pts, fill=fill)
+    elif kind == "diamond":
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
     elif kind in ("line", "cross"):
         width = max(1, (x1 - x0) // 5)
         draw.line([(x0, y0), (x1, y1)], fill=fill, width=width)
@@ -990,7 +1020,7 @@ def make_image(seed: int, size: int | tuple[int, int] = 56) -> PIL.Image.Image:
     image = PIL.Image.new("RGB", (width, height), background)
     draw = PIL.ImageDraw.Draw(image)
     for kind, box, fill in _scene(rng, width, height, rng.randint(2, 4)):
-        _draw_shape(draw, kind, box, fill)
+        draw_shape(draw, kind, box, fill)
     return image
 
 
@@ -1010,6 +1040,6 @@ def make_video(seed: int, frames: int = 4, size: int | tuple[int, int] = 56) -> 
         image = PIL.Image.new("RGB", (width, height), background)
         draw = PIL.ImageDraw.Draw(image)
         for (kind, (x0, y0, x1, y1), fill), (dx, dy) in zip(shapes, velocities, strict=True):
-            _draw_shape(draw, kind, (x0 + t * dx, y0 + t * dy, x1 + t * dx, y1 + t * dy), fill)
+            draw_shape(draw, kind, (x0 + t * dx, y0 + t * dy, x1 + t * dx, y1 + t * dy), fill)
         out.append(image)
     return out

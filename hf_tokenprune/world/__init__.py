@@ -1,0 +1,1 @@
+"""A task-conditional visual QA world, the small VLMs trained on it, and their shipped weights."""

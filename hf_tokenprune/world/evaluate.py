@@ -1,0 +1,63 @@
+"""Held-out answer accuracy of a world model (pruned or not), through ``generate`` like any user would."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+from transformers import ProcessorMixin
+
+from .scenes import Sample, make_samples
+
+
+def chat_prompts(processor: ProcessorMixin, samples: list[Sample]) -> list[str]:
+    """The chat-template prompt (with generation prompt) of each sample: its image or video, then the question."""
+    return [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video" if s.is_video else "image"},
+                                      {"type": "text", "text": s.question.text}]}],
+        add_generation_prompt=True, tokenize=False) for s in samples]
+
+
+def heldout_samples(n: int, *, video: bool = False, seed: int = 0, start: int = 0) -> list[Sample]:
+    """``n`` held-out samples (one question per scene, default 28-44 objects on 8x8 cells)."""
+    return [s for i in range(start, start + n) for s in make_samples("test", i, seed=seed, video=video)]
+
+
+def inputs_for(processor: ProcessorMixin, samples: list[Sample]) -> dict[str, torch.Tensor]:
+    """A left-padded processor batch for ``samples`` (all images or all videos)."""
+    processor.tokenizer.padding_side = "left"
+    key = "videos" if samples[0].is_video else "images"
+    return processor(text=chat_prompts(processor, samples), padding=True, return_tensors="pt",
+                     **{key: [s.media for s in samples]})
+
+
+def predict(model: nn.Module, processor: ProcessorMixin, samples: list[Sample], batch_size: int = 32) -> list[str]:
+    """Greedy answers (first word) for ``samples``."""
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    for i in range(0, len(samples), batch_size):
+        inputs = inputs_for(processor, samples[i:i + batch_size]).to(device)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        answers += [(t.split() or [""])[0] for t in texts]
+    return answers
+
+
+def accuracy(model: nn.Module, processor: ProcessorMixin, samples: list[Sample], batch_size: int = 32) -> dict:
+    """Overall and per-question-kind accuracy on ``samples``."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for s, a in zip(samples, predict(model, processor, samples, batch_size), strict=True):
+        hits[s.question.kind].append(a == s.question.answer)
+    every = [h for v in hits.values() for h in v]
+    return {"accuracy": sum(every) / len(every), "n": len(every),
+            "per_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())}}
+
+
+def answer_accuracy(model: nn.Module, processor: ProcessorMixin, n: int, *, family: str) -> dict:
+    """Held-out image accuracy on ``n`` questions (and video accuracy for Qwen2-VL)."""
+    out = {"image": accuracy(model, processor, heldout_samples(n))}
+    if family == "qwen2_vl":
+        out["video"] = accuracy(model, processor, heldout_samples(max(1, n // 2), video=True))
+    return out

@@ -1,0 +1,212 @@
+"""The toy VQA world: grids of coloured shapes, and questions whose answer sits in one small region.
+
+A scene is a ``rows x cols`` grid of 16-pixel cells; an occupied cell holds one object (shape, colour, size,
+jittered inside its cell). Every scene has two *rare* shapes and two *rare* colours that occur exactly once,
+so "what colour is the star ?" has one answer that only the star's cell shows. With the default 28-44
+objects on an 8x8 grid, 44-69% of the cells are occupied: a pruner that keeps 25% of the visual tokens
+without looking at the question loses most answers; one that keeps the question's region need not.
+
+Question kinds (one-word answers; ``boxes[0]`` is the region that holds the answer, further boxes are the
+other evidence):
+
+* ``colour_of_shape``  "what colour is the star ?" -> colour of the unique star
+* ``shape_of_colour``  "what shape is the red object ?" -> shape of the unique red object
+* ``left_of``          "what shape is left of the red star ?" -> shape in the cell left of a unique object
+* ``frame_of_shape``   (videos) "which frame shows the star ?" -> "one" .. "four"
+
+Everything is deterministic from ``(seed, split, index)``; the ``train`` and ``test`` splits draw from
+disjoint random streams.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+import PIL.Image
+import PIL.ImageDraw
+
+from ..tiny import draw_shape
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
+COLOURS = {
+    "red": (225, 35, 35),
+    "green": (40, 180, 60),
+    "blue": (50, 90, 235),
+    "yellow": (240, 220, 40),
+    "purple": (150, 60, 200),
+    "white": (245, 245, 245),
+}
+SIZES = {"small": (7, 9), "large": (12, 14)}
+FRAME_WORDS = ("one", "two", "three", "four")
+CELL = 16
+BACKGROUND = (24, 24, 24)
+_SUPERSAMPLE = 4
+Split = Literal["train", "test"]
+
+
+@dataclass(frozen=True)
+class WorldObject:
+    shape: str
+    colour: str
+    size: str
+    row: int
+    col: int
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels (x1, y1 exclusive)
+    frame: int = 0
+
+
+@dataclass
+class Scene:
+    rows: int
+    cols: int
+    objects: list[WorldObject]
+    frames: int = 1  # distinct frames; a video shows each for ``repeat`` raw frames
+    repeat: int = 2
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return self.cols * CELL, self.rows * CELL
+
+    def at(self, frame: int, row: int, col: int) -> WorldObject | None:
+        return next((o for o in self.objects if (o.frame, o.row, o.col) == (frame, row, col)), None)
+
+    def render_frame(self, frame: int = 0) -> PIL.Image.Image:
+        width, height = self.size
+        s = _SUPERSAMPLE
+        image = PIL.Image.new("RGB", (width * s, height * s), BACKGROUND)
+        draw = PIL.ImageDraw.Draw(image)
+        for o in self.objects:
+            if o.frame == frame:
+                x0, y0, x1, y1 = o.box
+                draw_shape(draw, o.shape, (x0 * s, y0 * s, x1 * s - 1, y1 * s - 1), COLOURS[o.colour])
+        return image.resize((width, height), PIL.Image.Resampling.BOX)
+
+    def render(self) -> PIL.Image.Image | list[PIL.Image.Image]:
+        """The image, or for a video the list of raw frames (each distinct frame ``repeat`` times)."""
+        if self.frames == 1:
+            return self.render_frame(0)
+        return [self.render_frame(f) for f in range(self.frames) for _ in range(self.repeat)]
+
+
+@dataclass(frozen=True)
+class Question:
+    kind: str
+    text: str
+    answer: str
+    boxes: tuple[tuple[int, int, int, int, int], ...]  # (frame, x0, y0, x1, y1); boxes[0] holds the answer
+
+
+@dataclass
+class Sample:
+    sample_id: str
+    scene: Scene
+    question: Question
+    media: PIL.Image.Image | list[PIL.Image.Image] = field(repr=False)
+
+    @property
+    def is_video(self) -> bool:
+        return self.scene.frames > 1
+
+
+def _place(rng: random.Random, shape: str, colour: str, frame: int, row: int, col: int) -> WorldObject:
+    size = rng.choice(list(SIZES))
+    side = rng.randint(*SIZES[size])
+    x0 = col * CELL + rng.randint(0, CELL - side)
+    y0 = row * CELL + rng.randint(0, CELL - side)
+    return WorldObject(shape, colour, size, row, col, (x0, y0, x0 + side, y0 + side), frame)
+
+
+def make_scene(rng: random.Random, rows: int = 8, cols: int = 8, n_objects: int = 36) -> Scene:
+    """An image scene: two rare shapes and two rare colours occur exactly once each."""
+    if not 4 <= n_objects <= rows * cols:
+        raise ValueError(f"n_objects must be in [4, {rows * cols}] for a {rows}x{cols} grid, got {n_objects}")
+    shapes, colours = rng.sample(SHAPES, len(SHAPES)), rng.sample(list(COLOURS), len(COLOURS))
+    rare_shapes, common_shapes = shapes[:2], shapes[2:]
+    rare_colours, common_colours = colours[:2], colours[2:]
+    kinds = [(s, rng.choice(common_colours)) for s in rare_shapes]
+    kinds += [(rng.choice(common_shapes), c) for c in rare_colours]
+    kinds += [(rng.choice(common_shapes), rng.choice(common_colours)) for _ in range(n_objects - 4)]
+    rng.shuffle(kinds)
+    cells = rng.sample([(r, c) for r in range(rows) for c in range(cols)], n_objects)
+    objects = [_place(rng, s, c, 0, r, col) for (s, c), (r, col) in zip(kinds, cells, strict=True)]
+    return Scene(rows, cols, objects)
+
+
+def make_video_scene(rng: random.Random, frames: int = 4, rows: int = 4, cols: int = 4,
+                     n_objects: tuple[int, int] = (5, 10)) -> Scene:
+    """A video scene: one rare shape occurs exactly once in the whole video."""
+    if frames > len(FRAME_WORDS):
+        raise ValueError(f"at most {len(FRAME_WORDS)} distinct frames, got {frames}")
+    shapes = rng.sample(SHAPES, len(SHAPES))
+    rare, common = shapes[0], shapes[1:]
+    rare_frame = rng.randrange(frames)
+    objects = []
+    for f in range(frames):
+        n = rng.randint(*n_objects)
+        kinds = [(rng.choice(common), rng.choice(list(COLOURS))) for _ in range(n - (f == rare_frame))]
+        if f == rare_frame:
+            kinds.append((rare, rng.choice(list(COLOURS))))
+        cells = rng.sample([(r, c) for r in range(rows) for c in range(cols)], len(kinds))
+        objects += [_place(rng, s, c, f, r, col) for (s, c), (r, col) in zip(kinds, cells, strict=True)]
+    return Scene(rows, cols, objects, frames=frames)
+
+
+def _box(o: WorldObject) -> tuple[int, int, int, int, int]:
+    return (o.frame, *o.box)
+
+
+def questions(scene: Scene) -> list[Question]:
+    """Every question the scene answers unambiguously, in a fixed order."""
+    shape_count: dict[str, int] = {}
+    colour_count: dict[str, int] = {}
+    combo_count: dict[tuple[str, str], int] = {}
+    for o in scene.objects:
+        shape_count[o.shape] = shape_count.get(o.shape, 0) + 1
+        colour_count[o.colour] = colour_count.get(o.colour, 0) + 1
+        combo_count[o.colour, o.shape] = combo_count.get((o.colour, o.shape), 0) + 1
+    out = []
+    for o in scene.objects:
+        if shape_count[o.shape] == 1:
+            out.append(Question("colour_of_shape", f"what colour is the {o.shape} ?", o.colour, (_box(o),)))
+            if scene.frames > 1:
+                out.append(Question("frame_of_shape", f"which frame shows the {o.shape} ?",
+                                    FRAME_WORDS[o.frame], (_box(o),)))
+        if scene.frames == 1 and colour_count[o.colour] == 1:
+            out.append(Question("shape_of_colour", f"what shape is the {o.colour} object ?", o.shape, (_box(o),)))
+        left = scene.at(o.frame, o.row, o.col - 1) if o.col > 0 else None
+        if scene.frames == 1 and left is not None and combo_count[o.colour, o.shape] == 1:
+            out.append(Question("left_of", f"what shape is left of the {o.colour} {o.shape} ?", left.shape,
+                                (_box(left), _box(o))))
+    return out
+
+
+def sample_rng(seed: int, split: Split, index: int) -> random.Random:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return random.Random(f"hf_tokenprune.world/{seed}/{split}/{index}")
+
+
+def make_samples(split: Split, index: int, *, seed: int = 0, video: bool = False, per_scene: int = 1,
+                 n_objects: tuple[int, int] = (28, 44), grid: tuple[int, int] = (8, 8)) -> list[Sample]:
+    """``per_scene`` distinct questions (fewer if the scene has fewer) about scene ``index`` of ``split``."""
+    rng = sample_rng(seed, split, index)
+    if video:
+        scene = make_video_scene(rng)
+    else:
+        scene = make_scene(rng, *grid, n_objects=rng.randint(*n_objects))
+    media = scene.render()
+    by_kind: dict[str, list[Question]] = {}
+    for q in questions(scene):
+        by_kind.setdefault(q.kind, []).append(q)
+    chosen = []
+    while by_kind and len(chosen) < per_scene:  # kinds equally likely, whatever their count in the scene
+        kind = rng.choice(sorted(by_kind))
+        pool = by_kind[kind]
+        chosen.append(pool.pop(rng.randrange(len(pool))))
+        if not pool:
+            del by_kind[kind]
+    tag = "video" if video else "image"
+    return [Sample(f"{tag}-{split}-{seed}-{index}-{q.kind}-{i}", scene, q, media) for i, q in enumerate(chosen)]
