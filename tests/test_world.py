@@ -1,0 +1,125 @@
+"""The toy VQA world: deterministic scenes, unambiguous questions, and a training batch that is exact."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_tokenprune.world import models
+from hf_tokenprune.world.evaluate import chat_prompts
+from hf_tokenprune.world.scenes import CELL, COLOURS, make_samples, questions
+from hf_tokenprune.world.train import _cell_labels, _visual_feature_module, answer_loss_of, pack_scenes, train
+
+
+def test_scenes_are_deterministic_and_splits_differ():
+    a, b = make_samples("train", 5, per_scene=3), make_samples("train", 5, per_scene=3)
+    assert [s.question for s in a] == [s.question for s in b]
+    assert np.array_equal(np.asarray(a[0].media), np.asarray(b[0].media))
+    test = make_samples("test", 5, per_scene=3)
+    assert a[0].scene.objects != test[0].scene.objects
+    with pytest.raises(ValueError, match="split"):
+        make_samples("validation", 0)
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_every_question_has_exactly_one_answer(video):
+    for index in range(30):
+        scene = make_samples("test", index, video=video)[0].scene
+        for q in questions(scene):
+            words = q.text.split()
+            if q.kind in ("colour_of_shape", "frame_of_shape"):
+                matches = [o for o in scene.objects if o.shape == words[-2]]
+            elif q.kind == "shape_of_colour":
+                matches = [o for o in scene.objects if o.colour == words[-3]]
+            else:  # left_of: "... left of the <colour> <shape> ?"
+                matches = [o for o in scene.objects if (o.colour, o.shape) == (words[-3], words[-2])]
+            assert len(matches) == 1, q
+            target = matches[0]
+            if q.kind == "left_of":
+                left = scene.at(target.frame, target.row, target.col - 1)
+                assert left is not None and q.answer == left.shape and q.boxes[0][1:] == left.box
+            else:
+                assert q.boxes[0][1:] == target.box
+                assert q.answer in (target.colour, target.shape, ("one", "two", "three", "four")[target.frame])
+
+
+def test_answer_box_shows_the_answer_colour():
+    for index in range(10):
+        for s in make_samples("test", index, per_scene=4):
+            if s.question.kind != "colour_of_shape":
+                continue
+            _, x0, y0, x1, y1 = s.question.boxes[0]
+            pixels = np.asarray(s.media)[y0:y1, x0:x1].reshape(-1, 3).astype(int)
+            distance = np.abs(pixels - np.array(COLOURS[s.question.answer])).sum(axis=1)
+            assert (distance < 30).sum() >= 4
+
+
+def test_objects_cover_far_more_than_a_quarter_of_the_visual_tokens():
+    """Task-agnostic pruning at 25% must lose answers: most 8x8-pixel visual tokens show part of an object."""
+    covered = []
+    for index in range(20):
+        scene = make_samples("test", index)[0].scene
+        tokens = np.zeros((scene.rows * 2, scene.cols * 2), dtype=bool)
+        for o in scene.objects:
+            x0, y0, x1, y1 = o.box
+            tokens[y0 // 8:(y1 - 1) // 8 + 1, x0 // 8:(x1 - 1) // 8 + 1] = True
+        covered.append(tokens.mean())
+        assert 28 <= len(scene.objects) <= 44 and scene.size == (8 * CELL, 8 * CELL)
+    assert np.mean(covered) > 0.4
+
+
+@pytest.mark.parametrize(("family", "video"), [("qwen2_vl", False), ("qwen2_vl", True), ("llava_onevision", False)])
+def test_packed_batch_equals_one_sequence_per_question(family, video):
+    model, processor = models.build_model(family).eval(), models.build_processor(family)
+    samples = make_samples("train", 1, video=video, per_scene=4) + make_samples("train", 2, video=video, per_scene=4)
+    batch = pack_scenes(processor, samples, family)
+    labels = batch.pop("cell_labels")
+    features = []
+    hook = _visual_feature_module(model).register_forward_hook(lambda m, a, o: features.append(o))
+    with torch.no_grad():
+        packed = answer_loss_of(model, batch)
+    hook.remove()
+    assert features[0].reshape(-1, features[0].shape[-1]).shape[0] == labels.shape[0]
+    losses = []
+    for s in samples:
+        text = chat_prompts(processor, [s])[0] + s.question.answer + processor.tokenizer.eos_token
+        media = {"videos" if video else "images": [s.media]}
+        inputs = processor(text=[text], return_tensors="pt", **media)
+        with torch.no_grad():
+            logits = model(**inputs).logits[0]
+        losses.append(F.cross_entropy(logits[-3:-1], inputs["input_ids"][0, -2:], reduction="none"))
+    assert torch.allclose(packed, torch.cat(losses).mean(), atol=1e-5)
+
+
+def test_cell_labels_follow_the_object_grid():
+    s = make_samples("test", 0)[0]
+    labels = _cell_labels(s, "qwen2_vl").view(16, 16, 2)
+    o = s.scene.objects[0]
+    assert (labels[2 * o.row:2 * o.row + 2, 2 * o.col:2 * o.col + 2, 1] == list(COLOURS).index(o.colour) + 1).all()
+    thumbnail = _cell_labels(s, "llava_onevision")[:64].view(8, 8, 2)
+    assert thumbnail[o.row, o.col, 1] == list(COLOURS).index(o.colour) + 1
+    assert int((thumbnail[..., 0] > 0).sum()) == len(s.scene.objects)
+
+
+def test_processor_round_trips_through_auto_processor(tmp_path):
+    from transformers import AutoProcessor
+
+    for family in models.FAMILIES:
+        models.build_processor(family).save_pretrained(tmp_path / family)
+        loaded = AutoProcessor.from_pretrained(tmp_path / family)
+        s = make_samples("test", 0)[0]
+        a = models.build_processor(family)(text=chat_prompts(loaded, [s]), images=[s.media], return_tensors="pt")
+        b = loaded(text=chat_prompts(loaded, [s]), images=[s.media], return_tensors="pt")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    kw = dict(steps=3, images=2, questions=2, eval_every=100, checkpoint_every=1, eval_samples=2)
+    train("llava_onevision", tmp_path / "full", **kw)
+    train("llava_onevision", tmp_path / "cut", max_minutes=0, **kw)  # stops after its first step
+    log = train("llava_onevision", tmp_path / "cut", resume=True, **kw)
+    assert log["next_step"] == 3
+    from safetensors.torch import load_file
+
+    full, cut = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
