@@ -193,10 +193,7 @@ def make_samples(split: Split, index: int, *, seed: int = 0, video: bool = False
                  n_objects: tuple[int, int] = (28, 44), grid: tuple[int, int] = (8, 8)) -> list[Sample]:
     """``per_scene`` distinct questions (fewer if the scene has fewer) about scene ``index`` of ``split``."""
     rng = sample_rng(seed, split, index)
-    if video:
-        scene = make_video_scene(rng)
-    else:
-        scene = make_scene(rng, *grid, n_objects=rng.randint(*n_objects))
+    scene = make_video_scene(rng) if video else make_scene(rng, *grid, n_objects=rng.randint(*n_objects))
     media = scene.render()
     by_kind: dict[str, list[Question]] = {}
     for q in questions(scene):
