@@ -3,6 +3,7 @@
 from .adapters import MalformedVisualInputError, UnsupportedModelError
 from .compressor import Compressor, CompressorMismatchError
 from .config import TokenPruneConfig
+from .hub import CompressorNotFoundError
 from .scorers import AttentionScorer, CompressorScorer, RandomScorer, ScoreInputs, Scorer, UniformScorer
 from .stats import PruneStats
 from .wrap import PrunedCacheError, from_pretrained, prune_wrap, score_inputs, unwrap
@@ -13,6 +14,7 @@ __all__ = [
     "AttentionScorer",
     "Compressor",
     "CompressorMismatchError",
+    "CompressorNotFoundError",
     "CompressorScorer",
     "MalformedVisualInputError",
     "PruneStats",

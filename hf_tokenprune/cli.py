@@ -10,22 +10,93 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-tokenprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="prune tiny offline VLMs end to end and check them against the masked "
-                                       "reference (no download)")
-    demo.add_argument("--ratio", type=float, default=0.25, help="fraction of visual tokens kept")
-    demo.add_argument("--scorer", default="attention", choices=["attention", "random", "uniform"])
-    demo.add_argument("--max-new-tokens", type=int, default=16)
-    demo.add_argument("--json", help="also write the rows to this JSON file")
+    demo = sub.add_parser("demo", help="ask the shipped world model about a generated image, with all visual "
+                                       "tokens and pruned by its compressor; writes demo.png (no download)")
+    demo.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "llava_onevision"])
+    demo.add_argument("--scene", type=int, default=7, help="held-out scene to ask about")
+    demo.add_argument("--eval-questions", type=int, default=64, help="held-out questions for the accuracy table")
+    demo.add_argument("--out", default="demo.png", help="picture of the relevance and the kept tokens")
+    demo.add_argument("--json", help="also write the results to this JSON file")
+    check = sub.add_parser("check", help="prune tiny random VLMs of every supported family end to end and check "
+                                         "them against the masked reference (no download)")
+    check.add_argument("--ratio", type=float, default=0.25, help="fraction of visual tokens kept")
+    check.add_argument("--scorer", default="attention", choices=["attention", "random", "uniform"])
+    check.add_argument("--max-new-tokens", type=int, default=16)
+    check.add_argument("--json", help="also write the rows to this JSON file")
+    label = sub.add_parser("label", help="explainability labels (A^0_v features, R_v targets) for compressor "
+                                         "training; re-run to resume; `accelerate launch` shards the samples")
+    label.add_argument("--model", required=True, help="local directory or Hub id of the MLLM")
+    label.add_argument("--data", required=True, help="JSONL file (paths relative to it), or hf:<dataset>:<split>")
+    label.add_argument("--out", required=True, help="label directory")
+    label.add_argument("--max-new-tokens", type=int, default=16)
+    label.add_argument("--shard-size", type=int, default=256, help="labels per committed shard file")
+    label.add_argument("--aggregation", default="grad-weighted", help="grad-weighted (default) or mean")
+    label.add_argument("--limit", type=int, help="label only the first N samples")
+    train = sub.add_parser("train", help="train a compressor on a label directory; `accelerate launch -m "
+                                         "hf_tokenprune.cli train ...` runs data-parallel")
+    train.add_argument("--labels", required=True, help="label directory written by `hf-tokenprune label`")
+    train.add_argument("--out", required=True, help="compressor directory to write")
+    train.add_argument("--epochs", type=int, default=100)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=1e-3)
+    depth = train.add_mutually_exclusive_group()
+    depth.add_argument("--depth", type=int, choices=[3, 5, 7, 10], default=5,
+                       help="conv layers, channel schedule from training.DEPTH_CHANNELS (default 5: 32..512)")
+    depth.add_argument("--channels", help="explicit channels, comma-separated, e.g. 32,64,128")
+    train.add_argument("--kernel-size", type=int, default=5)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--val-fraction", type=float, default=0.1)
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    push = sub.add_parser("push", help="upload a trained compressor directory to the Hugging Face Hub")
+    push.add_argument("directory")
+    push.add_argument("--repo", required=True, help="Hub repo id, e.g. <user>/Qwen2-VL-2B-Instruct-compressor")
+    push.add_argument("--private", action="store_true")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
         from .demo import run
+
+        result = run(args.family, scene=args.scene, eval_questions=args.eval_questions, out=args.out)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0
+    if args.command == "check":
+        from .check import run
 
         rows = run(ratio=args.ratio, scorer=args.scorer, max_new_tokens=args.max_new_tokens)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=2)
         return 0 if all(r["same_tokens_as_masked_reference"] for r in rows) else 1
+    if args.command == "label":
+        from .training.labels import label_from_paths, process_state
+
+        summary = label_from_paths(args.model, args.data, args.out, limit=args.limit,
+                                   max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
+                                   aggregation=args.aggregation)
+        if process_state().is_main_process:
+            print(json.dumps(summary.to_dict()))
+        return 0
+    if args.command == "train":
+        from accelerate import PartialState
+
+        from .training.train import DEPTH_CHANNELS, train_compressor
+
+        channels = [int(c) for c in args.channels.split(",")] if args.channels else DEPTH_CHANNELS[args.depth]
+        result = train_compressor(args.labels, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                  channels=channels, kernel_size=args.kernel_size, val_fraction=args.val_fraction,
+                                  seed=args.seed, resume=args.resume, progress=not args.quiet)
+        if PartialState().is_main_process:
+            print(json.dumps({"directory": str(result.directory), "best_epoch": result.best_epoch,
+                              "metrics": result.metrics, "baseline_attention": result.baseline}))
+        return 0
+    if args.command == "push":
+        from .hub import push_compressor
+
+        print(push_compressor(args.directory, args.repo, private=args.private).commit_url)
+        return 0
     return 2
 
 

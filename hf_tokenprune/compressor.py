@@ -9,6 +9,10 @@ uniform share over the sample's valid tokens. This makes the input invariant to 
 (which shrinks like 1/L with the context length) and to the number of visual tokens ``N`` (uniform attention
 maps to 0 whatever ``N``), while keeping how peaked the attention is. Negative inputs are clamped to 0.
 
+Input feature: ``"first_layer_attention"`` (``A^0_v``, one input channel; the feature the compressor scorer
+computes at inference) or, for the multi-layer ablation, ``"layer_attention"``: the same attention of the first
+``in_channels`` LLM layers stacked as channels (``[B, K, N]``, each channel normalised alone; training only).
+
 Serialisation goes through :class:`huggingface_hub.PyTorchModelHubMixin` (``save_pretrained``,
 ``from_pretrained``, ``push_to_hub``): ``config.json`` plus ``model.safetensors``. Loading is stricter than
 the mixin's default: ``config.json`` is required, weights must match exactly (``strict=True``) and pickle
@@ -28,7 +32,7 @@ from torch import Tensor, nn
 
 __all__ = ["Compressor", "CompressorMismatchError", "DepthwiseSeparableConv1d", "FEATURES"]
 
-FEATURES = ("first_layer_attention",)
+FEATURES = ("first_layer_attention", "layer_attention")
 MAX_CHANNELS = 4096
 MAX_LAYERS = 16
 MAX_KERNEL_SIZE = 63
@@ -58,7 +62,7 @@ class DepthwiseSeparableConv1d(nn.Module):
 
 
 def _validate_config(channels: object, kernel_size: object, base_model_type: object,
-                     base_model_name: object, feature: object) -> tuple[int, ...]:
+                     base_model_name: object, feature: object, in_channels: object) -> tuple[int, ...]:
     """Raise ValueError naming the offending field; return ``channels`` as a tuple."""
     if not isinstance(channels, (list, tuple)) or not channels:
         raise ValueError(f"channels must be a non-empty list of ints, got {channels!r}")
@@ -72,6 +76,11 @@ def _validate_config(channels: object, kernel_size: object, base_model_type: obj
         raise ValueError(f"kernel_size must be an odd int in [1, {MAX_KERNEL_SIZE}], got {kernel_size!r}")
     if feature not in FEATURES:
         raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or not 1 <= in_channels <= MAX_CHANNELS:
+        raise ValueError(f"in_channels must be an int in [1, {MAX_CHANNELS}], got {in_channels!r}")
+    if (feature == "first_layer_attention") != (in_channels == 1):
+        raise ValueError(f"in_channels={in_channels} does not fit feature={feature!r}: first_layer_attention has "
+                         "1 channel, layer_attention one per layer (>= 2)")
     for name, value in (("base_model_type", base_model_type), ("base_model_name", base_model_name)):
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{name} must be a str or None, got {type(value).__name__} {value!r}")
@@ -85,7 +94,7 @@ class Compressor(
     tags=["token-pruning", "vision-language"],
     repo_url=None,
 ):
-    """Maps per-visual-token first-layer attention ``[B, N]`` to relevance logits ``[B, N]``.
+    """Maps per-visual-token first-layer attention ``[B, N]`` (or ``[B, K, N]``) to relevance logits ``[B, N]``.
 
     Args:
         channels: output channels of the depthwise-separable layers (one layer per entry). The scalar input is
@@ -93,7 +102,9 @@ class Compressor(
         kernel_size: odd kernel size of the depthwise convolutions.
         base_model_type: ``config.model_type`` of the model the compressor was trained for (e.g. ``"llava"``).
         base_model_name: Hub id of that model, informational.
-        feature: the input feature; only ``"first_layer_attention"``.
+        feature: the input feature, ``"first_layer_attention"`` or ``"layer_attention"`` (multi-layer ablation).
+        in_channels: input channels: 1 for ``"first_layer_attention"``, the number of layers for
+            ``"layer_attention"``. Written to ``config.json`` only when it is not 1.
     """
 
     def __init__(
@@ -103,29 +114,36 @@ class Compressor(
         base_model_type: str | None = None,
         base_model_name: str | None = None,
         feature: str = "first_layer_attention",
+        in_channels: int = 1,
     ) -> None:
-        channels = _validate_config(channels, kernel_size, base_model_type, base_model_name, feature)
+        channels = _validate_config(channels, kernel_size, base_model_type, base_model_name, feature, in_channels)
         super().__init__()
         self.channels = channels
         self.kernel_size = kernel_size
         self.base_model_type = base_model_type
         self.base_model_name = base_model_name
         self.feature = feature
-        self.lift = nn.Conv1d(1, channels[0], 1)
+        self.in_channels = in_channels
+        if in_channels == 1:  # keep single-feature configs as they were before the field existed
+            self._hub_mixin_config.pop("in_channels", None)
+        self.lift = nn.Conv1d(in_channels, channels[0], 1)
         self.blocks = nn.ModuleList(
             DepthwiseSeparableConv1d(c_in, c_out, kernel_size)
             for c_in, c_out in zip((channels[0], *channels[:-1]), channels, strict=True)
         )
         self.head = nn.Conv1d(channels[-1], 1, 1)
 
-    @staticmethod
-    def _check_inputs(features: Tensor, mask: Tensor | None) -> Tensor:
+    def _check_inputs(self, features: Tensor, mask: Tensor | None) -> Tensor:
         """Validate shapes and return a bool mask (all True when ``mask`` is None)."""
-        if features.dim() != 2:
+        if self.in_channels == 1 and features.dim() != 2:
             raise ValueError(f"features must have shape [batch, n_visual], got {tuple(features.shape)}")
+        if self.in_channels > 1 and (features.dim() != 3 or features.shape[1] != self.in_channels):
+            raise ValueError(f"features must have shape [batch, {self.in_channels}, n_visual], "
+                             f"got {tuple(features.shape)}")
+        shape = (features.shape[0], features.shape[-1])
         if mask is None:
-            return torch.ones(features.shape, dtype=torch.bool, device=features.device)
-        if mask.shape != features.shape:
+            return torch.ones(shape, dtype=torch.bool, device=features.device)
+        if mask.shape != shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} differs from features {tuple(features.shape)}")
         mask = mask.to(device=features.device, dtype=torch.bool)
         if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
@@ -134,9 +152,13 @@ class Compressor(
 
     @staticmethod
     def normalize_features(features: Tensor, mask: Tensor) -> Tensor:
-        """``log(A / mean_valid(A) + 1e-6)`` in float32, 0 at padded positions."""
+        """``log(A / mean_valid(A) + 1e-6)`` in float32 per row (and channel), 0 at padded positions.
+
+        ``features``: ``[B, N]`` or ``[B, K, N]``; ``mask``: ``[B, N]``."""
+        if features.dim() == 3:
+            mask = mask.unsqueeze(1)
         a = torch.where(mask, features.float().clamp_min(0.0), 0.0)
-        mean = a.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp_min(1)
+        mean = a.sum(dim=-1, keepdim=True) / mask.sum(dim=-1, keepdim=True).clamp_min(1)
         x = torch.log(a / mean.clamp_min(torch.finfo(torch.float32).tiny) + _INPUT_EPS)
         return torch.where(mask, x, 0.0)
 
@@ -144,7 +166,8 @@ class Compressor(
         """Relevance logits.
 
         Args:
-            features: ``[B, N]`` first-layer instruction->vision attention of each visual token.
+            features: ``[B, N]`` first-layer instruction->vision attention of each visual token (``[B, K, N]``
+                for ``in_channels=K > 1``).
             mask: ``[B, N]`` bool, True at valid tokens, padding at the end of each row; None = all valid.
 
         Returns:
@@ -156,7 +179,9 @@ class Compressor(
     def _logits(self, features: Tensor, mask: Tensor) -> Tensor:
         """:meth:`forward` for an already validated bool ``mask``."""
         keep = mask.unsqueeze(1)
-        x = self.normalize_features(features, mask).to(self.head.weight.dtype).unsqueeze(1)
+        x = self.normalize_features(features, mask).to(self.head.weight.dtype)
+        if x.dim() == 2:
+            x = x.unsqueeze(1)
         x = self.lift(x).masked_fill(~keep, 0.0)
         for block in self.blocks:
             x = block(x, keep)

@@ -20,7 +20,8 @@ class TokenPruneConfig:
         scorer: a built-in scorer name (``"compressor"``, ``"attention"``, ``"random"``, ``"uniform"``)
             or a :class:`~hf_tokenprune.scorers.Scorer` instance.
         compressor: the trained compressor for ``scorer="compressor"``: a Hub repo id, a local directory
-            or a :class:`~hf_tokenprune.Compressor`.
+            or a :class:`~hf_tokenprune.Compressor`; None looks up the model's conventional Hub repo
+            (:func:`hf_tokenprune.hub.default_compressor_repo`).
         positions: ``"original"`` keeps each kept token's original position ids (default, matches the
             unpruned model with the dropped tokens masked out); ``"contiguous"`` numbers the shortened
             sequence 0, 1, 2, ... as if it had never been longer.

@@ -8,13 +8,14 @@ from .base import Adapter, MalformedVisualInputError, VisualLayout
 from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .regions import ItemRegions, TokenRegions, VisualItem
 
 ADAPTERS: dict[str, type[Adapter]] = {
     t: cls for cls in (Qwen2VLAdapter, LlavaOnevisionAdapter, LlavaAdapter) for t in cls.model_types
 }
 
-__all__ = ["ADAPTERS", "Adapter", "MalformedVisualInputError", "UnsupportedModelError", "VisualLayout",
-           "get_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "ItemRegions", "MalformedVisualInputError", "TokenRegions", "UnsupportedModelError",
+           "VisualItem", "VisualLayout", "get_adapter"]
 
 
 class UnsupportedModelError(ValueError):

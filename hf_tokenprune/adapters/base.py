@@ -3,16 +3,20 @@
 An adapter answers, for one model family: which module merges the visual features into the text embeddings
 (its forward receives ``input_ids``), which module is the text model (pruning happens in a pre-hook on it),
 which positions of a call are visual and to which image / video frame they belong, and how the text model
-numbers positions (1-D, or Qwen2-VL's multi-row M-RoPE ids).
+numbers positions (1-D, or Qwen2-VL's multi-row M-RoPE ids), and which region of the original image / video
+frame each visual token encodes (:meth:`Adapter.token_regions`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from .regions import ItemRegions, TokenRegions, VisualItem
 
 
 def _runs(row: torch.Tensor) -> list[tuple[int, int]]:
@@ -194,3 +198,57 @@ class Adapter:
     def rotary_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """``[rows, batch, length]`` into the form ``text_model.rotary_emb`` takes."""
         return positions[0]
+
+    # -- geometry ------------------------------------------------------------------------------------------
+    def token_regions(self, inputs: Mapping[str, Any], sample: int = 0, *,
+                      original_sizes: Sequence[tuple[int, int]] | None = None) -> TokenRegions:
+        """The region of its original image / video frame that each visual token of sample ``sample`` encodes.
+
+        ``inputs``: the processor output for the batch (``input_ids`` and the visual inputs: grids, image
+        sizes, pixel values). ``original_sizes``: ``(width, height)`` (PIL's ``Image.size``) of every image
+        given to the processor, in that order; needed only where ``inputs`` lack what the geometry depends on
+        (LLaVA-1.5's center crop), ignored elsewhere. Raises :class:`MalformedVisualInputError` if the
+        placeholders do not match the visual inputs.
+        """
+        input_ids = inputs["input_ids"]
+        kinds = {self.model.config.image_token_id: "image", getattr(self.model.config, "video_token_id", None): "video"}
+        used = {"image": 0, "video": 0}
+        items: list[VisualItem] = []
+        regions: list[ItemRegions] = []
+        for b in range(sample + 1):
+            runs = sorted((start, length, kind) for token, kind in kinds.items() if token is not None
+                          for start, length in _runs(input_ids[b] == token))
+            offset = 0
+            for _, length, kind in runs:
+                covered = 0
+                while covered < length:
+                    index = used[kind]
+                    size = None
+                    if kind == "image" and original_sizes is not None:
+                        if index >= len(original_sizes):
+                            raise ValueError(f"original_sizes has {len(original_sizes)} entries; the inputs have "
+                                             f"more images")
+                        size = tuple(original_sizes[index])
+                    try:
+                        item = self.item_regions(inputs, kind, index, size)
+                    except IndexError as error:
+                        raise MalformedVisualInputError(
+                            f"sample {b}: more {kind} placeholder runs than the visual inputs provide") from error
+                    if b == sample:
+                        frames = int(item.frames[:, 1].max()) if kind == "video" else 1
+                        items.append(VisualItem(kind, index, offset + covered, offset + covered + len(item), frames))
+                        regions.append(item)
+                    used[kind] += 1
+                    covered += len(item)
+                if covered != length:
+                    raise MalformedVisualInputError(
+                        f"sample {b}: a run of {length} {kind} placeholder tokens does not match the visual inputs "
+                        f"(their items give {covered} tokens)")
+                offset += length
+        return TokenRegions.from_items(items, regions)
+
+    def item_regions(self, inputs: Mapping[str, Any], kind: str, index: int,
+                     original_size: tuple[int, int] | None) -> ItemRegions:
+        """Regions of the tokens of image (``kind="image"``) or video ``index`` of the batch, in placeholder order.
+        ``original_size``: its ``(width, height)`` if the caller gave it. Families implement this."""
+        raise NotImplementedError(f"{type(self).__name__} has no token geometry")

@@ -5,14 +5,18 @@ Every image is resized and cropped to the vision tower's input size, so each giv
 ``vision_feature_select_strategy="default"``). Items come from ``mm_encoder_outputs`` under ``generate`` (a list
 with one tensor per image); on a plain forward the ``[images, C, H, W]`` ``pixel_values`` give equal counts
 whose sum transformers has already checked against the placeholders. Adjacent images (``<image><image>``) are
-split by these counts.
+split by these counts. Token geometry: the patch grid of the center crop, mapped back through the resize.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from .base import Adapter
+from .regions import ItemRegions, clip_boxes, grid_boxes, nan_boxes, spans
 
 
 class LlavaAdapter(Adapter):
@@ -25,3 +29,26 @@ class LlavaAdapter(Adapter):
             return lengths
         images = int(pixels.shape[0])
         return [int((call["input_ids"] == token_id).sum()) // images] * images
+
+    def item_regions(self, inputs: Mapping[str, Any], kind: str, index: int,
+                     original_size: tuple[int, int] | None) -> ItemRegions:
+        """CLIP preprocessing: resize the shortest edge to the tower's input size ``S``, center-crop ``S x S``
+        (the LLaVA-1.5 processors: ``size={"shortest_edge": S}``, ``crop_size=S``). Needs ``original_size``."""
+        if original_size is None:
+            raise ValueError("LLaVA-1.5 token geometry needs the original image sizes (the processor output does "
+                             "not carry them): pass original_sizes=[image.size for image in images]")
+        if index >= inputs["pixel_values"].shape[0]:
+            raise IndexError(index)
+        vision = self.model.config.vision_config
+        crop, patch = vision.image_size, vision.patch_size
+        width, height = original_size
+        # transformers' get_resize_output_image_size(default_to_square=False) and center_crop
+        short, long = sorted((width, height))
+        new_w, new_h = (crop, int(crop * long / short)) if width <= height else (int(crop * long / short), crop)
+        left, top = (new_w - crop) // 2, (new_h - crop) // 2
+        side = crop // patch
+        edges = torch.arange(side + 1, dtype=torch.float64) * patch
+        cells = clip_boxes(grid_boxes(spans((top + edges) / new_h), spans((left + edges) / new_w)))
+        if self.model.config.vision_feature_select_strategy == "full":  # the CLS token comes first
+            cells = torch.cat([nan_boxes(1), cells])
+        return ItemRegions.of(cells)

@@ -5,16 +5,18 @@ Visual tokens are ``<|image_pad|>`` / ``<|video_pad|>`` runs of ``t * h * w / me
 items are then read from ``mm_encoder_outputs`` and video frames from the temporal M-RoPE row. ``generate``
 passes 4-row position ids (row 0 text positions, rows 1-3 temporal/height/width); the outer model computes 3
 rows when called without them. Kept tokens keep their (t, h, w) ids, so decode positions (last + 1 from
-``generate``) stay consistent with the unpruned model.
+``generate``) stay consistent with the unpruned model. Token geometry: the merged-grid cells of the resized image.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from .base import Adapter
+from .regions import ItemRegions, grid_boxes, unit_spans
 
 
 class Qwen2VLAdapter(Adapter):
@@ -48,3 +50,14 @@ class Qwen2VLAdapter(Adapter):
 
     def rotary_positions(self, positions: torch.Tensor) -> torch.Tensor:
         return positions[-3:]
+
+    def item_regions(self, inputs: Mapping[str, Any], kind: str, index: int,
+                     original_size: tuple[int, int] | None) -> ItemRegions:
+        """The processor resizes the whole image / frame (``smart_resize``) to a multiple of ``patch * merge``:
+        tokens are the merged-grid cells, row-major, one grid per temporal group of ``temporal_patch_size``
+        frames (the last frame repeated to fill the last group)."""
+        vision = self.model.config.vision_config
+        t, h, w = inputs["image_grid_thw" if kind == "image" else "video_grid_thw"][index].tolist()
+        merge, step = vision.spatial_merge_size, vision.temporal_patch_size if kind == "video" else 1
+        cells = grid_boxes(unit_spans(h // merge), unit_spans(w // merge))
+        return ItemRegions.cat([ItemRegions.of(cells, (g * step, (g + 1) * step)) for g in range(t)])

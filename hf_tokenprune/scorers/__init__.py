@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from .attention import AttentionScorer
 from .base import ScoreInputs, Scorer
 from .compressor import CompressorScorer
+from .oracle import OracleScorer
 from .random import RandomScorer
 from .uniform import UniformScorer
 
@@ -14,12 +15,13 @@ if TYPE_CHECKING:
     from ..adapters.base import Adapter
     from ..config import TokenPruneConfig
 
-__all__ = ["AttentionScorer", "CompressorScorer", "RandomScorer", "ScoreInputs", "Scorer", "UniformScorer",
-           "build_scorer"]
+__all__ = ["AttentionScorer", "CompressorScorer", "OracleScorer", "RandomScorer", "ScoreInputs", "Scorer",
+           "UniformScorer", "build_scorer"]
 
 
 def build_scorer(config: TokenPruneConfig, adapter: Adapter) -> Scorer:
-    """The scorer a config asks for; loads and checks the compressor for ``scorer="compressor"``."""
+    """The scorer a config asks for; loads (:func:`~hf_tokenprune.hub.load_compressor`: without ``compressor=``
+    from the model's default Hub repo) and checks the compressor for ``scorer="compressor"``."""
     if not isinstance(config.scorer, str):
         return config.scorer
     if config.scorer == "attention":
@@ -28,16 +30,9 @@ def build_scorer(config: TokenPruneConfig, adapter: Adapter) -> Scorer:
         return RandomScorer(config.seed)
     if config.scorer == "uniform":
         return UniformScorer()
-    from ..compressor import Compressor
+    from ..hub import load_compressor
 
-    if config.compressor is None:
-        raise ValueError(
-            "scorer='compressor' needs a trained compressor for this model: pass compressor=<Hub repo id | local "
-            "directory | Compressor>, or choose a training-free scorer such as scorer='attention'"
-        )
-    compressor = config.compressor
-    if isinstance(compressor, str):
-        compressor = Compressor.from_pretrained(compressor)
+    compressor = load_compressor(config.compressor, adapter.model)
     compressor.check_compatible(adapter.model_type, getattr(adapter.model.config, "_name_or_path", None) or None,
                                 allow_mismatch=config.allow_compressor_mismatch)
     param = next(adapter.text_model.parameters())

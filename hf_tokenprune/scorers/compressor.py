@@ -14,6 +14,9 @@ class CompressorScorer(Scorer):
     name = "compressor"
 
     def __init__(self, compressor: Compressor) -> None:
+        if compressor.feature != "first_layer_attention":
+            raise ValueError(f"this compressor reads feature {compressor.feature!r} ({compressor.in_channels} "
+                             "channels), a training ablation; pruning computes only 'first_layer_attention'")
         self.compressor = compressor
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:

@@ -1,0 +1,8 @@
+"""Compressor training: the label store (:mod:`.store`), padded batches (:mod:`.data`) and the training loop
+(:mod:`.train`)."""
+
+from .store import LabelRecord, LabelWriter, merge_index, read_index, read_labels
+from .train import DEPTH_CHANNELS, TrainResult, train_compressor
+
+__all__ = ["DEPTH_CHANNELS", "LabelRecord", "LabelWriter", "TrainResult", "merge_index", "read_index", "read_labels",
+           "train_compressor"]

@@ -1,0 +1,61 @@
+"""Write world samples as a JSONL dataset with PNG files: the input ``hf-tokenprune label --data`` reads.
+
+``python -m hf_tokenprune.world.export --split train --scenes 1000 --questions 2 --out data/world-train``
+writes ``data.jsonl`` (fields ``id``, ``question``, ``answer``, ``image`` or ``video`` paths relative to the
+file, and ``meta`` with the question kind and its answer boxes) and the media next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .scenes import make_samples
+
+
+def export(out: str | Path, *, split: str = "train", scenes: int = 1000, questions: int = 2, videos: int = 0,
+           seed: int = 0, start: int = 0) -> Path:
+    """Write ``scenes`` image scenes (and ``videos`` video scenes) with ``questions`` questions each; returns
+    the JSONL path."""
+    out = Path(out)
+    (out / "media").mkdir(parents=True, exist_ok=True)
+    path = out / "data.jsonl"
+    with path.open("w") as f:
+        jobs = [(i, False) for i in range(start, start + scenes)] + [(i, True) for i in range(start, start + videos)]
+        for index, video in tqdm(jobs, desc=f"export {split}"):
+            samples = make_samples(split, index, seed=seed, video=video, per_scene=questions)
+            stem = f"{'video' if video else 'image'}-{split}-{index}"
+            if video:
+                media = [f"media/{stem}-{t}.png" for t in range(len(samples[0].media))]
+                for name, frame in zip(media, samples[0].media, strict=True):
+                    frame.save(out / name)
+            else:
+                media = f"media/{stem}.png"
+                samples[0].media.save(out / media)
+            for s in samples:
+                row = {"id": s.sample_id, "question": s.question.text, "answer": s.question.answer,
+                       "video" if video else "image": media,
+                       "meta": {"kind": s.question.kind, "boxes": [list(b) for b in s.question.boxes]}}
+                f.write(json.dumps(row) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--split", default="train", choices=["train", "test"])
+    parser.add_argument("--scenes", type=int, default=1000, help="image scenes")
+    parser.add_argument("--videos", type=int, default=0, help="video scenes")
+    parser.add_argument("--questions", type=int, default=2, help="questions per scene")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start", type=int, default=0, help="first scene index")
+    args = parser.parse_args(argv)
+    print(export(args.out, split=args.split, scenes=args.scenes, questions=args.questions, videos=args.videos,
+                 seed=args.seed, start=args.start))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Hub integration without network: the naming convention, lookup from an offline cache, push against a fake API."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import constants
+from huggingface_hub.utils import filter_repo_objects
+
+from hf_tokenprune import CompressorNotFoundError, cli, prune_wrap
+from hf_tokenprune.compressor import Compressor
+from hf_tokenprune.hub import default_compressor_repo, push_compressor
+
+SMALL = {"channels": (4, 8), "kernel_size": 3}
+QWEN = "Qwen/Qwen2-VL-2B-Instruct"
+QWEN_REPO = "hf-tokenprune/Qwen2-VL-2B-Instruct-compressor"
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hub cache, offline; huggingface_hub reads both settings at import, so patch the constants too."""
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    for name, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", True)):
+        monkeypatch.setenv(name, "1" if value is True else value)
+        monkeypatch.setattr(constants, name, value)
+    return cache
+
+
+def cache_compressor(cache: Path, repo_id: str, compressor: Compressor, tmp_path: Path) -> None:
+    """Lay out ``models--{owner}--{name}/snapshots/{commit}`` + ``refs/main`` as a download would."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    compressor.save_pretrained(tmp_path / "saved")
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(tmp_path / "saved", repo / "snapshots" / commit)
+
+
+@pytest.mark.parametrize(("name_or_path", "expected"), [
+    (QWEN, QWEN_REPO),
+    ("/models/llava-1.5-7b-hf/", "hf-tokenprune/llava-1.5-7b-hf-compressor"),
+    ("/root/.cache/huggingface/hub/models--llava-hf--llava-onevision-qwen2-0.5b-ov-hf/snapshots/abc123",
+     "hf-tokenprune/llava-onevision-qwen2-0.5b-ov-hf-compressor"),
+])
+def test_default_repo_convention(name_or_path: str, expected: str) -> None:
+    assert default_compressor_repo(name_or_path) == expected
+
+
+def test_model_without_a_name_gets_the_how_to(built) -> None:
+    with pytest.raises(CompressorNotFoundError, match="no name_or_path.*compressor=<Hub repo id.*scorer='attention'"):
+        default_compressor_repo(built("qwen2_vl")[0])
+
+
+def test_default_compressor_is_found_in_the_offline_cache(built, hub_cache: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    compressor = Compressor(**SMALL, base_model_type="qwen2_vl", base_model_name=QWEN)
+    cache_compressor(hub_cache, QWEN_REPO, compressor, tmp_path)
+    model = built("qwen2_vl")[0]
+    monkeypatch.setattr(model.config, "_name_or_path", QWEN)
+    assert default_compressor_repo(model) == QWEN_REPO
+    prune_wrap(model, ratio=0.5)  # scorer="compressor", no compressor=
+    loaded = model.tokenprune.scorer.compressor
+    features = torch.rand(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(features), compressor(features), rtol=0, atol=0)
+
+
+def test_missing_default_compressor_names_the_repo_and_the_way_out(built, hub_cache: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    model = built("qwen2_vl")[0]
+    monkeypatch.setattr(model.config, "_name_or_path", QWEN)
+    with pytest.raises(CompressorNotFoundError) as info:
+        prune_wrap(model, ratio=0.5)
+    message = str(info.value)
+    for part in (QWEN_REPO, "hf-tokenprune label", "hf-tokenprune train", "scorer='attention'", "compressor=<"):
+        assert part in message
+    assert isinstance(info.value, ValueError) and "tokenprune" not in model.__dict__
+
+
+class FakeApi:
+    calls: list = []
+
+    def __init__(self, token: str | None = None) -> None:
+        self.calls.append(("init", token))
+
+    def create_repo(self, repo_id: str, **kwargs) -> None:
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+        return type("Commit", (), {"commit_url": f"https://hf.co/{kwargs['repo_id']}/commit/1"})()
+
+
+@pytest.fixture
+def fake_api(monkeypatch: pytest.MonkeyPatch) -> list:
+    FakeApi.calls = []
+    monkeypatch.setattr("hf_tokenprune.hub.HfApi", FakeApi)
+    return FakeApi.calls
+
+
+def trained_dir(path: Path) -> Path:
+    Compressor(**SMALL, base_model_type="qwen2_vl").save_pretrained(path)
+    (path / "training_log.json").write_text("{}")
+    (path / "checkpoint").mkdir()
+    (path / "checkpoint" / "training_state.safetensors").write_bytes(b"optimizer state")
+    return path
+
+
+def test_push_uploads_only_the_compressor_files(tmp_path: Path, fake_api: list) -> None:
+    directory = trained_dir(tmp_path / "c")
+    commit = push_compressor(directory, "me/qwen-compressor", private=True, token="tok", commit_message="v1")
+    assert commit.commit_url.startswith("https://hf.co/me/qwen-compressor")
+    (_, token), (_, repo_id, create), (_, upload) = fake_api
+    assert token == "tok" and repo_id == "me/qwen-compressor"
+    assert create == {"repo_type": "model", "private": True, "exist_ok": True}
+    assert (upload["repo_id"], upload["folder_path"], upload["commit_message"]) == ("me/qwen-compressor", directory,
+                                                                                      "v1")
+    on_disk = [str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()]
+    sent = set(filter_repo_objects(on_disk, allow_patterns=upload["allow_patterns"]))  # as upload_folder filters
+    assert sent == {"config.json", "model.safetensors", "README.md", "training_log.json"}
+
+
+@pytest.mark.parametrize("damage", ["no_weights", "no_config", "pickle", "bad_config", "missing_dir"])
+def test_push_refuses_what_is_not_a_safe_compressor(tmp_path: Path, fake_api: list, damage: str) -> None:
+    directory = trained_dir(tmp_path / "c")
+    if damage == "no_weights":
+        (directory / "model.safetensors").unlink()
+    elif damage == "no_config":
+        (directory / "config.json").unlink()
+    elif damage == "pickle":
+        torch.save({}, directory / "checkpoint" / "optimizer.pt")
+    elif damage == "bad_config":
+        (directory / "config.json").write_text('{"channels": [1000000000]}')
+    else:
+        directory = tmp_path / "nothing-here"
+    with pytest.raises(ValueError, match="pickle|not a valid compressor|not a directory"):
+        push_compressor(directory, "me/x")
+    assert fake_api == []
+
+
+def test_cli_push(tmp_path: Path, fake_api: list, capsys: pytest.CaptureFixture) -> None:
+    directory = trained_dir(tmp_path / "c")
+    assert cli.main(["push", str(directory), "--repo", "me/x", "--private"]) == 0
+    assert fake_api[1] == ("create_repo", "me/x", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert "https://hf.co/me/x/commit/1" in capsys.readouterr().out
