@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run
 
-        result = run(args.family, scene=args.scene, eval_questions=args.eval_questions, out=args.out)
+        try:
+            result = run(args.family, scene=args.scene, eval_questions=args.eval_questions, out=args.out)
+        except FileNotFoundError as error:
+            print(f"hf-tokenprune demo: {error}. Train them with `python -m hf_tokenprune.world.train` (see "
+                  "hf_tokenprune/world/train.py); `hf-tokenprune check` runs without them.", file=sys.stderr)
+            return 2
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
