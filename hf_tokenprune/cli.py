@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(rows, f, indent=2)
         return 0 if all(r["same_tokens_as_masked_reference"] for r in rows) else 1
     if args.command == "label":
-        from .training.labels import label_from_paths, process_state
+        from .training.labels import label_from_paths
+        from .training.processes import process_state
 
         summary = label_from_paths(args.model, args.data, args.out, limit=args.limit,
                                    max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
@@ -85,15 +86,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(summary.to_dict()))
         return 0
     if args.command == "train":
-        from accelerate import PartialState
-
+        from .training.processes import process_state
         from .training.train import DEPTH_CHANNELS, train_compressor
 
         channels = [int(c) for c in args.channels.split(",")] if args.channels else DEPTH_CHANNELS[args.depth]
         result = train_compressor(args.labels, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   channels=channels, kernel_size=args.kernel_size, val_fraction=args.val_fraction,
                                   seed=args.seed, resume=args.resume, progress=not args.quiet)
-        if PartialState().is_main_process:
+        if process_state().is_main_process:
             print(json.dumps({"directory": str(result.directory), "best_epoch": result.best_epoch,
                               "metrics": result.metrics, "baseline_attention": result.baseline}))
         return 0

@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import os
 import string
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..explain import AGGREGATIONS, visual_relevance
 from ..wrap import score_inputs
+from .processes import process_state
 from .store import LabelRecord, LabelWriter, merge_index
 
 Judge = Callable[[str, str], bool]
@@ -276,24 +276,6 @@ def _header(model: nn.Module, judge: Judge, max_new_tokens: int, aggregation: st
             "aggregation": aggregation, "judge": getattr(judge, "__name__", type(judge).__name__),
             "max_new_tokens": max_new_tokens, "answer_tokens": "generated, up to the first eos (excluded)",
             "world_size": world_size, "hf_tokenprune_version": __version__}
-
-
-def process_state() -> Any:
-    """``accelerate.PartialState()``, as CPU processes (gloo) when ``ACCELERATE_USE_CPU`` is set or there is no
-    accelerator: otherwise processes started by torchrun (``accelerate launch --multi_gpu``) on a CPU machine
-    would each run alone as rank 0 of 1 and label everything twice."""
-    from accelerate import PartialState
-    from accelerate.utils import get_int_from_env
-
-    accelerator = getattr(torch, "accelerator", None)
-    available = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not available
-    state = PartialState(cpu=cpu)
-    launched = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
-    if state.num_processes == 1 and launched > 1:
-        raise RuntimeError(f"{launched} processes were launched but accelerate set up none of them as distributed; "
-                           "each would label every sample")
-    return state
 
 
 def generate_labels(model: nn.Module, processor: Any, samples: Iterable[LabelSample | Mapping[str, Any]],

@@ -31,6 +31,7 @@ from ..compressor import Compressor
 from .card import model_card
 from .data import EpochShuffle, LabelDataset, collate, feature_layers, is_validation
 from .metrics import METRICS, kl_divergence, ranking_metrics
+from .processes import cpu_only
 from .store import LabelRecord, read_index, read_labels, write_atomic
 
 __all__ = ["DEPTH_CHANNELS", "TrainResult", "train_compressor"]
@@ -140,10 +141,7 @@ def _load_checkpoint(path: Path, model: Compressor, optimizer: torch.optim.Optim
 
 
 def _default_accelerator() -> Accelerator:
-    """``Accelerator()``, with CPU processes (gloo) when there is no GPU-like device: otherwise ranks started by
-    torchrun / ``accelerate launch --multi_gpu`` on a CPU machine would each train alone as rank 0 of 1."""
-    device = getattr(torch, "accelerator", None)
-    return Accelerator(cpu=not (device.is_available() if device is not None else torch.cuda.is_available()))
+    return Accelerator(cpu=cpu_only())
 
 
 def _save_compressor(model: Compressor, out_dir: Path) -> None:
