@@ -75,7 +75,7 @@ class Batches(torch.utils.data.Dataset):
         low, high = object_range(step / self.steps)
         out = []
         for i in range(self.images * (2 if video else 1)):
-            index = step * 64 + i
+            index = step * 2 * self.images + i  # scene indices of different steps never overlap
             if video:
                 out += make_samples("train", index, seed=self.seed, video=True, per_scene=self.questions // 2)
                 continue
