@@ -35,6 +35,7 @@ from .evaluate import answer_accuracy, chat_prompts
 from .scenes import COLOURS, SHAPES, Sample, make_samples
 
 CURRICULUM = ((0.0, (4, 8)), (0.1, (8, 14)), (0.2, (12, 20)), (0.3, (18, 28)), (0.4, (24, 36)), (0.5, (28, 44)))
+STEP_STRIDE = 64  # scene indices per step: steps never share scenes (video steps use 2 x --images)
 QWEN_GRIDS = ((8, 8), (8, 8), (8, 8), (6, 8), (8, 6), (7, 7))
 
 
@@ -65,6 +66,8 @@ class Batches(torch.utils.data.Dataset):
         self.family, self.steps, self.seed = family, steps, seed
         self.images, self.questions, self.video_every = images, questions, video_every
         self.processor = models.build_processor(family)
+        if 2 * images > STEP_STRIDE:
+            raise ValueError(f"at most {STEP_STRIDE // 2} scenes per step, got {images}")
 
     def __len__(self) -> int:
         return self.steps
@@ -75,7 +78,7 @@ class Batches(torch.utils.data.Dataset):
         low, high = object_range(step / self.steps)
         out = []
         for i in range(self.images * (2 if video else 1)):
-            index = step * 2 * self.images + i  # scene indices of different steps never overlap
+            index = step * STEP_STRIDE + i
             if video:
                 out += make_samples("train", index, seed=self.seed, video=True, per_scene=self.questions // 2)
                 continue
