@@ -1,7 +1,8 @@
-"""The first LLM layer's instruction->vision attention ``A^0_v``, computed cheaply.
+"""Attention a decoder layer pays to each position, computed cheaply: the first LLM layer's instruction->vision
+attention ``A^0_v`` (the compressor's input), and the same for any layer's input (FastV / PDrop ranking).
 
-Only layer 0's input norm, q/k projections (and q/k norms where the family has them) and rotary embedding are
-run, and only the instruction rows of the softmax are formed: O(N_u * L) instead of a full eager forward.
+Only the layer's input norm, q/k projections (and q/k norms where the family has them) and rotary embedding are
+run, and only the query rows of the softmax are formed: O(N_u * L) instead of a full eager forward.
 Works whatever attention implementation the model itself runs with (sdpa, flash, eager). Scores are computed
 in float32 after the projections.
 """
@@ -32,23 +33,34 @@ def first_layer_attention(text_model: nn.Module, inputs_embeds: torch.Tensor, ro
     Returns:
         ``[batch, length]`` float32; the entries of visual positions form ``A^0_v``.
     """
-    layer = text_model.layers[0]
+    with torch.no_grad():
+        cos, sin = text_model.rotary_emb(inputs_embeds, rotary_positions)
+    return received_attention(text_model.layers[0], inputs_embeds, (cos, sin), attention_mask, instruction_mask)
+
+
+def received_attention(layer: nn.Module, hidden_states: torch.Tensor,
+                       position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor | None,
+                       query_mask: torch.Tensor) -> torch.Tensor:
+    """Attention each position receives in decoder ``layer`` from the ``query_mask`` rows, averaged over heads and
+    rows: the layer's input norm, q/k projections (and q/k norms) and rotary embedding, in float32, for those rows
+    only (causal, padding from ``attention_mask``). ``hidden_states`` is the layer's input, ``position_embeddings``
+    the ``(cos, sin)`` it receives. Returns ``[batch, length]`` float32.
+    """
     attn = layer.self_attn
     head_dim = attn.head_dim
-    batch, length, _ = inputs_embeds.shape
+    batch, length, _ = hidden_states.shape
     with torch.no_grad():
-        hidden = layer.input_layernorm(inputs_embeds)
-        n_q = int(instruction_mask.sum(dim=1).max())
-        # instruction rows of each sample, right-padded to n_q
-        q_order = torch.sort(instruction_mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :n_q]
-        q_valid = torch.gather(instruction_mask, 1, q_order)
+        hidden = layer.input_layernorm(hidden_states)
+        n_q = int(query_mask.sum(dim=1).max())
+        # query rows of each sample, right-padded to n_q
+        q_order = torch.sort(query_mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :n_q]
+        q_valid = torch.gather(query_mask, 1, q_order)
         q_hidden = torch.gather(hidden, 1, q_order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         q = attn.q_proj(q_hidden).view(batch, n_q, -1, head_dim)
         k = attn.k_proj(hidden).view(batch, length, -1, head_dim)
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = text_model.rotary_emb(hidden, rotary_positions)
-        cos, sin = cos.float(), sin.float()
+        cos, sin = (t.float().expand(batch, -1, -1) for t in position_embeddings)
         q_cos = torch.gather(cos, 1, q_order.unsqueeze(-1).expand(-1, -1, cos.shape[-1]))
         q_sin = torch.gather(sin, 1, q_order.unsqueeze(-1).expand(-1, -1, sin.shape[-1]))
         q, k = q.float().transpose(1, 2), k.float().transpose(1, 2)  # [b, heads, n, d]
@@ -56,7 +68,7 @@ def first_layer_attention(text_model: nn.Module, inputs_embeds: torch.Tensor, ro
         k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         logits = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling  # [b, heads, n_q, length]
-        keys = torch.arange(length, device=inputs_embeds.device)
+        keys = torch.arange(length, device=hidden_states.device)
         allowed = keys[None, None, :] <= q_order[:, :, None]  # causal
         if attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, :]
