@@ -8,17 +8,21 @@ from typing import Any
 
 POSITIONS = ("original", "contiguous")
 SCOPES = ("sample", "image")
-SCORER_NAMES = ("compressor", "attention", "random", "uniform")
+SCORER_NAMES = ("compressor", "attention", "random", "uniform", "fastv", "pdrop", "dart", "tome")
+LAYER_SCORERS = ("fastv", "pdrop", "dart")  # baselines that prune inside the LLM (original positions only)
+DEFAULT_LAYER = 2  # FastV's and DART's default pruning layer K
 
 
 @dataclass
 class TokenPruneConfig:
-    """Configuration of input-stage visual-token pruning.
+    """Configuration of visual-token pruning: at the LLM input, or inside it for the ``fastv`` / ``pdrop`` / ``dart``
+    baselines.
 
     Args:
         ratio: fraction of visual tokens KEPT, in (0, 1]. ``1.0`` disables pruning.
-        scorer: a built-in scorer name (``"compressor"``, ``"attention"``, ``"random"``, ``"uniform"``)
-            or a :class:`~hf_tokenprune.scorers.Scorer` instance.
+        scorer: a built-in scorer name or a :class:`~hf_tokenprune.scorers.Scorer` instance. Input stage:
+            ``"compressor"`` (the paper's method), ``"attention"``, ``"random"``, ``"uniform"``, ``"tome"``
+            (token merging). Inside the LLM (:mod:`hf_tokenprune.baselines`): ``"fastv"``, ``"pdrop"``, ``"dart"``.
         compressor: the trained compressor for ``scorer="compressor"``: a Hub repo id, a local directory
             or a :class:`~hf_tokenprune.Compressor`; None looks up the model's conventional Hub repo
             (:func:`hf_tokenprune.hub.default_compressor_repo`).
@@ -30,6 +34,8 @@ class TokenPruneConfig:
             image (or video frame) its own ``ratio`` budget.
         seed: seed of the ``"random"`` scorer.
         allow_compressor_mismatch: accept a compressor trained for another model family.
+        layer: the LLM layer K before which ``"fastv"`` and ``"dart"`` prune (None: 2, their papers' default;
+            0 prunes at the input). ``"pdrop"`` derives its stages from the model depth and ``ratio``.
     """
 
     ratio: float = 0.25
@@ -40,6 +46,7 @@ class TokenPruneConfig:
     scope: str = "sample"
     seed: int = 0
     allow_compressor_mismatch: bool = False
+    layer: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -70,10 +77,24 @@ class TokenPruneConfig:
             raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.layer is not None:
+            if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+                raise ValueError(f"layer must be an int >= 0 or None, got {self.layer!r}")
+            if self.scorer not in ("fastv", "dart"):
+                raise ValueError(f"layer applies to scorer='fastv' and 'dart' only, not {self.scorer_name!r} "
+                                 "(pdrop derives its stages from the model depth)")
+        if self.scorer in LAYER_SCORERS and self.positions != "original":
+            raise ValueError(f"scorer={self.scorer!r} prunes inside the LLM, where kept tokens keep their original "
+                             "positions: it needs positions='original'")
 
     @property
     def scorer_name(self) -> str:
         return self.scorer if isinstance(self.scorer, str) else type(self.scorer).__name__
+
+    @property
+    def pruning_layer(self) -> int:
+        """``layer`` with its default filled in (fastv, dart)."""
+        return DEFAULT_LAYER if self.layer is None else self.layer
 
     def replace(self, **overrides: Any) -> TokenPruneConfig:
         """A copy with some fields changed (validated)."""

@@ -32,11 +32,17 @@ def select_top(scores: torch.Tensor, valid: torch.Tensor, units: list[list[int]]
                min_tokens: int) -> torch.Tensor:
     """Keep mask ``[batch, max_count]``: in each budget unit (a run of consecutive visual tokens of one sample,
     ``units[b]`` their lengths) the ``budget(len)`` highest scores; ties go to the earlier token."""
+    counts = [[budget(n, ratio, min_tokens) for n in lengths] for lengths in units]
+    return select_counts(scores, valid, units, counts)
+
+
+def select_counts(scores: torch.Tensor, valid: torch.Tensor, units: list[list[int]],
+                  counts: list[list[int]]) -> torch.Tensor:
+    """Like :func:`select_top` with explicit counts: the ``counts[b][u]`` highest scores of unit ``u``."""
     keep = torch.zeros_like(valid)
     for b, lengths in enumerate(units):
         start = 0
-        for n in lengths:
-            k = budget(n, ratio, min_tokens)
+        for n, k in zip(lengths, counts[b], strict=True):
             if k:
                 chunk = scores[b, start:start + n].float()
                 order = torch.sort(chunk, descending=True, stable=True).indices[:k]

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass
+class PruneStage:
+    """One pruning step of a prefill: before decoder layer ``layer`` (0: at the LLM input) the visual tokens
+    ``kept_indices[b]`` of sample ``b`` remain (as in :class:`PruneStats`); layers from ``layer`` on run on
+    ``seq_len`` positions."""
+
+    layer: int
+    kept_indices: list[torch.Tensor]
+    seq_len: int
 
 
 @dataclass
@@ -13,7 +25,9 @@ class PruneStats:
 
     ``kept_indices[b]`` are the kept positions among sample ``b``'s visual tokens (counted in order of
     appearance, ascending). Sequence lengths are the batch's padded lengths, which is what the LLM runs on;
-    KV-cache bytes and FLOPs are for the whole batch.
+    KV-cache bytes and FLOPs are for the whole batch. ``stages`` lists the pruning steps in layer order (one at
+    layer 0 for input-stage pruning, one or more inside the LLM for FastV / PDrop / DART); ``kept_indices`` and
+    ``seq_len_after`` are those of the last.
     """
 
     scorer: str
@@ -28,6 +42,7 @@ class PruneStats:
     prefill_flops_before: float
     prefill_flops_after: float
     scoring_time_s: float
+    stages: list[PruneStage] = field(default_factory=list)
 
     @property
     def prefill_flops_ratio(self) -> float:
@@ -44,16 +59,30 @@ class PruneStats:
                 f"prefill FLOPs x{self.prefill_flops_ratio:.3f}, scoring {1e3 * self.scoring_time_s:.1f} ms)")
 
 
-def kv_cache_bytes(text_config, batch: int, length: int, dtype: torch.dtype) -> int:
-    """Bytes of keys and values for ``batch x length`` tokens over all layers."""
+def layer_lengths(num_layers: int, length: int, stages: Sequence[PruneStage]) -> list[int]:
+    """The sequence length each of ``num_layers`` decoder layers runs on: ``length`` until the first stage."""
+    out = [length] * num_layers
+    for stage in stages:
+        out[stage.layer:] = [stage.seq_len] * (num_layers - stage.layer)
+    return out
+
+
+def _per_layer(text_config, length: int | Sequence[int]) -> list[int]:
+    return [length] * text_config.num_hidden_layers if isinstance(length, int) else list(length)
+
+
+def kv_cache_bytes(text_config, batch: int, length: int | Sequence[int], dtype: torch.dtype) -> int:
+    """Bytes of keys and values for ``batch x length`` tokens over all layers (``length``: one per layer, or the
+    same for all)."""
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
-    per_token = 2 * text_config.num_hidden_layers * kv_heads * head_dim
-    return per_token * batch * length * torch.empty((), dtype=dtype).element_size()
+    per_token = 2 * kv_heads * head_dim
+    return per_token * batch * sum(_per_layer(text_config, length)) * torch.empty((), dtype=dtype).element_size()
 
 
-def prefill_flops(text_config, batch: int, length: int) -> float:
-    """Forward FLOPs of the decoder layers on a ``batch x length`` prefill (multiply-add = 2 FLOPs).
+def prefill_flops(text_config, batch: int, length: int | Sequence[int]) -> float:
+    """Forward FLOPs of the decoder layers on a ``batch x length`` prefill (multiply-add = 2 FLOPs); ``length``:
+    one per layer, or the same for all.
 
     Per layer and token: q/k/v/o projections and the gated MLP (``2 * params``), plus causal attention
     scores and weighted sum (``2 * 2 * length / 2 * heads * head_dim``). Embeddings and the LM head
@@ -64,5 +93,4 @@ def prefill_flops(text_config, batch: int, length: int) -> float:
     head_dim = getattr(text_config, "head_dim", None) or hidden // heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     params = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * text_config.intermediate_size
-    per_layer = 2 * params * length + 2 * length * length * heads * head_dim
-    return float(batch * text_config.num_hidden_layers * per_layer)
+    return float(batch * sum(2 * params * n + 2 * n * n * heads * head_dim for n in _per_layer(text_config, length)))

@@ -9,6 +9,10 @@ Three instance-level hooks, installed through the model's adapter and removed by
   positions for ``positions="contiguous"``);
 * a post-hook on the text model remembers which cache the pruned prefill filled.
 
+The in-LLM baselines (FastV, PDrop, DART: a :class:`~hf_tokenprune.baselines.LayerSchedule`) leave the text model's
+input alone; the pre-hook hands the prefill's layout to a :class:`~hf_tokenprune.inllm.LayerPruner`, whose hooks on
+the decoder layers prune, and tells it about every decode step over its cache.
+
 The class is never touched: other instances of it are unaffected.
 """
 
@@ -25,10 +29,12 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, get_adapter
+from .baselines import LayerSchedule
 from .config import TokenPruneConfig
+from .inllm import LayerPruner
 from .pruning import Slicing, contiguous_positions, select_top
 from .scorers import ScoreInputs, Scorer, build_scorer
-from .stats import PruneStats, kv_cache_bytes, prefill_flops
+from .stats import PruneStage, PruneStats, kv_cache_bytes, layer_lengths, prefill_flops
 
 
 class PrunedCacheError(RuntimeError):
@@ -68,11 +74,12 @@ class TokenPruneHandle:
     tokens, pruning disabled or ``ratio=1``).
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter, config: TokenPruneConfig, scorer: Scorer) -> None:
+    def __init__(self, model: nn.Module, adapter: Adapter, config: TokenPruneConfig,
+                 scorer: Scorer | LayerSchedule) -> None:
         self._model_ref = weakref.ref(model)
         self.adapter = adapter
-        self.config = config
-        self.scorer = scorer
+        self._layers: LayerPruner | None = None
+        self.configure(config, scorer)
         self.last_stats: PruneStats | None = None
         self._enabled = True
         self._call: dict[str, Any] | None = None
@@ -98,10 +105,20 @@ class TokenPruneHandle:
         finally:
             self._enabled = previous
 
+    def configure(self, config: TokenPruneConfig, scorer: Scorer | LayerSchedule) -> None:
+        """Switch to another configuration (installs / removes the decoder-layer hooks of in-LLM methods)."""
+        if self._layers is not None:
+            self._layers.remove()
+        self.config, self.scorer, self.last_stats = config, scorer, None
+        self._layers = LayerPruner(self.adapter.text_model, scorer, config.min_tokens) if isinstance(
+            scorer, LayerSchedule) else None
+
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self._layers is not None:
+            self._layers.remove()
 
     # -- hooks ------------------------------------------------------------------------------------------------
     def _active(self) -> bool:
@@ -140,16 +157,35 @@ class TokenPruneHandle:
         if embeds is None:
             return None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        layers = self._layers
+        if layers is not None:
+            layers.reset()
         if cache is not None and cache.get_seq_length() > 0:
+            if layers is not None and self._active() and layers.owns(cache):
+                layers.step(kwargs.get("attention_mask"))
+                return None
             ours = self._pruned_cache(kwargs)
             return self._continue(kwargs, ours) if ours is not None else None
         call, self._call = self._call, None
         if self._capturing:
             raise _Captured(self._score_inputs(kwargs, call))
         self._prefill, self.last_stats = None, None
-        return self._prune_prefill(kwargs, call) if self._active() else None
+        if not self._active():
+            return None
+        if layers is not None:
+            found = self._score_inputs(kwargs, call)
+            if found is not None:
+                layers.begin(found[0], cache)
+            return None
+        return self._prune_prefill(kwargs, call)
 
     def _after_text_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._layers is not None:
+            done = self._layers.finish(getattr(output, "cache", None))
+            if done is not None and done.stages:
+                embeds = kwargs["inputs_embeds"]
+                self.last_stats = self._stats([sum(u) for u in done.units], done.stages, embeds.shape[0], done.length,
+                                              embeds.dtype, done.scoring_time_s)
         prefill = self._prefill
         if prefill is not None and prefill.cache_ref is None and getattr(output, "cache", None) is not None:
             prefill.cache_ref = weakref.ref(output.cache)
@@ -212,26 +248,32 @@ class TokenPruneHandle:
         last_new = new_positions[:, :, -1]
         shift = None if self.config.positions == "original" else (last_new - last_original).unsqueeze(-1)
         self._prefill = _PrunedPrefill(new_mask, length, last_new, shift)
-        self.last_stats = self._stats(layout, keep_packed, valid, batch, length, slicing.length, embeds.dtype,
-                                      scoring_time)
+        kept = [torch.nonzero(keep_packed[b, : int(valid[b].sum())]).flatten().cpu() for b in range(batch)]
+        self.last_stats = self._stats(layout.counts, [PruneStage(0, kept, slicing.length)], batch, length,
+                                      embeds.dtype, scoring_time)
+        merged = getattr(self.scorer, "merge", lambda *_: None)(inputs, keep_packed)
+        if merged is not None:
+            embeds = embeds.clone()
+            embeds[layout.visual_mask] = merged[valid].to(embeds.dtype)
         kwargs = dict(kwargs)
         kwargs["inputs_embeds"] = slicing.sequence(embeds)
         kwargs["attention_mask"] = new_mask
         kwargs["position_ids"] = self.adapter.text_model_positions(new_positions)
         return (), kwargs
 
-    def _stats(self, layout, keep_packed, valid, batch, length, new_length, dtype, scoring_time) -> PruneStats:
+    def _stats(self, counts: list[int], stages: list[PruneStage], batch: int, length: int, dtype: torch.dtype,
+               scoring_time: float) -> PruneStats:
         text_config = self.adapter.model.config.get_text_config()
-        kept = [torch.nonzero(keep_packed[b, : int(valid[b].sum())]).flatten().cpu() for b in range(batch)]
+        kept, lengths = stages[-1].kept_indices, layer_lengths(text_config.num_hidden_layers, length, stages)
         return PruneStats(
             scorer=self.config.scorer_name, ratio=self.config.ratio, kept_indices=kept,
-            visual_tokens_before=layout.counts, visual_tokens_after=[len(k) for k in kept],
-            seq_len_before=length, seq_len_after=new_length,
+            visual_tokens_before=counts, visual_tokens_after=[len(k) for k in kept],
+            seq_len_before=length, seq_len_after=stages[-1].seq_len,
             kv_cache_bytes_before=kv_cache_bytes(text_config, batch, length, dtype),
-            kv_cache_bytes_after=kv_cache_bytes(text_config, batch, new_length, dtype),
+            kv_cache_bytes_after=kv_cache_bytes(text_config, batch, lengths, dtype),
             prefill_flops_before=prefill_flops(text_config, batch, length),
-            prefill_flops_after=prefill_flops(text_config, batch, new_length),
-            scoring_time_s=scoring_time,
+            prefill_flops_after=prefill_flops(text_config, batch, lengths),
+            scoring_time_s=scoring_time, stages=stages,
         )
 
     # -- decode steps ----------------------------------------------------------------------------------------
@@ -313,7 +355,7 @@ def prune_wrap(model: nn.Module, config: TokenPruneConfig | None = None, **overr
     scorer = build_scorer(config, adapter)
     handle = model.__dict__.get("tokenprune")
     if isinstance(handle, TokenPruneHandle):
-        handle.config, handle.scorer, handle.last_stats = config, scorer, None
+        handle.configure(config, scorer)
         return model
     model.tokenprune = TokenPruneHandle(model, adapter, config, scorer)
     return model

@@ -13,17 +13,23 @@ from .uniform import UniformScorer
 
 if TYPE_CHECKING:
     from ..adapters.base import Adapter
+    from ..baselines import LayerSchedule
     from ..config import TokenPruneConfig
 
 __all__ = ["AttentionScorer", "CompressorScorer", "OracleScorer", "RandomScorer", "ScoreInputs", "Scorer",
            "UniformScorer", "build_scorer"]
 
 
-def build_scorer(config: TokenPruneConfig, adapter: Adapter) -> Scorer:
+def build_scorer(config: TokenPruneConfig, adapter: Adapter) -> Scorer | LayerSchedule:
     """The scorer a config asks for; loads (:func:`~hf_tokenprune.hub.load_compressor`: without ``compressor=``
-    from the model's default Hub repo) and checks the compressor for ``scorer="compressor"``."""
+    from the model's default Hub repo) and checks the compressor for ``scorer="compressor"``. The baselines come
+    from :func:`~hf_tokenprune.baselines.build_baseline`: a :class:`LayerSchedule` for in-LLM pruning."""
     if not isinstance(config.scorer, str):
         return config.scorer
+    if config.scorer in ("fastv", "pdrop", "dart", "tome"):
+        from ..baselines import build_baseline
+
+        return build_baseline(config, adapter)
     if config.scorer == "attention":
         return AttentionScorer()
     if config.scorer == "random":

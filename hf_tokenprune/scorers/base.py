@@ -62,3 +62,8 @@ class Scorer:
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """Return ``[batch, max_visual]`` scores (entries where ``inputs.valid`` is False are ignored)."""
         raise NotImplementedError
+
+    def merge(self, inputs: ScoreInputs, keep: torch.Tensor) -> torch.Tensor | None:
+        """Optional, for merging methods (ToMe): the ``[batch, max_visual, hidden]`` visual embeddings that replace
+        the kept tokens' (``keep``: the packed keep mask chosen from :meth:`score`). None (default): unchanged."""
+        return None
