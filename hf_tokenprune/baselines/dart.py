@@ -19,7 +19,7 @@ DEFAULT_PIVOTS = 8  # DART's default: 4 image + 4 text pivots; we take them all 
 
 
 class DARTScorer(LayerScorer):
-    """Pivots score highest, then tokens by decreasing dissimilarity to their closest pivot."""
+    """Pivots score highest (by key norm), then tokens by decreasing dissimilarity to their closest pivot."""
 
     name = "dart"
 
@@ -38,6 +38,7 @@ class DARTScorer(LayerScorer):
                 pivots = key_norm[b, visual].topk(min(self.pivots, len(visual))).indices
                 tokens = F.normalize(hidden[b, visual].float(), dim=-1)
                 redundancy = (tokens @ tokens[pivots].T).amax(dim=1)
-                redundancy[pivots] = -2.0  # below any cosine: pivots are kept first
+                # below any cosine: pivots are kept first, by decreasing key norm
+                redundancy[pivots] = -2.0 - torch.arange(len(pivots), 0, -1, device=hidden.device, dtype=torch.float32)
                 scores[b, visual] = -redundancy
         return scores
