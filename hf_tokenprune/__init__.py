@@ -4,6 +4,7 @@ from .adapters import MalformedVisualInputError, UnsupportedModelError
 from .compressor import Compressor, CompressorMismatchError
 from .config import TokenPruneConfig
 from .hub import CompressorNotFoundError
+from .inllm import PrunedLayerCacheError
 from .scorers import AttentionScorer, CompressorScorer, RandomScorer, ScoreInputs, Scorer, UniformScorer
 from .stats import PruneStats
 from .wrap import PrunedCacheError, from_pretrained, prune_wrap, score_inputs, unwrap
@@ -19,6 +20,7 @@ __all__ = [
     "MalformedVisualInputError",
     "PruneStats",
     "PrunedCacheError",
+    "PrunedLayerCacheError",
     "RandomScorer",
     "ScoreInputs",
     "Scorer",
