@@ -145,3 +145,33 @@ def test_cli_push(tmp_path: Path, fake_api: list, capsys: pytest.CaptureFixture)
     assert cli.main(["push", str(directory), "--repo", "me/x", "--private"]) == 0
     assert fake_api[1] == ("create_repo", "me/x", {"repo_type": "model", "private": True, "exist_ok": True})
     assert "https://hf.co/me/x/commit/1" in capsys.readouterr().out
+
+
+def test_trained_compressor_from_the_offline_cache_selects_like_the_local_directory(
+        built, hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train -> Hub layout in an offline cache -> ``prune_wrap(model, ratio)`` with no compressor given keeps
+    exactly the tokens the freshly trained local directory keeps."""
+    from conftest import make_inputs
+    from test_training import TINY, synthetic
+
+    from hf_tokenprune.training import train_compressor
+
+    trained = tmp_path / "trained"
+    train_compressor(synthetic(48), trained, epochs=2, seed=0, base_model_type="qwen2_vl", base_model_name=QWEN,
+                     **TINY)
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = hub_cache / f"models--{QWEN_REPO.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(trained, repo / "snapshots" / commit)
+    model, processor = built("qwen2_vl")
+    monkeypatch.setattr(model.config, "_name_or_path", QWEN)
+    inputs = make_inputs(processor, "image", batch=2)
+    kept = []
+    for compressor in (None, str(trained)):
+        prune_wrap(model, ratio=0.25, compressor=compressor)
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        kept.append(model.tokenprune.last_stats.kept_indices)
+    assert all(len(k) > 0 for k in kept[0])
+    assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(*kept, strict=True))

@@ -7,8 +7,15 @@ import torch.nn.functional as F
 
 from hf_tokenprune.world import models
 from hf_tokenprune.world.evaluate import chat_prompts
-from hf_tokenprune.world.scenes import CELL, COLOURS, make_samples, questions
-from hf_tokenprune.world.train import _cell_labels, _visual_feature_module, answer_loss_of, pack_scenes, train
+from hf_tokenprune.world.scenes import BACKGROUND, CELL, COLOURS, make_samples, questions
+from hf_tokenprune.world.train import (
+    MIN_PIXELS,
+    _cell_labels,
+    _visual_feature_module,
+    answer_loss_of,
+    pack_scenes,
+    train,
+)
 
 
 def test_scenes_are_deterministic_and_splits_differ():
@@ -99,6 +106,24 @@ def test_cell_labels_follow_the_object_grid():
     thumbnail = _cell_labels(s, "llava_onevision")[:64].view(8, 8, 2)
     assert thumbnail[o.row, o.col, 1] == list(COLOURS).index(o.colour) + 1
     assert int((thumbnail[..., 0] > 0).sum()) == len(s.scene.objects)
+
+
+def test_token_labels_match_the_rendered_pixels():
+    """A token labelled empty shows (almost) only background; a labelled token shows its object's colour."""
+    s = make_samples("test", 3)[0]
+    pixels = np.asarray(s.media).astype(int)
+    labels = _cell_labels(s, "qwen2_vl").view(16, 16, 2)
+    colours = list(COLOURS)
+    for i in range(16):
+        for j in range(16):
+            patch = pixels[8 * i:8 * i + 8, 8 * j:8 * j + 8].reshape(-1, 3)
+            if labels[i, j, 1] == 0:
+                assert (np.abs(patch - BACKGROUND).sum(axis=1) >= 30).sum() < MIN_PIXELS
+            else:  # the object pixels, antialiased against the background, point towards the label's colour
+                shown = (patch - BACKGROUND)[np.abs(patch - BACKGROUND).sum(axis=1) >= 30].sum(axis=0)
+                cosine = {c: shown @ (np.array(rgb) - BACKGROUND) / np.linalg.norm(np.array(rgb) - BACKGROUND)
+                          for c, rgb in COLOURS.items()}
+                assert max(cosine, key=cosine.get) == colours[labels[i, j, 1] - 1]
 
 
 def test_processor_round_trips_through_auto_processor(tmp_path):

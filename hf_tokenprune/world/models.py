@@ -56,7 +56,7 @@ def build_config(family: str):
                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                              vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
     text.update(model_type="qwen2", rope_parameters={"rope_type": "default", "rope_theta": 1e4})
-    vision = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    vision = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, image_size=LLAVA_TILE, patch_size=LLAVA_PATCH, vision_use_head=False)
     return LlavaOnevisionConfig(
         text_config=text, vision_config=vision, image_token_index=ids["<image>"],

@@ -1,10 +1,10 @@
 """The toy VQA world: grids of coloured shapes, and questions whose answer sits in one small region.
 
 A scene is a ``rows x cols`` grid of 16-pixel cells; an occupied cell holds one object (shape, colour, size,
-jittered inside its cell). Every scene has two *rare* shapes and two *rare* colours that occur exactly once,
-so "what colour is the star ?" has one answer that only the star's cell shows. With the default 28-44
-objects on an 8x8 grid, 44-69% of the cells are occupied: a pruner that keeps 25% of the visual tokens
-without looking at the question loses most answers; one that keeps the question's region need not.
+centred in its cell up to a pixel of jitter). Every scene has two *rare* shapes and two *rare* colours that
+occur exactly once, so "what colour is the star ?" has one answer that only the star's cell shows. With the
+default 28-44 objects on an 8x8 grid, 44-69% of the cells are occupied: a pruner that keeps 25% of the visual
+tokens without looking at the question loses most answers; one that keeps the question's region need not.
 
 Question kinds (one-word answers; ``boxes[0]`` is the region that holds the answer, further boxes are the
 other evidence):
@@ -38,7 +38,7 @@ COLOURS = {
     "purple": (150, 60, 200),
     "white": (245, 245, 245),
 }
-SIZES = {"small": (7, 9), "large": (12, 14)}
+SIZES = {"small": (10, 11), "large": (13, 15)}
 FRAME_WORDS = ("one", "two", "three", "four")
 CELL = 16
 BACKGROUND = (24, 24, 24)
@@ -114,8 +114,9 @@ class Sample:
 def _place(rng: random.Random, shape: str, colour: str, frame: int, row: int, col: int) -> WorldObject:
     size = rng.choice(list(SIZES))
     side = rng.randint(*SIZES[size])
-    x0 = col * CELL + rng.randint(0, CELL - side)
-    y0 = row * CELL + rng.randint(0, CELL - side)
+    margin = (CELL - side) // 2  # centred in the cell, jittered by at most one pixel
+    x0 = col * CELL + margin + rng.randint(-1, 1) * (margin > 0)
+    y0 = row * CELL + margin + rng.randint(-1, 1) * (margin > 0)
     return WorldObject(shape, colour, size, row, col, (x0, y0, x0 + side, y0 + side), frame)
 
 

@@ -4,7 +4,7 @@ The recipe (a plain next-token run does not learn this task in the time a CPU ha
 ln(6), chance):
 
 * an **auxiliary per-visual-token loss**: a linear head on the visual tokens entering the LLM predicts the
-  shape and colour of the object in the token's cell (or "empty"); it trains the vision tower first;
+  shape and colour of the object the token sees (or "nothing"); it trains the vision tower first;
 * **several questions per scene** in one step (``--images`` scenes x ``--questions`` questions);
 * an **object-count curriculum** over the first half of the steps (4-8 objects -> 28-44);
 * AdamW with linear warm-up and cosine decay.
@@ -24,6 +24,7 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -32,9 +33,10 @@ from tqdm.auto import tqdm
 
 from . import models
 from .evaluate import answer_accuracy, chat_prompts
-from .scenes import COLOURS, SHAPES, Sample, make_samples
+from .scenes import BACKGROUND, CELL, COLOURS, SHAPES, Sample, Scene, make_samples
 
 CURRICULUM = ((0.0, (4, 8)), (0.1, (8, 14)), (0.2, (12, 20)), (0.3, (18, 28)), (0.4, (24, 36)), (0.5, (28, 44)))
+FOREGROUND_DIFFERENCE = 30  # summed |RGB - background| above which a pixel shows an object
 STEP_STRIDE = 64  # scene indices per step: steps never share scenes (video steps use 2 x --images)
 QWEN_GRIDS = ((8, 8), (8, 8), (8, 8), (6, 8), (8, 6), (7, 7))
 
@@ -43,19 +45,37 @@ def object_range(progress: float) -> tuple[int, int]:
     return [r for start, r in CURRICULUM if progress >= start][-1]
 
 
-def _cell_labels(sample: Sample, family: str) -> torch.Tensor:
-    """``[n_visual_features, 2]`` (shape + 1, colour + 1; 0 = empty) for the visual features of ``sample``, in
-    the order the vision tower emits them (Qwen: merged tokens; LLaVA-OV: thumbnail then tiles, row-major)."""
-    scene = sample.scene
-    cells = torch.zeros(scene.frames, scene.rows, scene.cols, 2, dtype=torch.long)
+MIN_PIXELS = 6  # object pixels a visual token must show to be labelled with the object
+
+
+def _token_grid(scene: Scene, frame: int, pixels: int) -> torch.Tensor:
+    """``[H, W, 2]`` (shape + 1, colour + 1; 0 = nothing) for a grid of ``pixels``-wide visual tokens over the
+    rendered frame: a token is labelled with the object of its cell when it shows at least :data:`MIN_PIXELS` of
+    its pixels (objects never leave their cell; tokens never straddle cells)."""
+    image = torch.from_numpy(np.asarray(scene.render_frame(frame), dtype=np.int64))
+    foreground = (image - torch.tensor(BACKGROUND)).abs().sum(-1) > FOREGROUND_DIFFERENCE
+    height, width = scene.rows * CELL // pixels, scene.cols * CELL // pixels
+    counts = foreground.view(height, pixels, width, pixels).sum(dim=(1, 3))
+    labels = torch.zeros(height, width, 2, dtype=torch.long)
+    per_cell = CELL // pixels
     for o in scene.objects:
-        cells[o.frame, o.row, o.col] = torch.tensor([SHAPES.index(o.shape) + 1, list(COLOURS).index(o.colour) + 1])
-    if family == "qwen2_vl":  # one merged token per 8x8 pixels = a quarter cell
-        return cells.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).reshape(-1, 2)
-    # LLaVA-OneVision: thumbnail token = one cell; high-resolution tile (r, c) token (i, j) = cell (4r + i/2, ...)
-    tiles = cells[0].repeat_interleave(2, dim=0).repeat_interleave(2, dim=1)  # [16, 16, 2]
-    parts = [cells[0].reshape(-1, 2)]
-    parts += [tiles[8 * r:8 * r + 8, 8 * c:8 * c + 8].reshape(-1, 2) for r in (0, 1) for c in (0, 1)]
+        if o.frame == frame:
+            rows = slice(o.row * per_cell, (o.row + 1) * per_cell)
+            cols = slice(o.col * per_cell, (o.col + 1) * per_cell)
+            labels[rows, cols] = torch.tensor([SHAPES.index(o.shape) + 1, list(COLOURS).index(o.colour) + 1])
+    return labels.masked_fill((counts < MIN_PIXELS)[..., None], 0)
+
+
+def _cell_labels(sample: Sample, family: str) -> torch.Tensor:
+    """``[n_visual_features, 2]`` aux-loss labels for the visual features of ``sample``, in the order the vision
+    tower emits them (Qwen: merged 8x8-pixel tokens per frame; LLaVA-OV: the 64-pixel thumbnail, one token
+    per cell, then the 2x2 high-resolution tiles of 8x8-pixel tokens, row-major)."""
+    scene = sample.scene
+    if family == "qwen2_vl":
+        return torch.cat([_token_grid(scene, f, 8).reshape(-1, 2) for f in range(scene.frames)])
+    tokens = _token_grid(scene, 0, 8)
+    parts = [_token_grid(scene, 0, CELL).reshape(-1, 2)]
+    parts += [tokens[8 * r:8 * r + 8, 8 * c:8 * c + 8].reshape(-1, 2) for r in (0, 1) for c in (0, 1)]
     return torch.cat(parts)
 
 
@@ -276,7 +296,7 @@ def answer_loss_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 
 def _checkpoint(directory: Path, model: nn.Module, aux: nn.Module, optimizer, log: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    save_file({k: v.clone() for k, v in model.state_dict().items()}, directory / "model.safetensors")  # untie
     save_file(aux.state_dict(), directory / "aux.safetensors")
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
     (directory / "state.json").write_text(json.dumps(log))
