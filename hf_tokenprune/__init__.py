@@ -3,6 +3,7 @@
 from .adapters import MalformedVisualInputError, UnsupportedModelError
 from .compressor import Compressor, CompressorMismatchError
 from .config import TokenPruneConfig
+from .guards import UnsupportedGenerationError
 from .hub import CompressorNotFoundError
 from .inllm import PrunedLayerCacheError
 from .scorers import AttentionScorer, CompressorScorer, RandomScorer, ScoreInputs, Scorer, UniformScorer
@@ -26,6 +27,7 @@ __all__ = [
     "Scorer",
     "TokenPruneConfig",
     "UniformScorer",
+    "UnsupportedGenerationError",
     "UnsupportedModelError",
     "from_pretrained",
     "prune_wrap",

@@ -19,6 +19,7 @@ The class is never touched: other instances of it are unaffected.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import weakref
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from torch import nn
 from .adapters import Adapter, get_adapter
 from .baselines import LayerSchedule
 from .config import TokenPruneConfig
+from .guards import check_generate
 from .inllm import LayerPruner
 from .pruning import Slicing, contiguous_positions, select_top
 from .scorers import ScoreInputs, Scorer, build_scorer
@@ -92,6 +94,7 @@ class TokenPruneHandle:
             text_model.register_forward_pre_hook(self._before_text_model, with_kwargs=True),
             text_model.register_forward_hook(self._after_text_model, with_kwargs=True),
         ]
+        self._guard_generate(model)
 
     def __repr__(self) -> str:
         return f"TokenPruneHandle({self.config}, scorer={type(self.scorer).__name__})"
@@ -119,18 +122,36 @@ class TokenPruneHandle:
         self._hooks = []
         if self._layers is not None:
             self._layers.remove()
+        model = self._model_ref()
+        if model is not None and getattr(model.__dict__.get("generate"), "_tokenprune_guard", False):
+            del model.__dict__["generate"]
+
+    def _guard_generate(self, model: nn.Module) -> None:
+        """Give the instance a ``generate`` that refuses unsupported options (:mod:`.guards`) before any compute."""
+        generate = model.generate
+
+        @functools.wraps(generate)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if self.active:
+                check_generate(model, kwargs)
+            return generate(*args, **kwargs)
+
+        guarded._tokenprune_guard = True
+        model.__dict__["generate"] = guarded
 
     # -- hooks ------------------------------------------------------------------------------------------------
-    def _active(self) -> bool:
+    @property
+    def active(self) -> bool:
+        """Whether calls are pruned now: ``ratio < 1`` and not inside :meth:`disabled`."""
         return self._enabled and self.config.ratio < 1.0
 
     def _pruned_cache(self, kwargs: dict) -> Any:
         """The call's cache if it is the one our pruned prefill filled (and pruning is active), else None."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        return cache if self._active() and self._prefill is not None and self._prefill.owns(cache) else None
+        return cache if self.active and self._prefill is not None and self._prefill.owns(cache) else None
 
     def _check_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._active() and kwargs.get("labels") is not None:
+        if self.active and kwargs.get("labels") is not None:
             raise ValueError("hf_tokenprune prunes inference prefills only: a forward with labels would score "
                              "a shortened sequence; run it inside `with model.tokenprune.disabled():`")
 
@@ -161,7 +182,7 @@ class TokenPruneHandle:
         if layers is not None:
             layers.reset()
         if cache is not None and cache.get_seq_length() > 0:
-            if layers is not None and self._active() and layers.owns(cache):
+            if layers is not None and self.active and layers.owns(cache):
                 layers.step(kwargs.get("attention_mask"))
                 return None
             ours = self._pruned_cache(kwargs)
@@ -170,7 +191,7 @@ class TokenPruneHandle:
         if self._capturing:
             raise _Captured(self._score_inputs(kwargs, call))
         self._prefill, self.last_stats = None, None
-        if not self._active():
+        if not self.active:
             return None
         if layers is not None:
             found = self._score_inputs(kwargs, call)

@@ -1,0 +1,220 @@
+"""Generation modes x adapters x dtypes with input-stage pruning (ratio 0.25, scorer="attention").
+
+The reference is the unpruned model with the dropped tokens masked out (:mod:`hf_tokenprune.verify`); internal
+consistency (assisted == greedy, one beam == greedy, streamed == returned text) holds as for the unwrapped model.
+"""
+
+import threading
+
+import pytest
+import torch
+from conftest import CASES, FAMILIES, chat, make_inputs
+from transformers import TextIteratorStreamer, TextStreamer
+
+from hf_tokenprune import UnsupportedGenerationError, prune_wrap, tiny, unwrap
+from hf_tokenprune.verify import generate_masked_reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LOGIT_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+STEPS = 6
+RETURN = dict(return_dict_in_generate=True, output_scores=True, output_logits=True)
+
+
+@pytest.fixture(scope="module")
+def typed_model():
+    """``get(family, dtype)``: a tiny model in that dtype (cached), unwrapped after every test."""
+    cache: dict = {}
+
+    def get(family: str, dtype: torch.dtype):
+        if (family, dtype) not in cache:
+            cache[family, dtype] = tiny.build_model(family, dtype=dtype)
+        return cache[family, dtype]
+
+    yield get
+    for model in cache.values():
+        if "tokenprune" in model.__dict__:
+            unwrap(model)
+
+
+@pytest.fixture
+def pruned(built, typed_model):
+    """``get(family, dtype, kind, batch)``: (model wrapped at ratio 0.25, its processor's inputs)."""
+    wrapped = []
+
+    def get(family: str, dtype: torch.dtype = torch.float32, kind: str = "image", batch: int = 2):
+        model = typed_model(family, dtype)
+        inputs = make_inputs(built(family)[1], kind, batch=batch)
+        wrapped.append(prune_wrap(model, ratio=0.25, scorer="attention"))
+        return model, inputs
+
+    yield get
+    for model in wrapped:
+        if "tokenprune" in model.__dict__:
+            unwrap(model)
+
+
+def generate(model, inputs, **kwargs):
+    kwargs = {"max_new_tokens": STEPS, "min_new_tokens": STEPS, "do_sample": False, **kwargs}
+    with torch.no_grad():
+        return model.generate(**inputs, **kwargs)
+
+
+def reference(model, inputs, **kwargs):
+    return generate_masked_reference(model, inputs, **{"max_new_tokens": STEPS, "min_new_tokens": STEPS,
+                                                       "do_sample": False, **kwargs})
+
+
+def max_diff(a, b) -> float:
+    return max((x.float() - y.float()).nan_to_num(posinf=0, neginf=0).abs().max().item() for x, y in zip(a, b))
+
+
+def assert_matches(out, ref, prompt_length: int, tol: float) -> None:
+    """Same tokens and logits within ``tol``; in low precision a row may leave the reference at a near-tie (the
+    reference's logit of the pruned model's token within ``tol`` of its own choice), after which it is not compared:
+    rounding differs between a shorter and a masked sequence."""
+    live = torch.ones(out.sequences.shape[0], dtype=torch.bool)
+    for step, (logits, ref_logits) in enumerate(zip(out.logits, ref.logits)):
+        ours, theirs = out.sequences[:, prompt_length + step], ref.sequences[:, prompt_length + step]
+        rows = live.nonzero().flatten()
+        if not len(rows):
+            break
+        assert (logits[rows].float() - ref_logits[rows].float()).abs().max() < tol
+        for row in rows[ours[rows] != theirs[rows]]:
+            gap = ref_logits[row, theirs[row]] - ref_logits[row, ours[row]]
+            assert tol > 1e-3 and gap < tol, f"row {row} step {step}: token differs, reference margin {gap}"
+            live[row] = False
+
+
+def assert_pruned(model):
+    stats = model.tokenprune.last_stats
+    assert all(a < b for a, b in zip(stats.visual_tokens_after, stats.visual_tokens_before))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_greedy_scores_and_logits_equal_masked_reference(pruned, family, kind, dtype):
+    model, inputs = pruned(family, dtype, kind)
+    out = generate(model, inputs, **RETURN)
+    assert_pruned(model)
+    ref = reference(model, inputs, **RETURN)
+    assert len(out.scores) == len(out.logits) == STEPS
+    assert_matches(out, ref, inputs["input_ids"].shape[1], LOGIT_TOL[dtype])
+    if dtype == torch.float32:
+        assert torch.equal(out.sequences, ref.sequences)
+        assert max_diff(out.scores, ref.scores) < LOGIT_TOL[dtype]
+    # scores are the processed logits: the suppressed placeholder tokens are -inf, the rest untouched
+    suppressed = model.generation_config.suppress_tokens
+    assert torch.isneginf(out.scores[0][:, suppressed]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_seeded_sampling_equals_masked_reference(pruned, family, kind, dtype):
+    model, inputs = pruned(family, dtype, kind)
+    sample = dict(do_sample=True, top_k=20, temperature=1.5)
+    torch.manual_seed(7)
+    out = generate(model, inputs, **sample)
+    assert_pruned(model)
+    torch.manual_seed(7)
+    assert torch.equal(out, reference(model, inputs, **sample))
+
+
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_beam_search_equals_masked_reference(pruned, family, kind):
+    """Beams of a sample share its pruned prefill; beam search then matches the masked unpruned model (float32:
+    in half precision beams re-rank at near-ties, see :func:`assert_matches`)."""
+    model, inputs = pruned(family, kind=kind)
+    beams = dict(num_beams=3, num_return_sequences=2)
+    out = generate(model, inputs, **beams)
+    assert out.shape[0] == 4
+    assert len(model.tokenprune.last_stats.kept_indices) == 6  # batch 2 x 3 beams
+    assert torch.equal(out, reference(model, inputs, **beams))
+
+
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_one_beam_equals_greedy(pruned, family, kind):
+    model, inputs = pruned(family, kind=kind)
+    greedy = generate(model, inputs, **RETURN)
+    beam = generate(model, inputs, num_beams=1, num_return_sequences=1, **RETURN)
+    assert torch.equal(beam.sequences, greedy.sequences)
+    assert max_diff(beam.logits, greedy.logits) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_prompt_lookup_decoding_equals_greedy_and_masked_reference(pruned, family, kind, dtype):
+    """Assisted decoding verifies several candidate tokens per forward over the pruned cache (batch 1 only, as
+    in transformers); rejected candidates are cropped from the shorter cache."""
+    model, inputs = pruned(family, dtype, kind, batch=1)
+    greedy = generate(model, inputs, max_new_tokens=12, min_new_tokens=12, **RETURN)
+    lookup = generate(model, inputs, max_new_tokens=12, min_new_tokens=12, prompt_lookup_num_tokens=3, **RETURN)
+    assert_pruned(model)
+    assert torch.equal(lookup.sequences, greedy.sequences)
+    assert max_diff(lookup.logits, greedy.logits) < LOGIT_TOL[dtype]
+    ref = reference(model, inputs, max_new_tokens=12, min_new_tokens=12, prompt_lookup_num_tokens=3, **RETURN)
+    assert_matches(lookup, ref, inputs["input_ids"].shape[1], LOGIT_TOL[dtype])
+
+
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_draft_model_decoding_equals_greedy(pruned, family, kind):
+    """An unwrapped draft proposes from the full prompt; the pruned main model decides, so the output is its
+    greedy output."""
+    model, inputs = pruned(family, kind=kind, batch=1)
+    draft = tiny.build_model(family, seed=1)
+    greedy = generate(model, inputs, max_new_tokens=10, min_new_tokens=10)
+    assisted = generate(model, inputs, max_new_tokens=10, min_new_tokens=10, assistant_model=draft)
+    assert_pruned(model)
+    assert torch.equal(assisted, greedy)
+
+
+def _count_forwards(model) -> list:
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_draft_model_is_refused_before_compute(pruned, family):
+    model, inputs = pruned(family, batch=1)
+    draft = prune_wrap(tiny.build_model(family, seed=1), ratio=0.5, scorer="attention")
+    calls = _count_forwards(model) + _count_forwards(draft)
+    with pytest.raises(UnsupportedGenerationError, match="pruned assistant_model"):
+        generate(model, inputs, assistant_model=draft)
+    with model.tokenprune.disabled(), pytest.raises(UnsupportedGenerationError, match="is the assistant_model"):
+        generate(model, inputs, assistant_model=draft)
+    assert not calls
+    with draft.tokenprune.disabled():  # an unpruned draft is fine
+        assert generate(model, inputs, assistant_model=draft).shape[1] == inputs["input_ids"].shape[1] + STEPS
+
+
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_streamers_stream_the_returned_text(pruned, built, capsys, family, kind):
+    model, inputs = pruned(family, kind=kind, batch=1)
+    processor_tokenizer = built(family)[1].tokenizer
+    out = generate(model, inputs, max_new_tokens=10, min_new_tokens=10,
+                   streamer=TextStreamer(processor_tokenizer, skip_prompt=True))
+    assert_pruned(model)
+    returned = processor_tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
+    assert capsys.readouterr().out.strip() == returned.strip()
+    streamer = TextIteratorStreamer(processor_tokenizer, skip_prompt=True)
+    thread = threading.Thread(target=generate, args=(model, inputs),
+                              kwargs=dict(max_new_tokens=10, min_new_tokens=10, streamer=streamer))
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    assert streamed.strip() == returned.strip()
+
+
+@pytest.mark.parametrize("family", [f for f, k in CASES if k == "video"])
+def test_left_padded_video_batch_equals_each_sample_alone(pruned, built, family):
+    model, inputs = pruned(family, kind="video")
+    assert (inputs["attention_mask"] == 0).any()
+    together = generate(model, inputs)
+    kept_together = model.tokenprune.last_stats.kept_indices
+    processor = built(family)[1]
+    for b, question in enumerate(["what colour is the circle", "what shape is left of the red square ?"]):
+        text = processor.apply_chat_template(chat(question, "video"), add_generation_prompt=True, tokenize=False)
+        alone = processor(text=[text], videos=[tiny.make_video(b, frames=4, size=56)], return_tensors="pt")
+        out = generate(model, alone)
+        assert torch.equal(model.tokenprune.last_stats.kept_indices[0], kept_together[b])
+        assert torch.equal(out[0, alone["input_ids"].shape[1]:], together[b, inputs["input_ids"].shape[1]:])
