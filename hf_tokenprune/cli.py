@@ -52,6 +52,27 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("directory")
     push.add_argument("--repo", required=True, help="Hub repo id, e.g. <user>/Qwen2-VL-2B-Instruct-compressor")
     push.add_argument("--private", action="store_true")
+    bench = sub.add_parser("bench", help="cost (FLOPs, prefill time, TTFT, KV cache, memory, decode speed) and "
+                                         "accuracy of every method x retention; resumable; writes DIR/results.json, "
+                                         "DIR/results.md and plots")
+    bench.add_argument("--out", required=True, help="output directory (re-run to resume: done cells are skipped)")
+    bench.add_argument("--quick", action="store_true", help="25%% retention only, 3 repetitions, 32 questions")
+    bench.add_argument("--part", nargs="+", choices=["cost", "accuracy"], default=["cost", "accuracy"])
+    bench.add_argument("--models", nargs="+", help="cost models: qwen2vl-2b-like, llava-smollm2-dinov2 (needs the "
+                                                   "'realweights' extra), tiny")
+    bench.add_argument("--methods", nargs="+", help="methods (default: all that the part measures)")
+    bench.add_argument("--ratios", nargs="+", type=float, help="retentions besides 100%% (default 0.5 0.25 0.125)")
+    bench.add_argument("--repeats", type=int, help="full/pruned pairs per cost cell (default 5, quick 3)")
+    bench.add_argument("--decode-tokens", type=int, help="decode steps timed after the first token (default 8)")
+    bench.add_argument("--samples", type=int, help="toy-world questions per model (default 200, quick 32)")
+    bench.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    bench.add_argument("--families", nargs="+", help="toy-world families (default qwen2_vl llava_onevision)")
+    bench.add_argument("--hf-model", help="with --hf-dataset: also measure accuracy of this MLLM (Hub id or path)")
+    bench.add_argument("--hf-dataset", help="NAME:SPLIT or NAME:CONFIG:SPLIT of a Hub dataset")
+    bench.add_argument("--columns", nargs=3, default=["image", "question", "answer"],
+                       metavar=("IMAGE", "QUESTION", "ANSWER"), help="the dataset's columns")
+    bench.add_argument("--limit", type=int, default=200, help="rows of --hf-dataset to evaluate")
+    bench.add_argument("--compressor", help="compressor (Hub id or directory) for --hf-model")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -97,12 +118,33 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"directory": str(result.directory), "best_epoch": result.best_epoch,
                               "metrics": result.metrics, "baseline_attention": result.baseline}))
         return 0
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "push":
         from .hub import push_compressor
 
         print(push_compressor(args.directory, args.repo, private=args.private).commit_url)
         return 0
     return 2
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchSettings, run
+    from .bench.accuracy import hf_dataset_task
+
+    chosen = {"models": args.models, "ratios": args.ratios, "repeats": args.repeats,
+              "decode_tokens": args.decode_tokens, "samples": args.samples, "families": args.families,
+              "threads": args.threads}
+    if args.methods:
+        chosen.update(cost_methods=args.methods, accuracy_methods=args.methods)
+    overrides = {k: v for k, v in chosen.items() if v is not None}
+    settings = BenchSettings.quick(**overrides) if args.quick else BenchSettings(**overrides)
+    if args.hf_model and args.hf_dataset and "accuracy" in args.part:
+        settings.tasks.append(hf_dataset_task(args.hf_model, args.hf_dataset, args.columns, args.limit,
+                                              compressor=args.compressor))
+    run(args.out, settings, parts=args.part)
+    print(f"wrote {args.out}/results.json and {args.out}/results.md")
+    return 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def qwen2vl_2b_like(layers: int = 4) -> Qwen2VLForConditionalGeneration:
     config = Qwen2VLConfig(
         text_config=dict(vocab_size=2048, hidden_size=1536, intermediate_size=8960, num_hidden_layers=layers,
                          num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                         bos_token_id=1, eos_token_id=None, pad_token_id=0,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
         vision_config=dict(depth=1, embed_dim=64, hidden_size=1536, num_heads=2, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
@@ -42,7 +43,6 @@ def qwen2vl_2b_like(layers: int = 4) -> Qwen2VLForConditionalGeneration:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Qwen2VLForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = None  # random weights: never stop early
     return model
 
 
