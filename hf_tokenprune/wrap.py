@@ -181,8 +181,12 @@ class TokenPruneHandle:
         layers = self._layers
         if layers is not None:
             layers.reset()
+        if not self.active and not self._capturing:
+            # nothing to prune: no tensor op either, so the call stays traceable by torch.compile(fullgraph=True)
+            self._call, self._prefill, self.last_stats = None, None, None
+            return None
         if cache is not None and cache.get_seq_length() > 0:
-            if layers is not None and self.active and layers.owns(cache):
+            if layers is not None and layers.owns(cache):
                 layers.step(kwargs.get("attention_mask"))
                 return None
             ours = self._pruned_cache(kwargs)
@@ -191,8 +195,6 @@ class TokenPruneHandle:
         if self._capturing:
             raise _Captured(self._score_inputs(kwargs, call))
         self._prefill, self.last_stats = None, None
-        if not self.active:
-            return None
         if layers is not None:
             found = self._score_inputs(kwargs, call)
             if found is not None:
