@@ -6,6 +6,9 @@ Builds Qwen2VLForConditionalGeneration from a config (no download): LLM width 15
 MLP 8960 (Qwen2-VL-2B), ``--layers`` layers; a one-block vision tower so the LLM dominates. One image of
 ``--image`` pixels (896 -> 1024 visual tokens) and a short question. Every ratio is timed in the same process,
 interleaved with the full model, ``--repeats`` times; the table reports median time ratios (pruned / full).
+
+The model comes from :mod:`hf_tokenprune.bench.models`; ``hf-tokenprune bench`` measures the same model with every
+method and more figures (LLM prefill alone, TTFT, decode speed, memory): see docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -16,38 +19,9 @@ import statistics
 import time
 
 import torch
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from hf_tokenprune import prune_wrap
-
-
-def build(layers: int) -> Qwen2VLForConditionalGeneration:
-    torch.manual_seed(0)
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=2048, hidden_size=1536, intermediate_size=8960, num_hidden_layers=layers,
-                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=1, embed_dim=64, hidden_size=1536, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
-        image_token_id=2000, video_token_id=2001, vision_start_token_id=2002, vision_end_token_id=2003,
-    )
-    return Qwen2VLForConditionalGeneration(config).eval()
-
-
-def make_inputs(model, image: int) -> dict:
-    grid_h = grid_w = image // 14
-    n_visual = grid_h * grid_w // 4
-    cfg = model.config
-    question = list(range(10, 30))
-    ids = [1, 2, cfg.vision_start_token_id] + [cfg.image_token_id] * n_visual + [cfg.vision_end_token_id] + question
-    input_ids = torch.tensor([ids])
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "mm_token_type_ids": (input_ids == cfg.image_token_id).int(),
-        "pixel_values": torch.randn(grid_h * grid_w, 3 * 2 * 14 * 14),
-        "image_grid_thw": torch.tensor([[1, grid_h, grid_w]]),
-    }
+from hf_tokenprune.bench.models import qwen2vl_2b_like, qwen2vl_inputs
 
 
 def prefill_seconds(model, inputs) -> float:
@@ -67,8 +41,8 @@ def main() -> None:
     parser.add_argument("--out", default="prefill_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    model = build(args.layers)
-    inputs = make_inputs(model, args.image)
+    model = qwen2vl_2b_like(args.layers)
+    inputs = qwen2vl_inputs(model, args.image)
     prefill_seconds(model, inputs)  # warm-up
     rows = []
     for ratio in args.ratios:
