@@ -47,7 +47,7 @@ def check_generate(model: nn.Module, kwargs: dict[str, Any]) -> None:
     if cache_implementation in _REFUSED_CACHES:
         raise UnsupportedGenerationError(
             f"cache_implementation={cache_implementation!r} is not supported with pruning: "
-            f"{_REFUSED_CACHES[cache_implementation]}. Use the default dynamic cache{refuse}")
+            f"{_REFUSED_CACHES[cache_implementation]}. Use the default DynamicCache{refuse}")
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
     if cache is not None and not isinstance(cache, DynamicCache):
         raise UnsupportedGenerationError(
