@@ -2,8 +2,9 @@
 
 Every visual token, including the ``image_newline`` tokens, is an ``<image>`` / ``<video>`` placeholder in
 ``input_ids``. Items come from ``mm_encoder_outputs`` under ``generate`` (one tensor per image; videos as one
-``[videos, frames * pooled**2 + 1, hidden]`` tensor); on a plain forward a run of image placeholders is one
-image. A video is ``frames * pooled**2`` frame tokens followed by one newline token, which joins the last frame.
+``[videos, frames * pooled**2 + 1, hidden]`` tensor); on a plain forward from ``image_sizes`` and
+``batch_num_images`` through the token geometry below. A video is ``frames * pooled**2`` frame tokens followed
+by one newline token, which joins the last frame.
 
 Token geometry (``pack_image_features``): an image given alone in its sample (``batch_num_images`` 1) is the
 base tile's grid (the whole image resized to one tile, no newlines), then the anyres grid of the padded
@@ -32,7 +33,11 @@ class LlavaOnevisionAdapter(Adapter):
 
     def item_lengths(self, call: dict[str, Any], token_id: int) -> list[int] | None:
         if token_id == self.model.config.image_token_id:
-            return super().item_lengths(call, token_id)
+            lengths, sizes = super().item_lengths(call, token_id), call.get("image_sizes")
+            if lengths is not None or sizes is None:
+                return lengths
+            # a plain forward: each image's token count from its geometry (adjacent images form one run)
+            return [len(self.item_regions(call, "image", i, None)) for i in range(len(sizes))]
         output = (call.get("mm_encoder_outputs") or {}).get("video")
         videos = output.pooler_output if output is not None else call.get("pixel_values_videos")
         if videos is None:
