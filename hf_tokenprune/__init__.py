@@ -1,7 +1,7 @@
 """hf_tokenprune: question-aware visual-token pruning at the LLM input for Hugging Face multimodal LLMs."""
 
 from .adapters import MalformedVisualInputError, UnsupportedModelError
-from .compressor import Compressor, CompressorMismatchError
+from .compressor import Compressor, CompressorMismatchError, InvalidCompressorError
 from .config import TokenPruneConfig
 from .guards import UnsupportedGenerationError
 from .hub import CompressorNotFoundError
@@ -18,6 +18,7 @@ __all__ = [
     "CompressorMismatchError",
     "CompressorNotFoundError",
     "CompressorScorer",
+    "InvalidCompressorError",
     "MalformedVisualInputError",
     "PruneStats",
     "PrunedCacheError",

@@ -16,9 +16,13 @@ computes at inference) or, for the multi-layer ablation, ``"layer_attention"``: 
 Serialisation goes through :class:`huggingface_hub.PyTorchModelHubMixin` (``save_pretrained``,
 ``from_pretrained``, ``push_to_hub``): ``config.json`` plus ``model.safetensors``. Loading is stricter than
 the mixin's default: ``config.json`` is required, weights must match exactly (``strict=True``) and pickle
-checkpoints (``pytorch_model.bin``) are refused instead of being used as a fallback.
+checkpoints (``pytorch_model.bin``) are refused instead of being used as a fallback. A compressor directory or
+repo is untrusted input: every config field is validated before anything is allocated, and the safetensors header
+(tensor names, shapes, floating dtypes) is checked against the model the config describes before any weight is
+read. Anything invalid raises :class:`InvalidCompressorError` naming the file and the field or tensor.
 """
 
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -28,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-__all__ = ["Compressor", "CompressorMismatchError", "DepthwiseSeparableConv1d", "FEATURES"]
+__all__ = ["Compressor", "CompressorMismatchError", "DepthwiseSeparableConv1d", "FEATURES", "InvalidCompressorError"]
 
 FEATURES = ("first_layer_attention", "layer_attention")
 MAX_CHANNELS = 4096
@@ -42,6 +47,36 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 class CompressorMismatchError(ValueError):
     """The compressor was trained for a different base model family than the one it is applied to."""
+
+
+class InvalidCompressorError(ValueError):
+    """A compressor directory or Hub repo whose ``config.json`` or ``model.safetensors`` is invalid (the message
+    names the file and the field or tensor)."""
+
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _check_weights(model: nn.Module, model_file: str) -> None:
+    """Compare the safetensors header with ``model``'s parameters (names, shapes, floating dtypes); reads no data."""
+    name = os.path.basename(model_file)
+    try:
+        with safe_open(model_file, framework="pt") as f:
+            header = {key: (f.get_slice(key).get_shape(), f.get_slice(key).get_dtype()) for key in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise InvalidCompressorError(f"{name} is not a readable safetensors file: {err}") from err
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise InvalidCompressorError(f"{name} does not match config.json: missing tensors {missing}, unexpected "
+                                     f"tensors {unexpected}")
+    for key, (shape, dtype) in header.items():
+        if list(shape) != list(expected[key].shape):
+            raise InvalidCompressorError(f"{name}: tensor {key!r} has shape {list(shape)}, config.json gives "
+                                         f"{list(expected[key].shape)}")
+        if dtype not in _FLOAT_DTYPES:
+            raise InvalidCompressorError(f"{name}: tensor {key!r} has dtype {dtype}; expected a floating dtype "
+                                         f"({', '.join(_FLOAT_DTYPES)})")
 
 
 class DepthwiseSeparableConv1d(nn.Module):
@@ -217,6 +252,22 @@ class Compressor(
             )
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> "Compressor":
+        """:meth:`PyTorchModelHubMixin.from_pretrained` (a Hub repo id or a local directory), validated.
+
+        Raises:
+            InvalidCompressorError: ``config.json`` is not a JSON object of valid fields, or ``model.safetensors``
+                is unreadable or does not match it.
+            FileNotFoundError: ``config.json`` or ``model.safetensors`` is missing (pickles are never loaded).
+        """
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            # AttributeError: the mixin calls config.items() on whatever JSON value config.json holds
+            raise InvalidCompressorError(f"{constants.CONFIG_NAME} of compressor {str(pretrained_model_name_or_path)!r}"
+                                         f" is not a JSON object of compressor fields: {err}") from err
+
+    @classmethod
     def _from_pretrained(
         cls,
         *,
@@ -267,5 +318,12 @@ class Compressor(
                     "reached (offline mode or no connection). Pickle checkpoints are never used as a "
                     f"fallback. ({err})"
                 ) from err
-        model = cls(**model_kwargs)
-        return cls._load_as_safetensor(model, model_file, map_location, strict)
+        try:
+            model = cls(**model_kwargs)
+        except ValueError as err:
+            raise InvalidCompressorError(f"{constants.CONFIG_NAME} of compressor {model_id!r}: {err}") from err
+        _check_weights(model, model_file)
+        try:
+            return cls._load_as_safetensor(model, model_file, map_location, strict)
+        except SafetensorError as err:
+            raise InvalidCompressorError(f"{weights_name} of compressor {model_id!r} is not readable: {err}") from err

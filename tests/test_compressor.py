@@ -7,7 +7,12 @@ import pytest
 import torch
 from huggingface_hub import constants
 
-from hf_tokenprune.compressor import Compressor, CompressorMismatchError, DepthwiseSeparableConv1d
+from hf_tokenprune.compressor import (
+    Compressor,
+    CompressorMismatchError,
+    DepthwiseSeparableConv1d,
+    InvalidCompressorError,
+)
 
 DEFAULT_CHANNELS = (32, 64, 128, 256, 512)
 SMALL = {"channels": (8, 16, 24), "kernel_size": 3}
@@ -207,7 +212,7 @@ def test_missing_config_and_mismatched_weights_are_refused(tmp_path: Path) -> No
     Compressor(channels=(8, 16), kernel_size=3).save_pretrained(tmp_path / "b")
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     (tmp_path / "b" / "config.json").write_text(json.dumps({**config, "channels": [8, 16, 16]}))
-    with pytest.raises(RuntimeError, match=r"[Mm]issing key.*blocks\.2"):  # the mixin default strict=False
+    with pytest.raises(InvalidCompressorError, match=r"missing tensors \[.*blocks\.2"):  # checked before loading
         Compressor.from_pretrained(tmp_path / "b")
 
 
