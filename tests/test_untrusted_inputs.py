@@ -153,8 +153,11 @@ def _mismatches(family: str, inputs: dict, model) -> dict[str, dict]:
         grid[0, 1], grid[0, 2] = grid[0, 2] * 2, max(1, int(grid[0, 1]) // 2)
         out["grid that does not match the pixels"] = {"image_grid_thw": grid}
         out["pixel values truncated"] = {"pixel_values": inputs["pixel_values"][:-4]}
+        out["grids of the two images swapped"] = {"image_grid_thw": inputs["image_grid_thw"].flip(0)}
     if "image_sizes" in inputs:
         out["image sizes swapped"] = {"image_sizes": inputs["image_sizes"].flip(1)}
+        out["images in the other order"] = {"pixel_values": inputs["pixel_values"].flip(0),
+                                            "image_sizes": inputs["image_sizes"].flip(0)}
     return out
 
 
