@@ -172,3 +172,14 @@ def test_lmms_wrapper_says_what_to_install():
         pytest.skip("lmms-eval is installed")
     with pytest.raises(ImportError, match="pip install lmms-eval"):
         importlib.import_module("hf_tokenprune.bench.lmms_wrapper")
+
+
+def test_cli_bench_quick(tmp_path, capsys):
+    from hf_tokenprune.cli import main
+
+    args = ["bench", "--quick", "--part", "cost", "--models", "tiny", "--methods", "random", "fastv", "--repeats", "1",
+            "--decode-tokens", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["method"], r["ratio"]) for r in records} == {("full", 1.0), ("random", 0.25), ("fastv", 0.25)}
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "results.md").exists()
