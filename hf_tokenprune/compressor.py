@@ -19,7 +19,8 @@ the mixin's default: ``config.json`` is required, weights must match exactly (``
 checkpoints (``pytorch_model.bin``) are refused instead of being used as a fallback. A compressor directory or
 repo is untrusted input: every config field is validated before anything is allocated, and the safetensors header
 (tensor names, shapes, floating dtypes) is checked against the model the config describes before any weight is
-read. Anything invalid raises :class:`InvalidCompressorError` naming the file and the field or tensor.
+read, and the weights must be finite. Anything invalid raises :class:`InvalidCompressorError` naming the file and
+the field or tensor.
 """
 
 import json
@@ -324,6 +325,11 @@ class Compressor(
             raise InvalidCompressorError(f"{constants.CONFIG_NAME} of compressor {model_id!r}: {err}") from err
         _check_weights(model, model_file)
         try:
-            return cls._load_as_safetensor(model, model_file, map_location, strict)
+            model = cls._load_as_safetensor(model, model_file, map_location, strict)
         except SafetensorError as err:
             raise InvalidCompressorError(f"{weights_name} of compressor {model_id!r} is not readable: {err}") from err
+        for name, tensor in model.state_dict().items():
+            if not bool(torch.isfinite(tensor).all()):
+                raise InvalidCompressorError(f"{weights_name} of compressor {model_id!r}: tensor {name!r} holds "
+                                             "non-finite values (NaN or inf)")
+        return model

@@ -98,6 +98,7 @@ def test_corrupted_compressor_directories_load_exactly_or_raise_documented_error
             twin = Compressor(**{k: v for k, v in json.loads((directory / "config.json").read_text()).items()
                                  if k in ("channels", "kernel_size", "feature", "in_channels")})
             twin.load_state_dict({k: v.to(torch.float32) for k, v in stored.items()})
+            assert all(torch.isfinite(t).all() for t in state.values())
             if loaded.in_channels == 1:
                 assert torch.equal(loaded.relevance(features), twin.relevance(features))
             if all(torch.equal(stored[k], weights[k]) for k in weights) and loaded.in_channels == 1:
@@ -125,12 +126,17 @@ def test_invalid_compressor_field_is_named_before_allocation(tmp_path, name, val
         Compressor.from_pretrained(tmp_path)
 
 
-def test_non_float_weights_are_refused(tmp_path):
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda w: w.to(torch.int64), "'head.weight' has dtype I64"),
+    (lambda w: w.fill_(float("nan")), "'head.weight' holds non-finite values"),
+    (lambda w: w.fill_(float("inf")), "'head.weight' holds non-finite values"),
+])
+def test_non_float_or_non_finite_weights_are_refused(tmp_path, edit, message):
     Compressor(channels=(4,), kernel_size=3).save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
-    weights["head.weight"] = weights["head.weight"].to(torch.int64)
+    weights["head.weight"] = edit(weights["head.weight"])
     save_file(weights, tmp_path / "model.safetensors")
-    with pytest.raises(InvalidCompressorError, match="'head.weight' has dtype I64"):
+    with pytest.raises(InvalidCompressorError, match=message):
         Compressor.from_pretrained(tmp_path)
 
 
