@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import ProcessorMixin
 
-from .scenes import Sample, make_samples
+from .scenes import LOOKUP, Sample, make_samples
 
 
 def chat_prompts(processor: ProcessorMixin, samples: list[Sample]) -> list[str]:
@@ -19,9 +19,10 @@ def chat_prompts(processor: ProcessorMixin, samples: list[Sample]) -> list[str]:
         add_generation_prompt=True, tokenize=False) for s in samples]
 
 
-def heldout_samples(n: int, *, video: bool = False, seed: int = 0, start: int = 0) -> list[Sample]:
-    """``n`` held-out samples (one question per scene, default 28-44 objects on 8x8 cells)."""
-    return [s for i in range(start, start + n) for s in make_samples("test", i, seed=seed, video=video)]
+def heldout_samples(n: int, *, video: bool = False, seed: int = 0, start: int = 0,
+                    kinds: tuple[str, ...] = LOOKUP) -> list[Sample]:
+    """``n`` held-out samples (one question of ``kinds`` per scene, 28-44 objects on 8x8 cells)."""
+    return [s for i in range(start, start + n) for s in make_samples("test", i, seed=seed, video=video, kinds=kinds)]
 
 
 def inputs_for(processor: ProcessorMixin, samples: list[Sample]) -> dict[str, torch.Tensor]:
@@ -56,8 +57,12 @@ def accuracy(model: nn.Module, processor: ProcessorMixin, samples: list[Sample],
 
 
 def answer_accuracy(model: nn.Module, processor: ProcessorMixin, n: int, *, family: str) -> dict:
-    """Held-out image accuracy on ``n`` questions (and video accuracy for Qwen2-VL)."""
-    out = {"image": accuracy(model, processor, heldout_samples(n))}
+    """Held-out accuracy on ``n`` :data:`~.scenes.LOOKUP` image questions and ``n // 4`` ``left_of`` ones (for
+    Qwen2-VL also ``n // 2`` video lookups and ``n // 4`` ``frame_of_shape`` questions)."""
+    few = max(1, n // 4)
+    out = {"image": accuracy(model, processor, heldout_samples(n)),
+           "left_of": accuracy(model, processor, heldout_samples(few, kinds=("left_of",)))}
     if family == "qwen2_vl":
         out["video"] = accuracy(model, processor, heldout_samples(max(1, n // 2), video=True))
+        out["frame_of_shape"] = accuracy(model, processor, heldout_samples(few, video=True, kinds=("frame_of_shape",)))
     return out

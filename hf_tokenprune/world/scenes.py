@@ -14,6 +14,11 @@ other evidence):
 * ``left_of``          "what shape is left of the red star ?" -> shape in the cell left of a unique object
 * ``frame_of_shape``   (videos) "which frame shows the star ?" -> "one" .. "four"
 
+The held-out benchmark is :data:`LOOKUP`: an attribute of the one object the question names. ``left_of`` takes
+two hops (find the named object, then read its neighbour) and ``frame_of_shape`` reads a temporal position
+(which only the LLM's M-RoPE carries: the Qwen2-VL vision tower sees each frame alone); both are measured
+separately.
+
 Everything is deterministic from ``(seed, split, index)``; the ``train`` and ``test`` splits draw from
 disjoint random streams.
 """
@@ -40,6 +45,8 @@ COLOURS = {
 }
 SIZES = {"small": (10, 11), "large": (13, 15)}
 FRAME_WORDS = ("one", "two", "three", "four")
+KINDS = ("colour_of_shape", "shape_of_colour", "left_of", "frame_of_shape")
+LOOKUP = ("colour_of_shape", "shape_of_colour")  # an attribute of the one object the question names
 CELL = 16
 BACKGROUND = (24, 24, 24)
 _SUPERSAMPLE = 4
@@ -191,14 +198,20 @@ def sample_rng(seed: int, split: Split, index: int) -> random.Random:
 
 
 def make_samples(split: Split, index: int, *, seed: int = 0, video: bool = False, per_scene: int = 1,
-                 n_objects: tuple[int, int] = (28, 44), grid: tuple[int, int] = (8, 8)) -> list[Sample]:
-    """``per_scene`` distinct questions (fewer if the scene has fewer) about scene ``index`` of ``split``."""
+                 n_objects: tuple[int, int] = (28, 44), grid: tuple[int, int] = (8, 8),
+                 kinds: tuple[str, ...] = KINDS) -> list[Sample]:
+    """``per_scene`` distinct questions of ``kinds`` (fewer if the scene has fewer) about scene ``index`` of
+    ``split``."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds!r}")
     rng = sample_rng(seed, split, index)
     scene = make_video_scene(rng) if video else make_scene(rng, *grid, n_objects=rng.randint(*n_objects))
     media = scene.render()
     by_kind: dict[str, list[Question]] = {}
     for q in questions(scene):
-        by_kind.setdefault(q.kind, []).append(q)
+        if q.kind in kinds:
+            by_kind.setdefault(q.kind, []).append(q)
     chosen = []
     while by_kind and len(chosen) < per_scene:  # kinds equally likely, whatever their count in the scene
         kind = rng.choice(sorted(by_kind))

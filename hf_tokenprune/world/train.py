@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import models
 from .evaluate import answer_accuracy, chat_prompts
-from .scenes import BACKGROUND, CELL, COLOURS, SHAPES, Sample, Scene, make_samples
+from .scenes import BACKGROUND, CELL, COLOURS, KINDS, SHAPES, Sample, Scene, make_samples
 
 CURRICULUM = ((0.0, (4, 8)), (0.1, (8, 14)), (0.2, (12, 20)), (0.3, (18, 28)), (0.4, (24, 36)), (0.5, (28, 44)))
 FOREGROUND_DIFFERENCE = 30  # summed |RGB - background| above which a pixel shows an object
@@ -100,12 +100,14 @@ class Batches(torch.utils.data.Dataset):
         for i in range(self.images * (2 if video else 1)):
             index = step * STEP_STRIDE + i
             if video:
-                out += make_samples("train", index, seed=self.seed, video=True, per_scene=self.questions // 2)
+                out += make_samples("train", index, seed=self.seed, video=True, per_scene=self.questions // 2,
+                                    kinds=KINDS)
                 continue
             grid = rng.choice(QWEN_GRIDS) if self.family == "qwen2_vl" else (8, 8)
             scale = grid[0] * grid[1] / 64
             n = (max(4, round(low * scale)), max(4, round(high * scale)))
-            out += make_samples("train", index, seed=self.seed, per_scene=self.questions, n_objects=n, grid=grid)
+            out += make_samples("train", index, seed=self.seed, per_scene=self.questions, n_objects=n, grid=grid,
+                                kinds=KINDS)
         return out
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
@@ -199,7 +201,8 @@ def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, questions: int = 4,
-          lr: float = 2e-3, seed: int = 0, device: str = "cpu", workers: int = 0, video_every: int = 4,
+          lr: float = 2e-3, llm_lr: float = 7e-4, seed: int = 0, device: str = "cpu", workers: int = 0,
+          video_every: int = 4,
           checkpoint_every: int = 250, eval_every: int = 250, eval_samples: int = 300, resume: bool = False,
           max_minutes: float | None = None) -> dict:
     """Train ``family``'s world model; returns the log (also written to ``out/training_log.json``)."""
@@ -209,8 +212,12 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
     model = models.build_model(family, seed=seed).to(device).train()
     aux = AuxHead(model.config.get_text_config().hidden_size).to(device)
     params = [*model.parameters(), *aux.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    log: dict = {"family": family, "steps": steps, "images": images, "questions": questions, "lr": lr, "seed": seed,
+    llm = {id(p) for p in [*model.model.language_model.parameters(), *model.lm_head.parameters()]}
+    groups = [{"params": [p for p in params if id(p) not in llm], "peak": lr},
+              {"params": [p for p in params if id(p) in llm], "peak": llm_lr}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    log: dict = {"family": family, "steps": steps, "images": images, "questions": questions, "lr": lr,
+                 "llm_lr": llm_lr, "seed": seed,
                  "history": [], "train_seconds": 0.0}
     start_step = 0
     ckpt = out / "checkpoint"
@@ -232,7 +239,7 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
     try:
         for step, batch in zip(range(start_step, steps), loader):
             for group in optimizer.param_groups:
-                group["lr"] = _lr(step, steps, lr, warmup)
+                group["lr"] = _lr(step, steps, group["peak"], warmup)
             labels = batch.pop("cell_labels").to(device)
             batch = {k: v.to(device) for k, v in batch.items()}
             features.clear()
@@ -309,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--images", type=int, default=16, help="scenes per step")
     parser.add_argument("--questions", type=int, default=4, help="questions per scene")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the vision tower and aux head")
+    parser.add_argument("--llm-lr", type=float, default=7e-4, help="peak learning rate of the language model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=0, help="data-loader processes")
@@ -321,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     train(args.family, args.out, steps=args.steps, images=args.images, questions=args.questions, lr=args.lr,
+          llm_lr=args.llm_lr,
           seed=args.seed, device=args.device, workers=args.workers, video_every=args.video_every,
           checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_samples=args.eval_samples,
           resume=args.resume, max_minutes=args.max_minutes)
