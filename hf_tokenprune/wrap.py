@@ -255,6 +255,9 @@ class TokenPruneHandle:
             raise ValueError(f"scorer {type(self.scorer).__name__} returned "
                              f"{getattr(scores, 'shape', type(scores).__name__)}; expected a tensor of shape "
                              f"{tuple(valid.shape)} (batch, max visual tokens)")
+        if bool(scores.to(valid.device)[valid].isnan().any()):
+            raise ValueError(f"scorer {type(self.scorer).__name__} returned NaN scores (a corrupted compressor, "
+                             "or weights that overflow); refusing to prune by them")
         keep_packed = select_top(scores.to(valid.device), valid, inputs.units, self.config.ratio,
                                  self.config.min_tokens)
         keep_visual = torch.zeros_like(layout.visual_mask)

@@ -46,7 +46,7 @@ def corrupt(rng: random.Random, config: dict, weights: dict, directory) -> str:
         config[rng.choice(["note", "in_channels", "config", "model_id", "strict"])] = rng.choice(VALUES)
     elif kind == "shape":
         shape = [max(1, n + rng.choice([-1, 1])) for n in weights[key].shape] + [1] * rng.randint(0, 1)
-        weights[key] = torch.zeros(shape)
+        weights[key] = torch.zeros(shape if shape != list(weights[key].shape) else [*shape, 2])
     elif kind == "missing tensor":
         weights.pop(key)
     elif kind == "extra tensor":
@@ -99,10 +99,11 @@ def test_corrupted_compressor_directories_load_exactly_or_raise_documented_error
                                  if k in ("channels", "kernel_size", "feature", "in_channels")})
             twin.load_state_dict({k: v.to(torch.float32) for k, v in stored.items()})
             assert all(torch.isfinite(t).all() for t in state.values())
-            if loaded.in_channels == 1:
-                assert torch.equal(loaded.relevance(features), twin.relevance(features))
-            if all(torch.equal(stored[k], weights[k]) for k in weights) and loaded.in_channels == 1:
-                assert torch.equal(loaded.relevance(features), good.relevance(features))
+            if loaded.in_channels == 1:  # NaN where huge finite weights overflow, then in both
+                same = dict(rtol=0, atol=0, equal_nan=True)
+                torch.testing.assert_close(loaded.relevance(features), twin.relevance(features), **same)
+                if all(torch.equal(stored[k], weights[k]) for k in weights):
+                    torch.testing.assert_close(loaded.relevance(features), good.relevance(features), **same)
         outcomes[kind, outcome] = outcomes.get((kind, outcome), 0) + 1
     # every corruption was tried, and the invalid ones were refused
     assert {kind for kind, _ in outcomes} == set(CORRUPTIONS)
@@ -206,3 +207,16 @@ def _generate_error(model, inputs) -> Exception | None:
     except Exception as err:  # noqa: BLE001
         return err
     return None
+
+
+def test_a_compressor_whose_weights_overflow_is_refused_at_scoring(built):
+    """Finite but huge weights load (they are what the file holds) and give NaN relevance: pruning refuses it."""
+    model, processor = built("qwen2_vl")
+    compressor = Compressor(channels=(4,), kernel_size=3, base_model_type="qwen2_vl")
+    with torch.no_grad():
+        for parameter in compressor.parameters():
+            parameter.fill_(3e38)
+    assert compressor.relevance(torch.rand(1, 5)).isnan().all()
+    prune_wrap(model, ratio=0.5, compressor=compressor)
+    with pytest.raises(ValueError, match="returned NaN scores"), torch.no_grad():
+        model(**make_inputs(processor, "image"))
