@@ -21,7 +21,7 @@ from .adapters import get_adapter
 from .explain import visual_relevance
 from .world import compressor_path, load
 from .world.evaluate import accuracy, heldout_samples, inputs_for
-from .world.scenes import make_samples
+from .world.scenes import LOOKUP, make_samples
 from .wrap import prune_wrap, score_inputs, unwrap
 
 RATIOS = (1.0, 0.5, 0.25, 0.125)
@@ -74,7 +74,7 @@ def run(family: str = "qwen2_vl", *, scene: int = 7, eval_questions: int = 64, o
     """Run the demo; prints tables, writes ``out`` and returns everything as a dict."""
     model, processor = load(family)
     compressor = str(compressor_path(family))
-    samples = make_samples("test", scene, per_scene=2)
+    samples = make_samples("test", scene, per_scene=2, kinds=LOOKUP)
     answers = []
     for ratio in ratios:
         prune_wrap(model, ratio=ratio, scorer="compressor", compressor=compressor)
