@@ -80,6 +80,11 @@ def _check_weights(model: nn.Module, model_file: str) -> None:
                                          f"({', '.join(_FLOAT_DTYPES)})")
 
 
+def _basename(name: str) -> str:
+    """``"org/model"``, ``"/path/to/model/"`` -> ``"model"``."""
+    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
 class DepthwiseSeparableConv1d(nn.Module):
     """Depthwise ``Conv1d(c_in, c_in, k, groups=c_in, padding='same')``, pointwise ``Conv1d(c_in, c_out, 1)``,
     per-position LayerNorm over channels, GELU; padded positions are zeroed on output."""
@@ -238,7 +243,8 @@ class Compressor(
 
         Raises:
             CompressorMismatchError: ``base_model_type`` is set, differs from ``model_type`` and
-                ``allow_mismatch`` is False. A differing ``base_model_name`` only warns.
+                ``allow_mismatch`` is False. A differing ``base_model_name`` only warns; names are compared by
+                their last path component, so a Hub id and a local copy of the same model agree.
         """
         if self.base_model_type is not None and self.base_model_type != model_type and not allow_mismatch:
             raise CompressorMismatchError(
@@ -246,7 +252,8 @@ class Compressor(
                 f"model_type {model_type!r}; its relevance scores are unlikely to transfer. To use it anyway "
                 "pass allow_mismatch=True (TokenPruneConfig(allow_compressor_mismatch=True))."
             )
-        if self.base_model_name is not None and model_name is not None and self.base_model_name != model_name:
+        if (self.base_model_name is not None and model_name is not None
+                and _basename(self.base_model_name) != _basename(model_name)):
             warnings.warn(
                 f"compressor was trained on {self.base_model_name!r}, applying it to {model_name!r}",
                 stacklevel=2,

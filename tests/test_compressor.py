@@ -255,6 +255,7 @@ def test_check_compatible() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.check_compatible("llava", "llava-hf/llava-1.5-7b-hf")
+        model.check_compatible("llava", "/models/llava-1.5-7b-hf/")  # a local copy of the same model
         model.check_compatible("llava")
         Compressor(**SMALL).check_compatible("anything", "any/name")
     with pytest.warns(UserWarning, match="llava-1.5-13b"):
