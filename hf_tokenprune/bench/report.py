@@ -89,8 +89,10 @@ def plot(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
             for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "full"):
                 mine = sorted((r for r in rows if r["method"] == method and (part == "cost" or r["model"] == key)),
                               key=lambda r: r["ratio"])
-                ys = [r[key] if part == "cost" else 100 * r["accuracy"] for r in mine]
-                ax.plot([100 * r["ratio"] for r in mine], ys, marker="o", label=method)
+                full = next((r for r in rows if r["method"] == "full" and (part == "cost" or r["model"] == key)), None)
+                start = [] if full is None else [full]  # the 100% point: the full model
+                ys = [r[key] if part == "cost" else 100 * r["accuracy"] for r in mine + start]
+                ax.plot([100 * r["ratio"] for r in mine + start], ys, marker="o", label=method)
             ax.set_xscale("log", base=2)
             ax.set_xticks([12.5, 25, 50, 100], ["12.5", "25", "50", "100"])
             ax.set_xlabel("visual tokens kept (%)")
