@@ -31,7 +31,8 @@ def _ask(model, processor, sample) -> tuple[str, dict]:
     inputs = inputs_for(processor, [sample])
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    text = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    answer = (text.split() or [""])[0]  # the first word, as world.evaluate.predict scores it
     stats = model.tokenprune.last_stats if hasattr(model, "tokenprune") else None
     visual = int(sum(inputs["input_ids"][0] == t for t in get_adapter(model).visual_token_ids).sum())
     row = {"question": sample.question.text, "truth": sample.question.answer, "answer": answer,
