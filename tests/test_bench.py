@@ -162,7 +162,8 @@ def test_world_accuracy_skips_unshipped_models_and_measures_shipped_ones(tmp_pat
     untrained = (models.build_model("qwen2_vl"), models.build_processor("qwen2_vl"))
     monkeypatch.setattr(world, "load", lambda family: untrained)
     records = run(tmp_path / "world", settings, parts=("accuracy",), progress=False)
-    assert {(r["method"], r["ratio"]) for r in records} == {("full", 1.0), ("random", 0.25), ("fastv", 0.25)}
+    assert {(r["method"], r["ratio"]) for r in records} == {("full", 1.0), ("compressor", 0.25), ("random", 0.25),
+                                                             ("fastv", 0.25)}
     assert all(r["model"] == "world-qwen2_vl" and 0 <= r["accuracy"] <= 1 and r["n"] == 4 for r in records)
     assert "| random | | " in (tmp_path / "world" / "results.md").read_text()
 
@@ -181,5 +182,6 @@ def test_cli_bench_quick(tmp_path, capsys):
             "--decode-tokens", "1", "--out", str(tmp_path)]
     assert main(args) == 0
     records = json.loads((tmp_path / "results.json").read_text())
-    assert {(r["method"], r["ratio"]) for r in records} == {("full", 1.0), ("random", 0.25), ("fastv", 0.25)}
+    assert {(r["method"], r["ratio"]) for r in records} == {("full", 1.0), ("compressor", 0.25), ("random", 0.25),
+                                                             ("fastv", 0.25)}
     assert "wrote" in capsys.readouterr().out and (tmp_path / "results.md").exists()
