@@ -20,7 +20,7 @@ from . import viz
 from .adapters import get_adapter
 from .explain import visual_relevance
 from .world import compressor_path, load
-from .world.evaluate import accuracy, heldout_samples, inputs_for
+from .world.evaluate import accuracy, first_word, heldout_samples, inputs_for
 from .world.scenes import LOOKUP, make_samples
 from .wrap import prune_wrap, score_inputs, unwrap
 
@@ -31,8 +31,7 @@ def _ask(model, processor, sample) -> tuple[str, dict]:
     inputs = inputs_for(processor, [sample])
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    text = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-    answer = (text.split() or [""])[0]  # the first word, as world.evaluate.predict scores it
+    answer = first_word(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
     stats = model.tokenprune.last_stats if hasattr(model, "tokenprune") else None
     visual = int(sum(inputs["input_ids"][0] == t for t in get_adapter(model).visual_token_ids).sum())
     row = {"question": sample.question.text, "truth": sample.question.answer, "answer": answer,

@@ -9,6 +9,7 @@ from hf_tokenprune.world import models
 from hf_tokenprune.world.evaluate import chat_prompts
 from hf_tokenprune.world.scenes import BACKGROUND, CELL, COLOURS, make_samples, questions
 from hf_tokenprune.world.train import (
+    FOREGROUND_DIFFERENCE,
     MIN_PIXELS,
     _cell_labels,
     _visual_feature_module,
@@ -118,9 +119,10 @@ def test_token_labels_match_the_rendered_pixels():
         for j in range(16):
             patch = pixels[8 * i:8 * i + 8, 8 * j:8 * j + 8].reshape(-1, 3)
             if labels[i, j, 1] == 0:
-                assert (np.abs(patch - BACKGROUND).sum(axis=1) >= 30).sum() < MIN_PIXELS
+                assert (np.abs(patch - BACKGROUND).sum(axis=1) >= FOREGROUND_DIFFERENCE).sum() < MIN_PIXELS
             else:  # the object pixels, antialiased against the background, point towards the label's colour
-                shown = (patch - BACKGROUND)[np.abs(patch - BACKGROUND).sum(axis=1) >= 30].sum(axis=0)
+                drawn = np.abs(patch - BACKGROUND).sum(axis=1) >= FOREGROUND_DIFFERENCE
+                shown = (patch - BACKGROUND)[drawn].sum(axis=0)
                 cosine = {c: shown @ (np.array(rgb) - BACKGROUND) / np.linalg.norm(np.array(rgb) - BACKGROUND)
                           for c, rgb in COLOURS.items()}
                 assert max(cosine, key=cosine.get) == colours[labels[i, j, 1] - 1]

@@ -33,6 +33,11 @@ def inputs_for(processor: ProcessorMixin, samples: list[Sample]) -> dict[str, to
                      **{key: [s.media for s in samples]})
 
 
+def first_word(text: str) -> str:
+    """The answer a world question is scored on: the first word of the generated text."""
+    return (text.split() or [""])[0]
+
+
 def predict(model: nn.Module, processor: ProcessorMixin, samples: list[Sample], batch_size: int = 32) -> list[str]:
     """Greedy answers (first word) for ``samples``."""
     device = next(model.parameters()).device
@@ -42,7 +47,7 @@ def predict(model: nn.Module, processor: ProcessorMixin, samples: list[Sample], 
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
         texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        answers += [(t.split() or [""])[0] for t in texts]
+        answers += [first_word(t) for t in texts]
     return answers
 
 

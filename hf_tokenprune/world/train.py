@@ -48,11 +48,11 @@ def object_range(progress: float) -> tuple[int, int]:
 MIN_PIXELS = 6  # object pixels a visual token must show to be labelled with the object
 
 
-def _token_grid(scene: Scene, frame: int, pixels: int) -> torch.Tensor:
+def _token_grid(scene: Scene, image, frame: int, pixels: int) -> torch.Tensor:
     """``[H, W, 2]`` (shape + 1, colour + 1; 0 = nothing) for a grid of ``pixels``-wide visual tokens over the
     rendered frame: a token is labelled with the object of its cell when it shows at least :data:`MIN_PIXELS` of
     its pixels (objects never leave their cell; tokens never straddle cells)."""
-    image = torch.from_numpy(np.asarray(scene.render_frame(frame), dtype=np.int64))
+    image = torch.from_numpy(np.asarray(image, dtype=np.int64))
     foreground = (image - torch.tensor(BACKGROUND)).abs().sum(-1) > FOREGROUND_DIFFERENCE
     height, width = scene.rows * CELL // pixels, scene.cols * CELL // pixels
     counts = foreground.view(height, pixels, width, pixels).sum(dim=(1, 3))
@@ -71,10 +71,11 @@ def _cell_labels(sample: Sample, family: str) -> torch.Tensor:
     tower emits them (Qwen: merged 8x8-pixel tokens per frame; LLaVA-OV: the 64-pixel thumbnail, one token
     per cell, then the 2x2 high-resolution tiles of 8x8-pixel tokens, row-major)."""
     scene = sample.scene
+    frames = sample.media[::scene.repeat] if sample.is_video else [sample.media]  # the rendered distinct frames
     if family == "qwen2_vl":
-        return torch.cat([_token_grid(scene, f, 8).reshape(-1, 2) for f in range(scene.frames)])
-    tokens = _token_grid(scene, 0, 8)
-    parts = [_token_grid(scene, 0, CELL).reshape(-1, 2)]
+        return torch.cat([_token_grid(scene, image, f, 8).reshape(-1, 2) for f, image in enumerate(frames)])
+    tokens = _token_grid(scene, frames[0], 0, 8)
+    parts = [_token_grid(scene, frames[0], 0, CELL).reshape(-1, 2)]
     parts += [tokens[8 * r:8 * r + 8, 8 * c:8 * c + 8].reshape(-1, 2) for r in (0, 1) for c in (0, 1)]
     return torch.cat(parts)
 
