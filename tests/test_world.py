@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from hf_tokenprune.world import models
 from hf_tokenprune.world.evaluate import chat_prompts
-from hf_tokenprune.world.scenes import BACKGROUND, CELL, COLOURS, make_samples, questions
+from hf_tokenprune.world.scenes import BACKGROUND, CELL, COLOURS, SHAPES, make_samples, questions
 from hf_tokenprune.world.train import (
     FOREGROUND_DIFFERENCE,
     MIN_PIXELS,
@@ -39,6 +39,11 @@ def test_every_question_has_exactly_one_answer(video):
                 matches = [o for o in scene.objects if o.shape == words[-2]]
             elif q.kind == "shape_of_colour":
                 matches = [o for o in scene.objects if o.colour == words[-3]]
+            elif q.kind == "count_of_colour":  # "how many <colour> objects ?": every one of them is evidence
+                matches = [o for o in scene.objects if o.colour == words[2]]
+                assert q.answer == ("one", "two", "three", "four")[len(matches) - 1], q
+                assert sorted(q.boxes) == sorted((o.frame, *o.box) for o in matches)
+                continue
             else:  # left_of: "... left of the <colour> <shape> ?"
                 matches = [o for o in scene.objects if (o.colour, o.shape) == (words[-3], words[-2])]
             assert len(matches) == 1, q
@@ -62,18 +67,21 @@ def test_answer_box_shows_the_answer_colour():
             assert (distance < 30).sum() >= 4
 
 
-def test_objects_cover_far_more_than_a_quarter_of_the_visual_tokens():
-    """Task-agnostic pruning at 25% must lose answers: most 8x8-pixel visual tokens show part of an object."""
+def test_one_object_per_visual_token_and_objects_cover_far_more_than_a_quarter():
+    """Task-agnostic pruning at 25% must lose answers: each object lies inside ONE 8x8-pixel visual token, and
+    more than a third of the tokens show an object."""
     covered = []
     for index in range(20):
         scene = make_samples("test", index)[0].scene
-        tokens = np.zeros((scene.rows * 2, scene.cols * 2), dtype=bool)
+        tokens = np.zeros((scene.rows * CELL // 8, scene.cols * CELL // 8), dtype=int)
         for o in scene.objects:
             x0, y0, x1, y1 = o.box
-            tokens[y0 // 8:(y1 - 1) // 8 + 1, x0 // 8:(x1 - 1) // 8 + 1] = True
+            assert (x0 // 8, y0 // 8) == ((x1 - 1) // 8, (y1 - 1) // 8) == (o.col, o.row)
+            tokens[y0 // 8, x0 // 8] += 1
+        assert tokens.max() == 1
         covered.append(tokens.mean())
-        assert 28 <= len(scene.objects) <= 44 and scene.size == (8 * CELL, 8 * CELL)
-    assert np.mean(covered) > 0.4
+        assert 96 <= len(scene.objects) <= 144 and scene.size == (128, 128)
+    assert np.mean(covered) > 0.35
 
 
 @pytest.mark.parametrize(("family", "video"), [("qwen2_vl", False), ("qwen2_vl", True), ("llava_onevision", False)])
@@ -102,11 +110,13 @@ def test_packed_batch_equals_one_sequence_per_question(family, video):
 def test_cell_labels_follow_the_object_grid():
     s = make_samples("test", 0)[0]
     labels = _cell_labels(s, "qwen2_vl").view(16, 16, 2)
-    o = s.scene.objects[0]
-    assert (labels[2 * o.row:2 * o.row + 2, 2 * o.col:2 * o.col + 2, 1] == list(COLOURS).index(o.colour) + 1).all()
-    thumbnail = _cell_labels(s, "llava_onevision")[:64].view(8, 8, 2)
-    assert thumbnail[o.row, o.col, 1] == list(COLOURS).index(o.colour) + 1
-    assert int((thumbnail[..., 0] > 0).sum()) == len(s.scene.objects)
+    for o in s.scene.objects:
+        assert labels[o.row, o.col].tolist() == [SHAPES.index(o.shape) + 1, list(COLOURS).index(o.colour) + 1]
+    assert int((labels[..., 0] > 0).sum()) == len(s.scene.objects)
+    llava = _cell_labels(s, "llava_onevision")
+    assert (llava[:64] == -100).all()  # thumbnail tokens see 2x2 cells: not in the loss
+    tiles = llava[64:].view(2, 2, 8, 8, 2).permute(0, 2, 1, 3, 4).reshape(16, 16, 2)  # tile-major -> image grid
+    assert torch.equal(tiles, labels)
 
 
 def test_token_labels_match_the_rendered_pixels():

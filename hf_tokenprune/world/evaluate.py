@@ -21,7 +21,7 @@ def chat_prompts(processor: ProcessorMixin, samples: list[Sample]) -> list[str]:
 
 def heldout_samples(n: int, *, video: bool = False, seed: int = 0, start: int = 0,
                     kinds: tuple[str, ...] = LOOKUP) -> list[Sample]:
-    """``n`` held-out samples (one question of ``kinds`` per scene, 28-44 objects on 8x8 cells)."""
+    """``n`` held-out samples (one question of ``kinds`` per scene, 96-144 objects on 16x16 cells)."""
     return [s for i in range(start, start + n) for s in make_samples("test", i, seed=seed, video=video, kinds=kinds)]
 
 
@@ -62,11 +62,14 @@ def accuracy(model: nn.Module, processor: ProcessorMixin, samples: list[Sample],
 
 
 def answer_accuracy(model: nn.Module, processor: ProcessorMixin, n: int, *, family: str) -> dict:
-    """Held-out accuracy on ``n`` :data:`~.scenes.LOOKUP` image questions and ``n // 4`` ``left_of`` ones (for
-    Qwen2-VL also ``n // 2`` video lookups and ``n // 4`` ``frame_of_shape`` questions)."""
+    """Held-out accuracy on ``n`` :data:`~.scenes.LOOKUP` image questions and ``n // 4`` each of
+    ``shape_of_colour``, ``left_of`` and ``count_of_colour`` (for Qwen2-VL also ``n // 2`` video lookups and
+    ``n // 4`` ``frame_of_shape``)."""
     few = max(1, n // 4)
     out = {"image": accuracy(model, processor, heldout_samples(n)),
-           "left_of": accuracy(model, processor, heldout_samples(few, kinds=("left_of",)))}
+           "shape_of_colour": accuracy(model, processor, heldout_samples(few, kinds=("shape_of_colour",))),
+           "left_of": accuracy(model, processor, heldout_samples(few, kinds=("left_of",))),
+           "count_of_colour": accuracy(model, processor, heldout_samples(few, kinds=("count_of_colour",)))}
     if family == "qwen2_vl":
         out["video"] = accuracy(model, processor, heldout_samples(max(1, n // 2), video=True))
         out["frame_of_shape"] = accuracy(model, processor, heldout_samples(few, video=True, kinds=("frame_of_shape",)))

@@ -1,11 +1,11 @@
 """The architectures trained on the toy world: real transformers classes at sizes a CPU trains in minutes.
 
 * ``qwen2_vl``: Qwen2-VL (M-RoPE, dynamic resolution, images and videos). Patch 4, merge 2: one visual token
-  per 8x8 pixels, so a 128x128 image (8x8 cells) gives 256 visual tokens, a video of 4 distinct 64x64
-  frames (each shown twice, the temporal patch) 4 x 64 = 256.
+  per 8x8 pixels = one per world cell, so a 128x128 image (16x16 cells) gives 256 visual tokens, a video of 4
+  distinct 64x64 frames (each shown twice, the temporal patch) 4 x 64 = 256.
 * ``llava_onevision``: LLaVA-OneVision (SigLIP tower, anyres). 64-pixel SigLIP tiles with patch 8: a
-  128x128 image gives a 64-token thumbnail (one token per cell) plus 2x2 high-resolution tiles (256 tokens,
-  one per 8x8 pixels) and 16 row-newline tokens: 336 visual tokens.
+  128x128 image gives a 64-token thumbnail (one token per 2x2 cells) plus 2x2 high-resolution tiles (256
+  tokens, one per 8x8-pixel cell) and 16 row-newline tokens: 336 visual tokens.
 
 Both use the offline word-level tokenizer of :mod:`hf_tokenprune.tiny` and the families' chat templates.
 """

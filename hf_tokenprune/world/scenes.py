@@ -1,10 +1,13 @@
 """The toy VQA world: grids of coloured shapes, and questions whose answer sits in one small region.
 
-A scene is a ``rows x cols`` grid of 16-pixel cells; an occupied cell holds one object (shape, colour, size,
-centred in its cell up to a pixel of jitter). Every scene has two *rare* shapes and two *rare* colours that
-occur exactly once, so "what colour is the star ?" has one answer that only the star's cell shows. With the
-default 28-44 objects on an 8x8 grid, 44-69% of the cells are occupied: a pruner that keeps 25% of the visual
-tokens without looking at the question loses most answers; one that keeps the question's region need not.
+A scene is a ``rows x cols`` grid of 8-pixel cells, one cell per visual token of the world models (Qwen2-VL
+patch 4 / merge 2, LLaVA-OneVision high-resolution tiles with patch 8); an occupied cell holds one object
+(shape, colour, size, centred in its cell). Every scene has two *rare* shapes and two *rare* colours that occur
+exactly once, and one *counted* colour that occurs two to four times, so "what colour is the star ?" has one
+answer that only the star's token shows. With the default 96-144 objects on a 16x16 grid, 37-56% of the
+tokens show an object and each answer sits in ONE of 256 tokens: a pruner that keeps 25% of the visual tokens
+without looking at the question keeps the answer about a quarter of the time (at best, keeping only object
+tokens, half of the time); one that keeps the question's token need not lose it.
 
 Question kinds (one-word answers; ``boxes[0]`` is the region that holds the answer, further boxes are the
 other evidence):
@@ -12,11 +15,15 @@ other evidence):
 * ``colour_of_shape``  "what colour is the star ?" -> colour of the unique star
 * ``shape_of_colour``  "what shape is the red object ?" -> shape of the unique red object
 * ``left_of``          "what shape is left of the red star ?" -> shape in the cell left of a unique object
+* ``count_of_colour``  "how many red objects ?" -> "one" .. "four" (a rare or the counted colour: every one of
+  its objects is evidence, so the answer needs up to four tokens, not one)
 * ``frame_of_shape``   (videos) "which frame shows the star ?" -> "one" .. "four"
 
-The held-out benchmark is :data:`LOOKUP`: an attribute of the one object the question names. ``left_of`` takes
-two hops (find the named object, then read its neighbour) and ``frame_of_shape`` reads a temporal position
-(which only the LLM's M-RoPE carries: the Qwen2-VL vision tower sees each frame alone); both are measured
+The held-out benchmark is :data:`LOOKUP`, ``colour_of_shape``: the colour of the one object the question names,
+which the shipped models answer with all tokens. ``shape_of_colour`` is the same lookup the other way round
+(the 3-layer models learn it only partly), ``left_of`` takes two hops (find the named object, then read its
+neighbour), ``count_of_colour`` aggregates several tokens and ``frame_of_shape`` reads a temporal position
+(which only the LLM's M-RoPE carries: the Qwen2-VL vision tower sees each frame alone); they are measured
 separately.
 
 Everything is deterministic from ``(seed, split, index)``; the ``train`` and ``test`` splits draw from
@@ -43,11 +50,11 @@ COLOURS = {
     "purple": (150, 60, 200),
     "white": (245, 245, 245),
 }
-SIZES = {"small": (10, 11), "large": (13, 15)}
-FRAME_WORDS = ("one", "two", "three", "four")
-KINDS = ("colour_of_shape", "shape_of_colour", "left_of", "frame_of_shape")
-LOOKUP = ("colour_of_shape", "shape_of_colour")  # an attribute of the one object the question names
-CELL = 16
+SIZES = {"small": 6, "large": 8}  # side in pixels
+FRAME_WORDS = COUNT_WORDS = ("one", "two", "three", "four")
+KINDS = ("colour_of_shape", "shape_of_colour", "left_of", "count_of_colour", "frame_of_shape")
+LOOKUP = ("colour_of_shape",)  # the held-out benchmark: the colour of the one object the question names
+CELL = 8
 BACKGROUND = (24, 24, 24)
 _SUPERSAMPLE = 4
 Split = Literal["train", "test"]
@@ -120,31 +127,36 @@ class Sample:
 
 def _place(rng: random.Random, shape: str, colour: str, frame: int, row: int, col: int) -> WorldObject:
     size = rng.choice(list(SIZES))
-    side = rng.randint(*SIZES[size])
-    margin = (CELL - side) // 2  # centred in the cell, jittered by at most one pixel
-    x0 = col * CELL + margin + rng.randint(-1, 1) * (margin > 0)
-    y0 = row * CELL + margin + rng.randint(-1, 1) * (margin > 0)
+    side = SIZES[size]
+    margin = (CELL - side) // 2  # centred in its cell: one object, one visual token
+    x0, y0 = col * CELL + margin, row * CELL + margin
     return WorldObject(shape, colour, size, row, col, (x0, y0, x0 + side, y0 + side), frame)
 
 
-def make_scene(rng: random.Random, rows: int = 8, cols: int = 8, n_objects: int = 36) -> Scene:
-    """An image scene: two rare shapes and two rare colours occur exactly once each."""
-    if not 4 <= n_objects <= rows * cols:
-        raise ValueError(f"n_objects must be in [4, {rows * cols}] for a {rows}x{cols} grid, got {n_objects}")
+MIN_OBJECTS = 8  # 2 rare shapes, 2 rare colours, up to 4 of the counted colour
+
+
+def make_scene(rng: random.Random, rows: int = 16, cols: int = 16, n_objects: int = 120) -> Scene:
+    """An image scene: two rare shapes and two rare colours occur exactly once each, one counted colour two to
+    four times."""
+    if not MIN_OBJECTS <= n_objects <= rows * cols:
+        raise ValueError(f"n_objects must be in [{MIN_OBJECTS}, {rows * cols}] for a {rows}x{cols} grid, "
+                         f"got {n_objects}")
     shapes, colours = rng.sample(SHAPES, len(SHAPES)), rng.sample(list(COLOURS), len(COLOURS))
     rare_shapes, common_shapes = shapes[:2], shapes[2:]
-    rare_colours, common_colours = colours[:2], colours[2:]
+    rare_colours, counted, common_colours = colours[:2], colours[2], colours[3:]
     kinds = [(s, rng.choice(common_colours)) for s in rare_shapes]
     kinds += [(rng.choice(common_shapes), c) for c in rare_colours]
-    kinds += [(rng.choice(common_shapes), rng.choice(common_colours)) for _ in range(n_objects - 4)]
+    kinds += [(rng.choice(common_shapes), counted) for _ in range(rng.randint(2, 4))]
+    kinds += [(rng.choice(common_shapes), rng.choice(common_colours)) for _ in range(n_objects - len(kinds))]
     rng.shuffle(kinds)
     cells = rng.sample([(r, c) for r in range(rows) for c in range(cols)], n_objects)
     objects = [_place(rng, s, c, 0, r, col) for (s, c), (r, col) in zip(kinds, cells, strict=True)]
     return Scene(rows, cols, objects)
 
 
-def make_video_scene(rng: random.Random, frames: int = 4, rows: int = 4, cols: int = 4,
-                     n_objects: tuple[int, int] = (5, 10)) -> Scene:
+def make_video_scene(rng: random.Random, frames: int = 4, rows: int = 8, cols: int = 8,
+                     n_objects: tuple[int, int] = (20, 40)) -> Scene:
     """A video scene: one rare shape occurs exactly once in the whole video."""
     if frames > len(FRAME_WORDS):
         raise ValueError(f"at most {len(FRAME_WORDS)} distinct frames, got {frames}")
@@ -176,6 +188,12 @@ def questions(scene: Scene) -> list[Question]:
         colour_count[o.colour] = colour_count.get(o.colour, 0) + 1
         combo_count[o.colour, o.shape] = combo_count.get((o.colour, o.shape), 0) + 1
     out = []
+    if scene.frames == 1:  # one rare colour (answer "one") and the counted one: "one" half of the time
+        counted = [c for c, n in colour_count.items() if n > 1 and n <= len(COUNT_WORDS)]
+        rare = [c for c, n in colour_count.items() if n == 1]
+        for colour in rare[:1] + counted[:1]:  # in scene order, which is shuffled
+            boxes = tuple(_box(o) for o in scene.objects if o.colour == colour)
+            out.append(Question("count_of_colour", f"how many {colour} objects ?", COUNT_WORDS[len(boxes) - 1], boxes))
     for o in scene.objects:
         if shape_count[o.shape] == 1:
             out.append(Question("colour_of_shape", f"what colour is the {o.shape} ?", o.colour, (_box(o),)))
@@ -198,7 +216,7 @@ def sample_rng(seed: int, split: Split, index: int) -> random.Random:
 
 
 def make_samples(split: Split, index: int, *, seed: int = 0, video: bool = False, per_scene: int = 1,
-                 n_objects: tuple[int, int] = (28, 44), grid: tuple[int, int] = (8, 8),
+                 n_objects: tuple[int, int] = (96, 144), grid: tuple[int, int] = (16, 16),
                  kinds: tuple[str, ...] = KINDS) -> list[Sample]:
     """``per_scene`` distinct questions of ``kinds`` (fewer if the scene has fewer) about scene ``index`` of
     ``split``."""

@@ -6,7 +6,7 @@ ln(6), chance):
 * an **auxiliary per-visual-token loss**: a linear head on the visual tokens entering the LLM predicts the
   shape and colour of the object the token sees (or "nothing"); it trains the vision tower first;
 * **several questions per scene** in one step (``--images`` scenes x ``--questions`` questions);
-* an **object-count curriculum** over the first half of the steps (4-8 objects -> 28-44);
+* an **object-count curriculum** over the first half of the steps (8-16 objects -> 96-144 on 16x16 cells);
 * AdamW with linear warm-up and cosine decay.
 
 Qwen2-VL also sees videos (every ``--video-every``-th step) and a few grid sizes (dynamic resolution).
@@ -33,12 +33,13 @@ from tqdm.auto import tqdm
 
 from . import models
 from .evaluate import answer_accuracy, chat_prompts
-from .scenes import BACKGROUND, CELL, COLOURS, KINDS, SHAPES, Sample, Scene, make_samples
+from .scenes import BACKGROUND, CELL, COLOURS, KINDS, MIN_OBJECTS, SHAPES, Sample, Scene, make_samples
 
-CURRICULUM = ((0.0, (4, 8)), (0.1, (8, 14)), (0.2, (12, 20)), (0.3, (18, 28)), (0.4, (24, 36)), (0.5, (28, 44)))
+CURRICULUM = ((0.0, (8, 16)), (0.1, (16, 32)), (0.2, (32, 56)), (0.3, (56, 88)), (0.4, (80, 120)),
+              (0.5, (96, 144)))  # objects on a 16x16 grid, scaled to the grid's area
 FOREGROUND_DIFFERENCE = 30  # summed |RGB - background| above which a pixel shows an object
 STEP_STRIDE = 64  # scene indices per step: steps never share scenes (video steps use 2 x --images)
-QWEN_GRIDS = ((8, 8), (8, 8), (8, 8), (6, 8), (8, 6), (7, 7))
+QWEN_GRIDS = ((16, 16), (16, 16), (16, 16), (12, 16), (16, 12), (14, 14))
 
 
 def object_range(progress: float) -> tuple[int, int]:
@@ -49,9 +50,9 @@ MIN_PIXELS = 6  # object pixels a visual token must show to be labelled with the
 
 
 def _token_grid(scene: Scene, image, frame: int, pixels: int) -> torch.Tensor:
-    """``[H, W, 2]`` (shape + 1, colour + 1; 0 = nothing) for a grid of ``pixels``-wide visual tokens over the
-    rendered frame: a token is labelled with the object of its cell when it shows at least :data:`MIN_PIXELS` of
-    its pixels (objects never leave their cell; tokens never straddle cells)."""
+    """``[H, W, 2]`` (shape + 1, colour + 1; 0 = nothing) for a grid of ``pixels``-wide visual tokens (at most a
+    cell wide) over the rendered frame: a token is labelled with the object of its cell when it shows at least
+    :data:`MIN_PIXELS` of its pixels (objects never leave their cell; tokens never straddle cells)."""
     image = torch.from_numpy(np.asarray(image, dtype=np.int64))
     foreground = (image - torch.tensor(BACKGROUND)).abs().sum(-1) > FOREGROUND_DIFFERENCE
     height, width = scene.rows * CELL // pixels, scene.cols * CELL // pixels
@@ -68,14 +69,16 @@ def _token_grid(scene: Scene, image, frame: int, pixels: int) -> torch.Tensor:
 
 def _cell_labels(sample: Sample, family: str) -> torch.Tensor:
     """``[n_visual_features, 2]`` aux-loss labels for the visual features of ``sample``, in the order the vision
-    tower emits them (Qwen: merged 8x8-pixel tokens per frame; LLaVA-OV: the 64-pixel thumbnail, one token
-    per cell, then the 2x2 high-resolution tiles of 8x8-pixel tokens, row-major)."""
+    tower emits them (Qwen: merged 8x8-pixel tokens per frame; LLaVA-OV: the 64-pixel thumbnail, whose tokens
+    each see 2x2 cells and are left out of the loss (label -100), then the 2x2 high-resolution tiles of
+    8x8-pixel tokens, row-major)."""
     scene = sample.scene
     frames = sample.media[::scene.repeat] if sample.is_video else [sample.media]  # the rendered distinct frames
     if family == "qwen2_vl":
         return torch.cat([_token_grid(scene, image, f, 8).reshape(-1, 2) for f, image in enumerate(frames)])
     tokens = _token_grid(scene, frames[0], 0, 8)
-    parts = [_token_grid(scene, frames[0], 0, CELL).reshape(-1, 2)]
+    thumbnail = (models.LLAVA_TILE // models.LLAVA_PATCH) ** 2
+    parts = [torch.full((thumbnail, 2), -100, dtype=torch.long)]
     parts += [tokens[8 * r:8 * r + 8, 8 * c:8 * c + 8].reshape(-1, 2) for r in (0, 1) for c in (0, 1)]
     return torch.cat(parts)
 
@@ -83,9 +86,11 @@ def _cell_labels(sample: Sample, family: str) -> torch.Tensor:
 class Batches(torch.utils.data.Dataset):
     """Training batch ``step``: scenes and questions drawn from ``(seed, step)`` alone."""
 
-    def __init__(self, family: str, steps: int, seed: int, images: int, questions: int, video_every: int) -> None:
+    def __init__(self, family: str, steps: int, seed: int, images: int, questions: int, video_every: int,
+                 kinds: tuple[str, ...] = KINDS, curriculum: bool = True) -> None:
         self.family, self.steps, self.seed = family, steps, seed
         self.images, self.questions, self.video_every = images, questions, video_every
+        self.kinds, self.curriculum = kinds, curriculum
         self.processor = models.build_processor(family)
         if 2 * images > STEP_STRIDE:
             raise ValueError(f"at most {STEP_STRIDE // 2} scenes per step, got {images}")
@@ -93,22 +98,26 @@ class Batches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.steps
 
+    def samples_range(self, step: int) -> tuple[int, int]:
+        """Objects per 16x16 scene at ``step``."""
+        return object_range(step / self.steps if self.curriculum else 1.0)
+
     def samples(self, step: int) -> list[Sample]:
         rng = random.Random(f"{self.seed}/{step}")
         video = self.family == "qwen2_vl" and self.video_every > 0 and step % self.video_every == self.video_every - 1
-        low, high = object_range(step / self.steps)
+        low, high = self.samples_range(step)
         out = []
         for i in range(self.images * (2 if video else 1)):
             index = step * STEP_STRIDE + i
             if video:
                 out += make_samples("train", index, seed=self.seed, video=True, per_scene=self.questions // 2,
-                                    kinds=KINDS)
+                                    kinds=self.kinds)
                 continue
-            grid = rng.choice(QWEN_GRIDS) if self.family == "qwen2_vl" else (8, 8)
-            scale = grid[0] * grid[1] / 64
-            n = (max(4, round(low * scale)), max(4, round(high * scale)))
+            grid = rng.choice(QWEN_GRIDS) if self.family == "qwen2_vl" else (16, 16)
+            scale = grid[0] * grid[1] / 256
+            n = (max(MIN_OBJECTS, round(low * scale)), max(MIN_OBJECTS, round(high * scale)))
             out += make_samples("train", index, seed=self.seed, per_scene=self.questions, n_objects=n, grid=grid,
-                                kinds=KINDS)
+                                kinds=self.kinds)
         return out
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
@@ -205,20 +214,27 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
           lr: float = 2e-3, llm_lr: float = 7e-4, seed: int = 0, device: str = "cpu", workers: int = 0,
           video_every: int = 4,
           checkpoint_every: int = 250, eval_every: int = 250, eval_samples: int = 300, resume: bool = False,
-          max_minutes: float | None = None) -> dict:
-    """Train ``family``'s world model; returns the log (also written to ``out/training_log.json``)."""
+          max_minutes: float | None = None, kinds: tuple[str, ...] = KINDS, init: str | Path | None = None) -> dict:
+    """Train ``family``'s world model; returns the log (also written to ``out/training_log.json``).
+
+    ``init``: a previous run's directory whose final weights (``checkpoint/``) this run starts from, a second
+    training phase with its own schedule; it skips the object-count curriculum. ``kinds``: the question kinds
+    trained."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = models.build_model(family, seed=seed).to(device).train()
     aux = AuxHead(model.config.get_text_config().hidden_size).to(device)
+    if init is not None:
+        model.load_state_dict(load_file(Path(init) / "checkpoint" / "model.safetensors"))
+        aux.load_state_dict(load_file(Path(init) / "checkpoint" / "aux.safetensors"))
     params = [*model.parameters(), *aux.parameters()]
     llm = {id(p) for p in [*model.model.language_model.parameters(), *model.lm_head.parameters()]}
     groups = [{"params": [p for p in params if id(p) not in llm], "peak": lr},
               {"params": [p for p in params if id(p) in llm], "peak": llm_lr}]
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     log: dict = {"family": family, "steps": steps, "images": images, "questions": questions, "lr": lr,
-                 "llm_lr": llm_lr, "seed": seed,
+                 "llm_lr": llm_lr, "seed": seed, "kinds": list(kinds), "init": None if init is None else str(init),
                  "history": [], "train_seconds": 0.0}
     start_step = 0
     ckpt = out / "checkpoint"
@@ -230,7 +246,7 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
         start_step = log["next_step"]
     features: list[torch.Tensor] = []
     hook = _visual_feature_module(model).register_forward_hook(lambda m, a, o: features.append(o))
-    data = Batches(family, steps, seed, images, questions, video_every)
+    data = Batches(family, steps, seed, images, questions, video_every, kinds=kinds, curriculum=init is None)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
                                          sampler=range(start_step, steps), persistent_workers=workers > 0)
     warmup = max(1, steps // 20)
@@ -258,7 +274,8 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
                 model.eval()
                 with torch.no_grad():
                     entry = {"step": done, "answer_loss": answer_loss.item(), "aux_loss": aux_loss.item(),
-                             "objects": object_range(step / steps), "minutes": (time.perf_counter() - began) / 60,
+                             "objects": data.samples_range(step),
+                             "minutes": (time.perf_counter() - began) / 60,
                              **answer_accuracy(model, data.processor, eval_samples, family=family)}
                 model.train()
                 log["history"].append(entry)
@@ -328,12 +345,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-samples", type=int, default=300)
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="question kinds to train, comma-separated")
+    parser.add_argument("--init", default=None,
+                        help="start from the final weights of this earlier run directory (a second phase)")
     args = parser.parse_args(argv)
     train(args.family, args.out, steps=args.steps, images=args.images, questions=args.questions, lr=args.lr,
           llm_lr=args.llm_lr,
           seed=args.seed, device=args.device, workers=args.workers, video_every=args.video_every,
           checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_samples=args.eval_samples,
-          resume=args.resume, max_minutes=args.max_minutes)
+          resume=args.resume, max_minutes=args.max_minutes, kinds=tuple(args.kinds.split(",")), init=args.init)
 
 
 if __name__ == "__main__":
