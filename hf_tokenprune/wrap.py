@@ -3,11 +3,18 @@
 Three instance-level hooks, installed through the model's adapter and removed by :func:`unwrap`:
 
 * a pre-hook on the multimodal model records the call's ``input_ids`` and visual inputs (the text model
-  receives only ``inputs_embeds``), and supplies consistent decode positions when none are given;
+  receives only ``inputs_embeds``); on a call over a pruned cache it checks the call against what the cache holds,
+  drops the tokens it already holds and supplies consistent positions when none are given;
 * a pre-hook on the text model prunes the prefill (scores, keeps the top tokens, slices embeddings, mask and
-  position ids) and, on every later step over the pruned cache, rebuilds the attention mask (and shifts
-  positions for ``positions="contiguous"``);
-* a post-hook on the text model remembers which cache the pruned prefill filled.
+  position ids) and, on every later step over the pruned cache, rebuilds the attention mask and numbers the new
+  tokens after the cache (the original numbering, or the shortened one for ``positions="contiguous"``);
+* a post-hook on the text model stores the prefill's layout on the cache it filled.
+
+Multi-turn chat: a later ``generate`` given the whole conversation and the returned cache continues it. The
+cache keeps the first turn's pruned sequence (dropped tokens are not re-added); the new turn's tokens follow with
+positions consistent with the first turn, and its new images are scored with its own question and pruned. Calls
+that do not extend the cached conversation raise :class:`PrunedCacheError`, before any compute where the
+arguments of ``generate`` show it (the instance's ``generate`` is wrapped for this and for :mod:`.guards`).
 
 The in-LLM baselines (FastV, PDrop, DART: a :class:`~hf_tokenprune.baselines.LayerSchedule`) leave the text model's
 input alone; the pre-hook hands the prefill's layout to a :class:`~hf_tokenprune.inllm.LayerPruner`, whose hooks on
@@ -68,13 +75,23 @@ class _PrunedCache:
     def length(self) -> int:
         return self.mask.shape[1]
 
+    @property
+    def pruned(self) -> bool:
+        """Whether any token was dropped (else the cache is laid out as an unpruned one)."""
+        return self.length != self.original_length
+
     def covered(self, cache: Any) -> int:
         """How many tokens of the unpruned sequence (kept or dropped) the cache holds."""
         return self.original_length + cache.get_seq_length() - self.length
 
-    def last_position(self, history: torch.Tensor) -> torch.Tensor:
-        """``[rows, batch]`` position of the last cached token, ``history`` the 2-D mask after the last prefill."""
-        return self.last_positions + history.long().sum(dim=-1)
+    def slot_positions(self, text_mask: torch.Tensor, slots: slice) -> torch.Tensor:
+        """``[rows, batch, n]`` positions of the ``slots`` of ``text_mask`` (the text model's mask over the cache and
+        a call's tokens, :meth:`TokenPruneHandle._text_mask`) as the pruned model numbers them: counted from the
+        last prefill token over the real slots (masked slots repeat the previous position; slots of the prefill a
+        cropped cache has re-fed count back from its last token)."""
+        counts = text_mask.long().cumsum(dim=-1)
+        offsets = counts[:, slots] - counts[:, self.length - 1:self.length]
+        return self.last_positions.unsqueeze(-1) + offsets.to(self.last_positions.device)
 
 
 class _Captured(Exception):  # noqa: N818 - control flow, never escapes score_inputs
@@ -89,7 +106,8 @@ class TokenPruneHandle:
     """``model.tokenprune``: the configuration, the last call's :class:`PruneStats`, and :meth:`disabled`.
 
     ``last_stats`` is reset on every prefill and stays ``None`` when the call had nothing to prune (no visual
-    tokens, pruning disabled or ``ratio=1``).
+    tokens, pruning disabled or ``ratio=1``). For a turn that continues a cache it describes that turn's new
+    tokens only (``None`` for a text-only turn).
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, config: TokenPruneConfig,
@@ -170,6 +188,10 @@ class TokenPruneHandle:
         layout = getattr(cache, _RECORD, None)
         if layout is None:
             return None
+        if not layout.pruned and (layout.owner() is not self or not self.active
+                                  or layout.positions != self.config.positions):
+            delattr(cache, _RECORD)  # nothing was dropped: an ordinary cache from now on
+            return None
         if layout.owner() is not self:
             raise PrunedCacheError("this cache was filled by another wrapped model (or before the model was unwrapped "
                                    "and wrapped again): continue a pruned cache with the model that pruned it")
@@ -239,7 +261,8 @@ class TokenPruneHandle:
         if layout is None or not isinstance(input_ids, torch.Tensor):
             return
         mask = kwargs.get("attention_mask")
-        start, covered = self._new_part(layout, cache, input_ids.shape[1], mask)
+        # without a mask generate() takes input_ids for the whole sequence
+        start, covered = self._new_part(layout, cache, input_ids.shape[1], mask, input_ids.shape[1])
         # generate() drops an all-ones mask, and with it the length of the sequence its prefill slices
         self._turn = (weakref.ref(cache), start + input_ids.shape[1])
         self._check_history(layout, input_ids, mask, start, covered)
@@ -314,8 +337,9 @@ class TokenPruneHandle:
         if call.get("position_ids") is None and not self._has_visual_inputs(call):
             # number the new tokens after the cache ourselves (the model would derive them from the pruned cache
             # length, or from rope_deltas, and get them wrong)
-            tail = self._tail(layout, mask, covered, length)
-            call["position_ids"] = self.adapter.text_model_positions(self._positions(layout, tail, length))
+            text_mask = self._text_mask(layout, mask, covered, length)
+            positions = layout.slot_positions(text_mask, slice(-length, None))
+            call["position_ids"] = self.adapter.text_model_positions(positions)
             call["positions_from_pruner"] = True
         return (), {k: v for k, v in call.items() if k != "positions_from_pruner"}
 
@@ -404,13 +428,13 @@ class TokenPruneHandle:
         batch, length = embeds.shape[:2]
         given = kwargs.get("position_ids")
         if layout is None:
-            part_mask, history = mask, None
+            part_mask = mask
             positions = self.adapter.expand_positions(given, batch, length, embeds.device)
         else:
             covered = layout.covered(cache)
-            tail = self._tail(layout, mask, covered, length)
-            history, part_mask = tail[:, :-length], tail[:, -length:]
-            ours = self._step_positions(given, call or {}, layout, tail, length)
+            text_mask = self._text_mask(layout, mask, covered, length)
+            part_mask = text_mask[:, -length:]
+            ours = self._step_positions(given, call or {}, layout, text_mask, length)
             # original numbering: the model's own positions if it gave them (M-RoPE ids of new images), else ours
             if given is not None and not (call or {}).get("positions_from_pruner"):
                 positions = self.adapter.expand_positions(given, batch, length, given.device)
@@ -451,8 +475,8 @@ class TokenPruneHandle:
             new_positions = slicing.positions(positions)
         else:
             new_positions = contiguous_positions(new_mask, positions.shape[0])
-            if layout is not None:
-                new_positions = new_positions + (layout.last_position(history) + 1).unsqueeze(-1)
+            if layout is not None:  # after the last cached token
+                new_positions = new_positions + layout.slot_positions(text_mask, slice(-length - 1, -length)) + 1
         last_original = positions[:, torch.arange(batch), slicing.index[:, -1]]
         last_new = new_positions[:, :, -1]
         shift = None if self.config.positions == "original" else (last_new - last_original).unsqueeze(-1)
@@ -460,7 +484,7 @@ class TokenPruneHandle:
             full_mask = new_mask
             self._pending = self._layout(new_mask, length, last_new, shift, (call or {}).get("input_ids"), mask)
         else:
-            full_mask = torch.cat([layout.mask, history.to(new_mask.dtype), new_mask], dim=1)
+            full_mask = torch.cat([text_mask[:, :-length].to(new_mask.dtype), new_mask], dim=1)
             self._pending = replace(layout, mask=full_mask, original_length=covered + length, last_positions=last_new,
                                     position_shift=shift)
         kept = [torch.nonzero(keep_packed[b, : int(valid[b].sum())]).flatten().cpu() for b in range(batch)]
@@ -503,36 +527,33 @@ class TokenPruneHandle:
 
     # -- decode steps and text-only turns --------------------------------------------------------------------
     @staticmethod
-    def _tail(layout: _PrunedCache, mask: Any, covered: int, length: int) -> torch.Tensor:
-        """The whole-sequence 2-D ``mask`` after the cache's last prefill (ones without one), checked."""
+    def _text_mask(layout: _PrunedCache, mask: Any, covered: int, length: int) -> torch.Tensor:
+        """The text model's 2-D mask over the pruned cache and a call's ``length`` tokens: the cache's last prefill
+        as pruned, then the call's whole-sequence ``mask`` after that prefill (ones without one), checked."""
         expected = covered + length
         if mask is None:
-            return layout.mask.new_ones((layout.mask.shape[0], expected - layout.original_length))
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] != expected:
+            tail = layout.mask.new_ones((layout.mask.shape[0], expected - layout.original_length))
+        elif not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] != expected:
             raise PrunedCacheError(
                 f"this call continues a pruned cache holding {covered} tokens of the unpruned sequence with "
                 f"{length} new tokens and an attention mask of shape {tuple(getattr(mask, 'shape', ()))}; expected a "
                 f"2-D mask over the whole sequence, (batch, {expected})")
-        return mask[:, layout.original_length:]
-
-    def _positions(self, layout: _PrunedCache, tail: torch.Tensor, length: int) -> torch.Tensor:
-        """``[rows, batch, length]`` positions of a call's ``length`` new tokens after the cache, as the pruned model
-        numbers them (``tail``: see :meth:`_tail`; masked slots repeat the previous position)."""
-        last = layout.last_position(tail[:, :-length])
-        return last.unsqueeze(-1) + tail[:, -length:].long().cumsum(dim=-1).to(last.device)
+        else:
+            tail = mask[:, layout.original_length:]
+        return torch.cat([layout.mask, tail.to(layout.mask)], dim=1)
 
     def _step_positions(self, given: torch.Tensor | None, call: dict[str, Any], layout: _PrunedCache,
-                        tail: torch.Tensor, length: int) -> torch.Tensor:
-        """Our positions for the new tokens (:meth:`_positions`), after checking the caller's own ``given`` ones
-        against them. Only the first row is compared where the row counts agree: generate() may derive Qwen's M-RoPE
-        rows of a new turn from the pruned cache length, and those are replaced."""
-        ours = self._positions(layout, tail, length)
+                        text_mask: torch.Tensor, length: int) -> torch.Tensor:
+        """Our positions for a call's ``length`` new tokens (:meth:`_PrunedCache.slot_positions`), after checking the
+        caller's own ``given`` ones against them. Only the first row is compared where the row counts agree:
+        generate() may derive Qwen's M-RoPE rows of a new turn from the pruned cache length; ours replace them."""
+        ours = layout.slot_positions(text_mask, slice(-length, None))
         if given is None or call.get("positions_from_pruner"):
             return ours
         full = self.adapter.expand_positions(given, ours.shape[1], length, given.device)
         if layout.position_shift is not None:
             full = full + layout.position_shift
-        real = tail[:, -length:].bool()
+        real = text_mask[:, -length:].bool()
         if full.shape[0] == ours.shape[0] and not torch.equal(full[0][real], ours[0][real]):
             raise PrunedCacheError("position ids of this call do not continue the pruned cache: the unpruned "
                                    "numbering of its tokens follows from the attention mask over the whole sequence")
@@ -542,10 +563,10 @@ class TokenPruneHandle:
         """A decode step, or a new turn without visual inputs, over a pruned cache: the attention mask of the
         pruned cache plus the new tokens', and positions that continue the cache's numbering."""
         length = kwargs["inputs_embeds"].shape[1]
-        tail = self._tail(layout, kwargs.get("attention_mask"), layout.covered(cache), length)
+        text_mask = self._text_mask(layout, kwargs.get("attention_mask"), layout.covered(cache), length)
+        positions = self._step_positions(kwargs.get("position_ids"), call, layout, text_mask, length)
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = torch.cat([layout.mask, tail.to(layout.mask.dtype)], dim=1)
-        positions = self._step_positions(kwargs.get("position_ids"), call, layout, tail, length)
+        kwargs["attention_mask"] = text_mask
         kwargs["position_ids"] = self.adapter.text_model_positions(positions)
         return (), kwargs
 

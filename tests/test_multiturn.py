@@ -70,6 +70,17 @@ def max_logit_diff(a, b) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits, strict=True))
 
 
+def first_turn(built, family: str, kind: str | None = "image", batch: int = 1, **config) -> tuple:
+    """``(model, processor, conversations, visual inputs, inputs, output)`` of a first turn pruned with ``config``
+    (default ratio 0.25, attention scorer)."""
+    model, processor = built(family)
+    conversations = [chat(q, kind) for q in QUESTIONS[:batch]]
+    visual = visual_inputs(kind, batch)
+    inputs = encode(processor, conversations, visual)
+    prune_wrap(model, **{"ratio": 0.25, "scorer": "attention", **config})
+    return model, processor, conversations, visual, inputs, generate(model, inputs)
+
+
 def turn_drop(model, turns: list[tuple]) -> torch.Tensor:
     """The ``[batch, length]`` drop mask of a conversation: ``turns`` lists ``(start, input_ids, stats)`` of each
     pruned prefill, ``input_ids`` the tokens it added from unpruned position ``start``."""
@@ -92,12 +103,7 @@ def reference(model, inputs, drop: torch.Tensor):
 def test_next_turns_continue_the_pruned_cache_like_the_masked_reference(built, family, kind, batch):
     """Three turns, the later ones text-only: the first turn's dropped tokens stay out of the cache, and each turn's
     logits equal the unpruned model over the whole conversation with those tokens masked out."""
-    model, processor = built(family)
-    conversations = [chat(q, kind) for q in QUESTIONS[:batch]]
-    visual = visual_inputs(kind, batch)
-    inputs = encode(processor, conversations, visual)
-    prune_wrap(model, ratio=0.25, scorer="attention")
-    out = generate(model, inputs)
+    model, processor, conversations, visual, inputs, out = first_turn(built, family, kind, batch)
     stats = model.tokenprune.last_stats
     assert all(a < b for a, b in zip(stats.visual_tokens_after, stats.visual_tokens_before))
     drop = turn_drop(model, [(0, inputs["input_ids"], stats)])
@@ -144,12 +150,8 @@ def test_continuing_equals_pruning_the_whole_conversation_at_once(built, family,
     """With a question-independent selection (``uniform``, one budget per image) the cached first turn keeps the
     tokens a single prefill of the whole conversation keeps; continuing it gives that prefill's logits, for either
     numbering of positions."""
-    model, processor = built(family)
-    conversations = [chat(QUESTIONS[0], "image")]
-    visual = visual_inputs("image", 1)
-    inputs = encode(processor, conversations, visual)
-    prune_wrap(model, ratio=0.25, scorer="uniform", scope="image", positions=positions)
-    first = generate(model, inputs)
+    model, processor, conversations, visual, inputs, first = first_turn(built, family, scorer="uniform",
+                                                                        scope="image", positions=positions)
     kept = model.tokenprune.last_stats.kept_indices
     follow = encode(processor, extend(conversations, answers(processor, first, inputs["input_ids"].shape[1])), visual)
     continued = generate(model, text_only(follow), past_key_values=first.past_key_values)
@@ -170,12 +172,7 @@ def new_visual_inputs(processor, kind: str, batch: int) -> dict:
 def test_a_new_image_in_the_next_turn_is_pruned_with_its_question(built, family, history, batch):
     """The next turn's image is scored with the next turn's question (on the new tokens alone) and pruned; logits
     equal the masked reference with the dropped tokens of both turns masked out."""
-    model, processor = built(family)
-    conversations = [chat(q, history) for q in QUESTIONS[:batch]]
-    visual = visual_inputs(history, batch)
-    inputs = encode(processor, conversations, visual)
-    prune_wrap(model, ratio=0.25, scorer="attention")
-    first = generate(model, inputs)
+    model, processor, conversations, visual, inputs, first = first_turn(built, family, history, batch)
     turns = [(0, inputs["input_ids"], model.tokenprune.last_stats)] if history else []
     conversations = extend(conversations, answers(processor, first, inputs["input_ids"].shape[1]), "image")
     both = {"images": visual.get("images", []) + visual_inputs("image", batch, turn=1)["images"]}
@@ -196,11 +193,7 @@ def test_a_new_image_in_the_next_turn_is_pruned_with_its_question(built, family,
 
 @pytest.mark.parametrize("family", QWEN)
 def test_qwen_new_image_after_cached_images_is_refused_before_compute(built, family):
-    model, processor = built(family)
-    conversations = [chat(QUESTIONS[0], "image")]
-    inputs = encode(processor, conversations, visual_inputs("image", 1))
-    prune_wrap(model, ratio=0.25, scorer="attention")
-    first = generate(model, inputs)
+    model, processor, conversations, _, inputs, first = first_turn(built, family)
     follow = encode(processor, extend(conversations, answers(processor, first, inputs["input_ids"].shape[1]), "image"),
                     {"images": visual_inputs("image", 1)["images"] + visual_inputs("image", 1, turn=1)["images"]})
     calls = []
@@ -217,12 +210,7 @@ def two_turns(built):
     """``get(family, batch)``: (model wrapped at 0.25, turn-1 output, turn-2 inputs of the whole conversation)."""
 
     def get(family: str = "qwen2_vl", batch: int = 1):
-        model, processor = built(family)
-        conversations = [chat(q, "image") for q in QUESTIONS[:batch]]
-        visual = visual_inputs("image", batch)
-        inputs = encode(processor, conversations, visual)
-        prune_wrap(model, ratio=0.25, scorer="attention")
-        first = generate(model, inputs)
+        model, processor, conversations, visual, inputs, first = first_turn(built, family, "image", batch)
         follow = encode(processor, extend(conversations, answers(processor, first, inputs["input_ids"].shape[1])),
                         visual)
         return model, first, follow
