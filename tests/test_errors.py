@@ -9,7 +9,6 @@ from hf_tokenprune import (
     Compressor,
     CompressorMismatchError,
     MalformedVisualInputError,
-    PrunedCacheError,
     UnsupportedModelError,
     prune_wrap,
     tiny,
@@ -81,20 +80,6 @@ def test_labels_are_refused_while_pruning(built):
         model(**inputs, labels=inputs["input_ids"])
     with model.tokenprune.disabled():
         assert model(**inputs, labels=inputs["input_ids"]).loss is not None
-
-
-def test_continuing_a_pruned_cache_with_a_new_prompt_is_refused(built):
-    model, processor = built("qwen2_vl")
-    inputs = make_inputs(processor, "image")
-    prune_wrap(model, ratio=0.5, scorer="attention")
-    first = greedy(model, inputs, steps=3)
-    follow = {k: v for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
-    extra = torch.full((2, 4), int(inputs["input_ids"][0, -1]))
-    follow["input_ids"] = torch.cat([first.sequences, extra], dim=1)
-    follow["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(2, 7, dtype=torch.long)], dim=1)
-    follow["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(2, 7, dtype=torch.int)], 1)
-    with pytest.raises(PrunedCacheError, match="multi-turn"), torch.no_grad():
-        model.generate(**follow, cache=first.past_key_values, max_new_tokens=2)
 
 
 def test_unwrap_of_an_unwrapped_model(built):

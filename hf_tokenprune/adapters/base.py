@@ -52,6 +52,8 @@ class Adapter:
     """Base class of the model-family adapters. Subclasses set ``model_types`` and implement the hooks below."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    # why a turn that continues a cache holding visual tokens cannot add new ones, where the family cannot (else None)
+    images_after_cached_images: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -21,6 +21,10 @@ from .regions import ItemRegions, grid_boxes, unit_spans
 
 class Qwen2VLAdapter(Adapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    images_after_cached_images = (
+        "transformers numbers the M-RoPE positions of a new turn's images with get_rope_index over the whole "
+        "conversation, which needs the grids of every image while the pixel values may only hold the new ones (the "
+        "unpruned model fails too); start a new conversation with all images in its first turn")
 
     def item_lengths(self, call: dict[str, Any], token_id: int) -> list[int] | None:
         lengths = super().item_lengths(call, token_id)
