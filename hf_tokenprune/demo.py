@@ -95,8 +95,9 @@ def run(family: str = "qwen2_vl", *, scene: int = 7, eval_questions: int = 64, o
                      "scoring_ms"])
     print(f"\nheld-out accuracy ({len(heldout)} questions), compressor vs random selection:")
     _print(table, ["kept", "compressor", "random"])
-    print("(on these toy models every token of an object identifies it and their first-layer attention ignores the "
-          "question,\n so random selection does about as well: see docs/world.md, 'What this testbed shows')")
+    print("(each answer sits in ONE visual token: random selection keeps it about as often as the retention; the "
+          "compressor ranks\n the objects these models look at. Their first-layer attention barely depends on the "
+          "question, so both\n questions keep nearly the same tokens: see docs/world.md, 'What this testbed shows')")
     print(f"\nwrote {out}")
     return {"family": family, "answers": answers, "accuracy": table, "picture": str(out)}
 

@@ -25,17 +25,19 @@ def test_held_out_accuracy_with_all_tokens(shipped):
         assert video["accuracy"] >= 0.95, video
 
 
-def test_shipped_compressor_prunes_to_a_quarter_and_still_answers(shipped):
-    """End to end on trained weights: the shipped compressor at 25% keeps a quarter of the visual tokens and most
-    answers (measured on 150 questions: 83% LLaVA-OneVision, 73% Qwen2-VL; docs/world.md explains why random
-    selection does about as well on these models)."""
+def test_shipped_compressor_keeps_a_quarter_and_beats_content_blind_selection(shipped):
+    """End to end on trained weights: at 25% the shipped compressor keeps exactly a quarter of the visual tokens
+    and answers far more questions than random selection, which keeps the one answer token about a quarter of the
+    time (150 questions, docs/results.md: 72.7% vs 37.3% on LLaVA-OneVision)."""
     family, model, processor = shipped
     questions = heldout_samples(64, start=500)
-    prune_wrap(model, ratio=0.25, compressor=str(compressor_path(family)))
+    scores = {}
     try:
-        result = accuracy(model, processor, questions)
-        stats = model.tokenprune.last_stats
+        for scorer in ("compressor", "random"):
+            prune_wrap(model, ratio=0.25, scorer=scorer, compressor=str(compressor_path(family)))
+            scores[scorer] = accuracy(model, processor, questions)["accuracy"]
+            stats = model.tokenprune.last_stats
+            assert stats.visual_tokens_after[0] == -(-stats.visual_tokens_before[0] // 4)
     finally:
         unwrap(model)
-    assert stats.visual_tokens_after[0] == -(-stats.visual_tokens_before[0] // 4)
-    assert result["accuracy"] >= 0.6, result
+    assert scores["compressor"] >= 0.6 and scores["compressor"] >= scores["random"] + 0.2, scores
