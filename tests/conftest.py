@@ -73,13 +73,18 @@ def greedy(model, inputs, steps: int = 10):
                               output_logits=True, return_dict_in_generate=True)
 
 
+def images_per_sample(family: str) -> tuple[int, int]:
+    """Images of the two samples of :func:`check_batch_equals_each_sample_alone`'s batch: one each, except for
+    LLaVA-1.5, which gives every image the same number of tokens, so there the second sample has two."""
+    return (1, 2) if family == "llava" else (1, 1)
+
+
 def check_batch_equals_each_sample_alone(model, processor, family: str, steps: int = 8,
                                         logits_atol: float | None = None):
     """Greedy generation on a left-padded two-sample batch whose samples have different visual-token counts, and
     on each sample alone: every pruning stage keeps the same tokens of each sample, and the new tokens (and, with
     ``logits_atol``, their logits) are the same. Returns the batch's ``last_stats``."""
-    # LLaVA-1.5 gives every image the same number of tokens: there the second sample has two images
-    counts = (1, 2) if family == "llava" else (1, 1)
+    counts = images_per_sample(family)
     batch = make_inputs(processor, "image", images_per_sample=counts)
     together = greedy(model, batch, steps=steps)
     stats = model.tokenprune.last_stats
