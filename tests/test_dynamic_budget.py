@@ -321,3 +321,23 @@ def test_cli_calibrate_saves_the_threshold(built, compressor_dir, tmp_path, caps
     saved = Compressor.from_pretrained(compressor_dir).calibration
     assert printed["calibration"] == saved
     assert saved["samples"] == 5 and saved["max_ratio"] == 0.8 and abs(saved["retention"] - 0.3) < 0.05
+
+
+def test_world_results_put_the_calibrated_dynamic_budget_beside_the_fixed_ratio(tmp_path):
+    from hf_tokenprune.world import results
+    from hf_tokenprune.world.evaluate import heldout_samples
+
+    setting = results.evaluate("qwen2_vl", heldout_samples(4, kinds=("colour_of_shape", "left_of")), batch_size=4,
+                               scorers=("compressor", "fastv"), ratios=(0.25,), targets=(0.25,),
+                               calibration=heldout_samples(8, start=results.CALIBRATION_START))
+    assert set(setting["accuracy"]) == {"full", "compressor", "fastv", "compressor-auto"}
+    assert setting["retention"]["compressor"]["0.25"] == 0.25 and setting["retention"]["fastv"]["0.25"] == 0.25
+    calibrated = setting["calibration"]["compressor-auto"]["0.25"]
+    assert calibrated["samples"] == 8 and abs(calibrated["retention"] - 0.25) < 0.05
+    assert 0 < setting["retention"]["compressor-auto"]["0.25"] < 1
+    assert set(setting["per_kind"]["compressor-auto"]["0.25"]) <= {"colour_of_shape", "left_of"}
+    report = {"settings": {"qwen2_vl images": setting}}
+    table = results.markdown(report)
+    assert "| 25% | compressor-auto (mass " in table and "| 25% | fastv (in LLM) | 25.0 |" in table
+    pytest.importorskip("matplotlib")
+    assert results.plot(report, tmp_path / "pareto.png") and (tmp_path / "pareto.png").stat().st_size > 0
