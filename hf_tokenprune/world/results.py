@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -185,7 +186,9 @@ def _budget_table(r: dict, fixed: list[str]) -> list[str]:
     lines = ["Dynamic budget (`budget=\"auto\"`, threshold calibrated on separate held-out questions to the target "
              "mean retention) beside every fixed-ratio method at that ratio; kept = achieved mean retention on "
              "these questions (in-LLM methods: the configured ratio).", "",
-             "| target | method | kept | acc | " + " | ".join(kinds) + " |", "|---" * (4 + len(kinds)) + "|"]
+             "| target | method | kept | acc | " + " | ".join(kinds) + " |", "|---" * (4 + len(kinds)) + "|",
+             f"| – | full | 100.0 | {_pct(r['accuracy']['full']['1.0'])} | "
+             + " | ".join(_pct(r["per_kind"]["full"]["1.0"].get(k)) for k in kinds) + " |"]
     targets = sorted({k for n in dynamic for k in r["accuracy"][n]}, key=float, reverse=True)
     for key in targets:
         for name in [*dynamic, *fixed]:
@@ -272,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
                 family, heldout_samples(args.videos, video=True, kinds=kinds),
                 calibration=heldout_samples(args.calibration, video=True, start=CALIBRATION_START, kinds=kinds),
                 **options)
-    results = {"command": "python -m hf_tokenprune.world.results " + " ".join(argv or []), "settings": settings}
+    given = sys.argv[1:] if argv is None else argv
+    results = {"command": " ".join(["python -m hf_tokenprune.world.results", *given]), "settings": settings}
     (out / "world_results.json").write_text(json.dumps(results, indent=2))
     (out / "world_results.md").write_text(markdown(results))
     plot(results, out / "world_accuracy.png")
