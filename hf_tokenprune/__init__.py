@@ -1,6 +1,7 @@
 """hf_tokenprune: question-aware visual-token pruning at the LLM input for Hugging Face multimodal LLMs."""
 
 from .adapters import MalformedVisualInputError, UnsupportedModelError
+from .calibrate import Calibration, calibrate, save_calibration
 from .compressor import Compressor, CompressorMismatchError, InvalidCompressorError
 from .config import TokenPruneConfig
 from .guards import UnsupportedGenerationError
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionScorer",
+    "Calibration",
     "Compressor",
     "CompressorMismatchError",
     "CompressorNotFoundError",
@@ -30,8 +32,10 @@ __all__ = [
     "UniformScorer",
     "UnsupportedGenerationError",
     "UnsupportedModelError",
+    "calibrate",
     "from_pretrained",
     "prune_wrap",
+    "save_calibration",
     "score_inputs",
     "unwrap",
 ]

@@ -48,6 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--val-fraction", type=float, default=0.1)
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    calibrate = sub.add_parser("calibrate", help="choose the relevance-mass threshold of budget='auto' that keeps a "
+                                                 "target mean retention on a calibration set, and save it in the "
+                                                 "compressor's config.json")
+    calibrate.add_argument("--model", required=True, help="local directory or Hub id of the MLLM")
+    calibrate.add_argument("--compressor", required=True, help="compressor directory (its config.json is updated)")
+    calibrate.add_argument("--data", required=True, help="JSONL file (paths relative to it), or hf:<dataset>:<split>")
+    calibrate.add_argument("--target", type=float, default=0.25, help="mean fraction of visual tokens kept")
+    calibrate.add_argument("--limit", type=int, default=256, help="calibration samples (the first N)")
+    calibrate.add_argument("--scope", default="sample", choices=["sample", "image"])
+    calibrate.add_argument("--min-ratio", type=float, default=0.0, help="clamp: least fraction kept per unit")
+    calibrate.add_argument("--max-ratio", type=float, default=1.0, help="clamp: most fraction kept per unit")
+    calibrate.add_argument("--min-tokens", type=int, default=1)
     push = sub.add_parser("push", help="upload a trained compressor directory to the Hugging Face Hub")
     push.add_argument("directory")
     push.add_argument("--repo", required=True, help="Hub repo id, e.g. <user>/Qwen2-VL-2B-Instruct-compressor")
@@ -120,12 +132,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "bench":
         return _bench(args)
+    if args.command == "calibrate":
+        return _calibrate(args)
     if args.command == "push":
         from .hub import push_compressor
 
         print(push_compressor(args.directory, args.repo, private=args.private).commit_url)
         return 0
     return 2
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from itertools import islice
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from . import tiny  # noqa: F401 - registers the offline tiny processors with AutoProcessor
+    from .calibrate import calibrate, save_calibration
+    from .training.labels import build_prompt, load_samples
+
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype="auto").eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    batches = (build_prompt(processor, s) for s in islice(load_samples(args.data), args.limit))
+    result = calibrate(model, batches, args.target, compressor=args.compressor, scope=args.scope,
+                       min_ratio=args.min_ratio, max_ratio=args.max_ratio, min_tokens=args.min_tokens)
+    path = save_calibration(args.compressor, result)
+    print(json.dumps({"config": str(path), "calibration": result.to_dict()}))
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -21,12 +21,16 @@ repo is untrusted input: every config field is validated before anything is allo
 (tensor names, shapes, floating dtypes) is checked against the model the config describes before any weight is
 read, and the weights must be finite. Anything invalid raises :class:`InvalidCompressorError` naming the file and
 the field or tensor.
+
+Calibration (``budget="auto"``): :func:`hf_tokenprune.calibrate` picks the relevance-mass threshold that gives a
+target mean retention on a calibration set; :func:`hf_tokenprune.save_calibration` writes it to ``config.json`` as
+the ``calibration`` field (absent when the compressor is not calibrated), validated on load like every field.
 """
 
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -36,7 +40,10 @@ from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundE
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-__all__ = ["Compressor", "CompressorMismatchError", "DepthwiseSeparableConv1d", "FEATURES", "InvalidCompressorError"]
+from .config import TokenPruneConfig, check_fraction
+
+__all__ = ["CALIBRATION_FIELDS", "Compressor", "CompressorMismatchError", "DepthwiseSeparableConv1d", "FEATURES",
+           "InvalidCompressorError", "validate_calibration"]
 
 FEATURES = ("first_layer_attention", "layer_attention")
 MAX_CHANNELS = 4096
@@ -44,6 +51,8 @@ MAX_LAYERS = 16
 MAX_KERNEL_SIZE = 63
 _INPUT_EPS = 1e-6
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# the ``calibration`` field of config.json: the threshold, the clamp and scope it was chosen for, and how
+CALIBRATION_FIELDS = ("mass", "min_ratio", "max_ratio", "min_tokens", "scope", "target", "retention", "samples")
 
 
 class CompressorMismatchError(ValueError):
@@ -128,6 +137,35 @@ def _validate_config(channels: object, kernel_size: object, base_model_type: obj
     return tuple(channels)
 
 
+def validate_calibration(calibration: object) -> dict:
+    """``calibration`` as a plain dict of :data:`CALIBRATION_FIELDS`, or a ValueError naming the field.
+
+    ``mass``, ``min_ratio``, ``max_ratio``, ``min_tokens`` and ``scope`` are checked as :class:`TokenPruneConfig`
+    checks them; ``target`` and ``retention`` (the target and the achieved mean retention) are fractions in (0, 1],
+    ``samples`` (calibration samples) an int >= 1.
+    """
+    if not isinstance(calibration, Mapping):
+        raise ValueError(f"calibration must be an object with fields {', '.join(CALIBRATION_FIELDS)}, "
+                        f"got {type(calibration).__name__}")
+    missing = [k for k in CALIBRATION_FIELDS if k not in calibration]
+    unknown = sorted(str(k) for k in calibration if k not in CALIBRATION_FIELDS)
+    if missing or unknown:
+        raise ValueError(f"calibration: missing fields {missing}, unknown fields {unknown}")
+    out = {k: calibration[k] for k in CALIBRATION_FIELDS}
+    try:
+        TokenPruneConfig(budget="auto", scorer="compressor", mass=out["mass"], min_ratio=out["min_ratio"],
+                         max_ratio=out["max_ratio"], min_tokens=out["min_tokens"], scope=out["scope"])
+        out["target"], out["retention"] = check_fraction("target", out["target"]), check_fraction(
+            "retention", out["retention"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"calibration: {err}") from err
+    if isinstance(out["samples"], bool) or not isinstance(out["samples"], int) or out["samples"] < 1:
+        raise ValueError(f"calibration: samples must be an int >= 1, got {out['samples']!r}")
+    for name in ("mass", "min_ratio", "max_ratio"):
+        out[name] = float(out[name])
+    return out
+
+
 class Compressor(
     nn.Module,
     PyTorchModelHubMixin,
@@ -146,6 +184,8 @@ class Compressor(
         feature: the input feature, ``"first_layer_attention"`` or ``"layer_attention"`` (multi-layer ablation).
         in_channels: input channels: 1 for ``"first_layer_attention"``, the number of layers for
             ``"layer_attention"``. Written to ``config.json`` only when it is not 1.
+        calibration: the ``budget="auto"`` threshold (:func:`validate_calibration` fields), or None. Written to
+            ``config.json`` only when set; see :meth:`set_calibration`.
     """
 
     def __init__(
@@ -156,8 +196,10 @@ class Compressor(
         base_model_name: str | None = None,
         feature: str = "first_layer_attention",
         in_channels: int = 1,
+        calibration: Mapping | None = None,
     ) -> None:
         channels = _validate_config(channels, kernel_size, base_model_type, base_model_name, feature, in_channels)
+        calibration = None if calibration is None else validate_calibration(calibration)
         super().__init__()
         self.channels = channels
         self.kernel_size = kernel_size
@@ -167,12 +209,21 @@ class Compressor(
         self.in_channels = in_channels
         if in_channels == 1:  # keep single-feature configs as they were before the field existed
             self._hub_mixin_config.pop("in_channels", None)
+        self.set_calibration(calibration)
         self.lift = nn.Conv1d(in_channels, channels[0], 1)
         self.blocks = nn.ModuleList(
             DepthwiseSeparableConv1d(c_in, c_out, kernel_size)
             for c_in, c_out in zip((channels[0], *channels[:-1]), channels, strict=True)
         )
         self.head = nn.Conv1d(channels[-1], 1, 1)
+
+    def set_calibration(self, calibration: Mapping | None) -> None:
+        """Set (validated) or clear the ``budget="auto"`` calibration; :meth:`save_pretrained` writes it."""
+        self.calibration = None if calibration is None else validate_calibration(calibration)
+        if self.calibration is None:
+            self._hub_mixin_config.pop("calibration", None)
+        else:
+            self._hub_mixin_config["calibration"] = self.calibration
 
     def _check_inputs(self, features: Tensor, mask: Tensor | None) -> Tensor:
         """Validate shapes and return a bool mask (all True when ``mask`` is None)."""

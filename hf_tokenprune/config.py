@@ -10,7 +10,19 @@ POSITIONS = ("original", "contiguous")
 SCOPES = ("sample", "image")
 SCORER_NAMES = ("compressor", "attention", "random", "uniform", "fastv", "pdrop", "dart", "tome")
 LAYER_SCORERS = ("fastv", "pdrop", "dart")  # baselines that prune inside the LLM (original positions only)
+BUDGETS = ("fixed", "auto")
+MASS_SCORERS = ("compressor", "attention")  # built-in scorers whose scores are a relevance distribution
 DEFAULT_LAYER = 2  # FastV's and DART's default pruning layer K
+
+
+def check_fraction(name: str, value: Any, *, zero: bool = False) -> float:
+    """``value`` as a float in ``(0, 1]`` (``[0, 1]`` with ``zero=True``); TypeError / ValueError naming ``name``."""
+    interval = "[0, 1]" if zero else "(0, 1]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in {interval}, got {type(value).__name__} {value!r}")
+    if math.isnan(value) or not (0.0 <= value <= 1.0) or (value == 0.0 and not zero):
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -19,7 +31,7 @@ class TokenPruneConfig:
     baselines.
 
     Args:
-        ratio: fraction of visual tokens KEPT, in (0, 1]. ``1.0`` disables pruning.
+        ratio: fraction of visual tokens KEPT, in (0, 1], with ``budget="fixed"``. ``1.0`` disables pruning.
         scorer: a built-in scorer name or a :class:`~hf_tokenprune.scorers.Scorer` instance. Input stage:
             ``"compressor"`` (the paper's method), ``"attention"``, ``"random"``, ``"uniform"``, ``"tome"``
             (token merging). Inside the LLM (:mod:`hf_tokenprune.baselines`): ``"fastv"``, ``"pdrop"``, ``"dart"``.
@@ -36,6 +48,16 @@ class TokenPruneConfig:
         allow_compressor_mismatch: accept a compressor trained for another model family.
         layer: the LLM layer K before which ``"fastv"`` and ``"dart"`` prune (None: 2, their papers' default;
             0 prunes at the input). ``"pdrop"`` derives its stages from the model depth and ``ratio``.
+        budget: ``"fixed"`` (default): every budget unit keeps ``ratio`` of its tokens. ``"auto"``: every unit keeps
+            the smallest set of its highest-scored tokens whose share of the unit's relevance distribution reaches
+            ``mass``, clamped to ``[min_ratio, max_ratio]`` of its tokens (and ``min_tokens``), so samples of one
+            batch keep different counts. The distribution is the scorer's :attr:`~hf_tokenprune.Scorer.distribution`
+            of its scores: the softmax of the compressor's logits, the normalised ``A^0_v`` for ``"attention"``;
+            ``"random"``, ``"uniform"``, ``"tome"`` and the in-LLM baselines have none and are refused.
+        mass: the relevance-mass threshold of ``budget="auto"``, in (0, 1]. None: the calibrated threshold saved
+            in the compressor's config (:func:`hf_tokenprune.calibrate`, ``hf-tokenprune calibrate``).
+        min_ratio, max_ratio: the clamp of ``budget="auto"`` (fractions of each unit's tokens). None: the
+            calibration's values with a calibrated threshold, else 0 and 1.
     """
 
     ratio: float = 0.25
@@ -47,6 +69,10 @@ class TokenPruneConfig:
     seed: int = 0
     allow_compressor_mismatch: bool = False
     layer: int | None = None
+    budget: str = "fixed"
+    mass: float | None = None
+    min_ratio: float | None = None
+    max_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -86,6 +112,34 @@ class TokenPruneConfig:
         if self.scorer in LAYER_SCORERS and self.positions != "original":
             raise ValueError(f"scorer={self.scorer!r} prunes inside the LLM, where kept tokens keep their original "
                              "positions: it needs positions='original'")
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+        given = [name for name in ("mass", "min_ratio", "max_ratio") if getattr(self, name) is not None]
+        if self.budget == "fixed":
+            if given:
+                raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to budget='auto' only; "
+                                 "the fixed budget keeps `ratio` of every unit")
+            return
+        if isinstance(self.scorer, str) and self.scorer not in MASS_SCORERS:
+            raise ValueError(f"budget='auto' keeps tokens by their share of a relevance distribution; scorer "
+                             f"{self.scorer!r} gives none (use scorer={' or '.join(map(repr, MASS_SCORERS))}, a "
+                             "Scorer with a `distribution`, or budget='fixed' with ratio=)")
+        if self.mass is not None:
+            self.mass = check_fraction("mass", self.mass)
+        if self.min_ratio is not None:
+            self.min_ratio = check_fraction("min_ratio", self.min_ratio, zero=True)
+        if self.max_ratio is not None:
+            self.max_ratio = check_fraction("max_ratio", self.max_ratio)
+        if self.min_ratio is not None and self.max_ratio is not None and self.min_ratio > self.max_ratio:
+            raise ValueError(f"min_ratio ({self.min_ratio}) must not exceed max_ratio ({self.max_ratio})")
+
+    @property
+    def prunes(self) -> bool:
+        """Whether this configuration drops tokens at all: ``budget="auto"``, or a ``ratio`` below 1."""
+        return self.budget == "auto" or self.ratio < 1.0
 
     @property
     def scorer_name(self) -> str:

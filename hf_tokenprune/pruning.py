@@ -1,5 +1,11 @@
 """Model-agnostic slicing: per-sample top-k -> keep mask -> shorter, re-padded sequences.
 
+Two budgets: a fixed ``ratio`` of each budget unit (:func:`select_top`), or the relevance-mass rule of
+``budget="auto"`` (:func:`unit_distribution`, :func:`cumulative_mass`, :func:`mass_counts`): each unit keeps the
+smallest set of its highest-scored tokens whose share of the unit's relevance distribution reaches ``mass``,
+clamped to ``[min_ratio, max_ratio]`` of its tokens. Either way :func:`select_counts` turns per-unit counts into a
+keep mask, and rows keeping different counts are re-padded by :class:`Slicing`.
+
 Pure tensor code. Sequences are ``[batch, length, ...]``; position ids are ``[rows, batch, length]``. Packed
 per-visual-token tensors are ``[batch, max_visual]`` with the visual tokens of each sample in order of
 appearance, padded at the end.
@@ -16,6 +22,10 @@ import torch
 def budget(n: int, ratio: float, min_tokens: int) -> int:
     """Tokens kept out of ``n``: ``ceil(ratio * n)``, at least ``min_tokens``, at most ``n``."""
     return min(n, max(min_tokens, math.ceil(ratio * n - 1e-9)))
+
+
+DISTRIBUTIONS = ("softmax", "sum")
+MASS_TOLERANCE = 1e-9  # a cumulative mass within this of the threshold reaches it (float64 rounding)
 
 
 def pack(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,11 +54,69 @@ def select_counts(scores: torch.Tensor, valid: torch.Tensor, units: list[list[in
         start = 0
         for n, k in zip(lengths, counts[b], strict=True):
             if k:
-                chunk = scores[b, start:start + n].float()
+                chunk = scores[b, start:start + n]
+                chunk = chunk.to(torch.promote_types(chunk.dtype, torch.float32))  # float64 stays float64
                 order = torch.sort(chunk, descending=True, stable=True).indices[:k]
                 keep[b, start + order] = True
             start += n
     return keep & valid
+
+
+def unit_distribution(scores: torch.Tensor, units: list[list[int]], kind: str) -> torch.Tensor:
+    """Each budget unit's scores as a distribution over its tokens: float64 ``[batch, max_count]``, every unit
+    sums to 1, 0 at padding. ``kind``: ``"softmax"`` (scores are logits) or ``"sum"`` (scores are non-negative
+    relevance, negatives clamped to 0, divided by the unit's sum; uniform where that sum is 0)."""
+    if kind not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {kind!r}")
+    out = torch.zeros(scores.shape, dtype=torch.float64, device=scores.device)
+    for b, lengths in enumerate(units):
+        start = 0
+        for n in lengths:
+            x = scores[b, start:start + n].double()
+            if kind == "softmax":
+                out[b, start:start + n] = torch.softmax(x, dim=0)
+            elif n:
+                x = x.clamp_min(0.0)
+                total = x.sum()
+                out[b, start:start + n] = x / total if total > 0 else 1.0 / n
+            start += n
+    return out
+
+
+def cumulative_mass(distribution: torch.Tensor, units: list[list[int]]) -> list[list[torch.Tensor]]:
+    """Per sample and unit: the unit's relevance sorted in decreasing order (ties: earlier token first, as
+    :func:`select_counts`), summed cumulatively."""
+    out = []
+    for b, lengths in enumerate(units):
+        starts = [sum(lengths[:u]) for u in range(len(lengths))]
+        out.append([torch.sort(distribution[b, s:s + n], descending=True, stable=True).values.cumsum(0)
+                    for s, n in zip(starts, lengths, strict=True)])
+    return out
+
+
+def mass_budget(cumulative: torch.Tensor, mass: float, min_ratio: float, max_ratio: float, min_tokens: int) -> int:
+    """Tokens one unit keeps under the relevance-mass rule: the smallest ``k`` whose ``k`` highest relevances sum
+    to at least ``mass`` (``cumulative``: from :func:`cumulative_mass`), clamped to
+    ``[budget(n, min_ratio), budget(n, max_ratio)]`` (:func:`budget`, so ``min_tokens`` wins over ``max_ratio``)."""
+    n = cumulative.numel()
+    below = int(torch.searchsorted(cumulative, torch.tensor([mass - MASS_TOLERANCE], dtype=cumulative.dtype,
+                                                            device=cumulative.device)))
+    reached = min(n, below + 1)
+    return min(budget(n, max_ratio, min_tokens), max(budget(n, min_ratio, min_tokens), reached))
+
+
+def mass_counts(cumulative: list[list[torch.Tensor]], mass: float, min_ratio: float, max_ratio: float,
+                min_tokens: int) -> list[list[int]]:
+    """:func:`mass_budget` of every unit of every sample: counts for :func:`select_counts`."""
+    return [[mass_budget(c, mass, min_ratio, max_ratio, min_tokens) for c in sample] for sample in cumulative]
+
+
+def select_mass(distribution: torch.Tensor, valid: torch.Tensor, units: list[list[int]], mass: float,
+                min_ratio: float, max_ratio: float, min_tokens: int) -> torch.Tensor:
+    """Keep mask ``[batch, max_count]`` of the relevance-mass rule on a :func:`unit_distribution`: in each unit the
+    :func:`mass_budget` highest-relevance tokens."""
+    counts = mass_counts(cumulative_mass(distribution, units), mass, min_ratio, max_ratio, min_tokens)
+    return select_counts(distribution, valid, units, counts)
 
 
 @dataclass

@@ -27,11 +27,12 @@ class PruneStats:
     appearance, ascending). Sequence lengths are the batch's padded lengths, which is what the LLM runs on;
     KV-cache bytes and FLOPs are for the whole batch. ``stages`` lists the pruning steps in layer order (one at
     layer 0 for input-stage pruning, one or more inside the LLM for FastV / PDrop / DART); ``kept_indices`` and
-    ``seq_len_after`` are those of the last.
+    ``seq_len_after`` are those of the last. ``ratio`` is the configured fraction of the fixed budget (None with
+    ``budget="auto"``, where ``mass`` is the relevance-mass threshold); :attr:`retention` is what each sample kept.
     """
 
     scorer: str
-    ratio: float
+    ratio: float | None
     kept_indices: list[torch.Tensor]
     visual_tokens_before: list[int]
     visual_tokens_after: list[int]
@@ -43,6 +44,20 @@ class PruneStats:
     prefill_flops_after: float
     scoring_time_s: float
     stages: list[PruneStage] = field(default_factory=list)
+    budget: str = "fixed"
+    mass: float | None = None
+
+    @property
+    def retention(self) -> list[float]:
+        """Per sample: the fraction of its visual tokens kept."""
+        return [after / before if before else 1.0
+                for after, before in zip(self.visual_tokens_after, self.visual_tokens_before, strict=True)]
+
+    @property
+    def mean_retention(self) -> float:
+        """Mean of :attr:`retention` over the batch."""
+        retention = self.retention
+        return sum(retention) / len(retention) if retention else 1.0
 
     @property
     def prefill_flops_ratio(self) -> float:
@@ -53,8 +68,11 @@ class PruneStats:
         return self.kv_cache_bytes_after / self.kv_cache_bytes_before if self.kv_cache_bytes_before else 1.0
 
     def __str__(self) -> str:
-        return (f"PruneStats(scorer={self.scorer}, ratio={self.ratio:g}, visual tokens {self.visual_tokens_before}"
-                f" -> {self.visual_tokens_after}, sequence {self.seq_len_before} -> {self.seq_len_after}, "
+        budget = f"ratio={self.ratio:g}" if self.ratio is not None else f"budget=auto mass={self.mass:g}"
+        retention = ", ".join(f"{r:.3f}" for r in self.retention)
+        return (f"PruneStats(scorer={self.scorer}, {budget}, visual tokens {self.visual_tokens_before}"
+                f" -> {self.visual_tokens_after} (retention {retention}), "
+                f"sequence {self.seq_len_before} -> {self.seq_len_after}, "
                 f"KV cache {self.kv_cache_bytes_before / 2**20:.2f} -> {self.kv_cache_bytes_after / 2**20:.2f} MiB, "
                 f"prefill FLOPs x{self.prefill_flops_ratio:.3f}, scoring {1e3 * self.scoring_time_s:.1f} ms)")
 

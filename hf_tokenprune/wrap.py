@@ -41,7 +41,7 @@ from .baselines import LayerSchedule
 from .config import TokenPruneConfig
 from .guards import check_generate
 from .inllm import LayerPruner
-from .pruning import Slicing, contiguous_positions, select_top
+from .pruning import Slicing, contiguous_positions, select_mass, select_top, unit_distribution
 from .scorers import ScoreInputs, Scorer, build_scorer
 from .stats import PruneStage, PruneStats, kv_cache_bytes, layer_lengths, prefill_flops
 
@@ -106,8 +106,8 @@ class TokenPruneHandle:
     """``model.tokenprune``: the configuration, the last call's :class:`PruneStats`, and :meth:`disabled`.
 
     ``last_stats`` is reset on every prefill and stays ``None`` when the call had nothing to prune (no visual
-    tokens, pruning disabled or ``ratio=1``). For a turn that continues a cache it describes that turn's new
-    tokens only (``None`` for a text-only turn).
+    tokens, pruning disabled or ``ratio=1`` with the fixed budget). For a turn that continues a cache it describes
+    that turn's new tokens only (``None`` for a text-only turn).
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, config: TokenPruneConfig,
@@ -179,8 +179,9 @@ class TokenPruneHandle:
     # -- continuing a cache --------------------------------------------------------------------------------------
     @property
     def active(self) -> bool:
-        """Whether calls are pruned now: ``ratio < 1`` and not inside :meth:`disabled`."""
-        return self._enabled and self.config.ratio < 1.0
+        """Whether calls are pruned now: the config prunes (``ratio < 1`` or ``budget="auto"``) and not inside
+        :meth:`disabled`."""
+        return self._enabled and self.config.prunes
 
     def _layout_of(self, cache: Any) -> _PrunedCache | None:
         """The layout our prefills recorded on ``cache`` (None for any other cache), once checked that the model,
@@ -463,8 +464,13 @@ class TokenPruneHandle:
         if bool(scores.to(valid.device)[valid].isnan().any()):
             raise ValueError(f"scorer {type(self.scorer).__name__} returned NaN scores (a corrupted compressor, "
                              "or weights that overflow); refusing to prune by them")
-        keep_packed = select_top(scores.to(valid.device), valid, inputs.units, self.config.ratio,
-                                 self.config.min_tokens)
+        config, scores = self.config, scores.to(valid.device)
+        if config.budget == "auto":
+            distribution = unit_distribution(scores, inputs.units, self.scorer.distribution)
+            keep_packed = select_mass(distribution, valid, inputs.units, config.mass, config.min_ratio,
+                                      config.max_ratio, config.min_tokens)
+        else:
+            keep_packed = select_top(scores, valid, inputs.units, config.ratio, config.min_tokens)
         keep_visual = torch.zeros_like(structure.visual_mask)
         keep_visual[structure.visual_mask] = keep_packed[valid]
         drop = structure.visual_mask & ~keep_visual
@@ -514,15 +520,16 @@ class TokenPruneHandle:
                scoring_time: float) -> PruneStats:
         text_config = self.adapter.model.config.get_text_config()
         kept, lengths = stages[-1].kept_indices, layer_lengths(text_config.num_hidden_layers, length, stages)
+        auto = self.config.budget == "auto"
         return PruneStats(
-            scorer=self.config.scorer_name, ratio=self.config.ratio, kept_indices=kept,
+            scorer=self.config.scorer_name, ratio=None if auto else self.config.ratio, kept_indices=kept,
             visual_tokens_before=counts, visual_tokens_after=[len(k) for k in kept],
             seq_len_before=length, seq_len_after=stages[-1].seq_len,
             kv_cache_bytes_before=kv_cache_bytes(text_config, batch, length, dtype),
             kv_cache_bytes_after=kv_cache_bytes(text_config, batch, lengths, dtype),
             prefill_flops_before=prefill_flops(text_config, batch, length),
             prefill_flops_after=prefill_flops(text_config, batch, lengths),
-            scoring_time_s=scoring_time, stages=stages,
+            scoring_time_s=scoring_time, stages=stages, budget=self.config.budget, mass=self.config.mass,
         )
 
     # -- decode steps and text-only turns --------------------------------------------------------------------
@@ -607,15 +614,45 @@ def _resolve_config(config: TokenPruneConfig | None, overrides: dict[str, Any]) 
     return config.replace(**overrides) if overrides else config
 
 
+def resolve_budget(config: TokenPruneConfig, scorer: Scorer | LayerSchedule) -> TokenPruneConfig:
+    """``config`` with the ``budget="auto"`` fields filled in for ``scorer``: ``mass`` (and the clamp left None)
+    from the compressor's saved calibration when ``mass`` is None, else ``min_ratio`` 0 and ``max_ratio`` 1.
+
+    Raises:
+        ValueError: the scorer has no relevance distribution; no ``mass`` and no saved calibration; or the
+            calibration was made for another ``scope``.
+    """
+    if config.budget != "auto":
+        return config
+    if getattr(scorer, "distribution", None) is None:
+        raise ValueError(f"budget='auto' keeps tokens by their share of a relevance distribution, but scorer "
+                         f"{config.scorer_name} has none (its `distribution` is None; set it to 'softmax' or 'sum')")
+    filled: dict[str, Any] = {"min_ratio": config.min_ratio, "max_ratio": config.max_ratio}
+    if config.mass is None:
+        calibration = getattr(getattr(scorer, "compressor", None), "calibration", None)
+        if calibration is None:
+            raise ValueError("budget='auto' needs a relevance-mass threshold: pass mass=<0..1>, or calibrate the "
+                             "compressor for a target mean retention (hf_tokenprune.calibrate + save_calibration, or "
+                             "`hf-tokenprune calibrate`), which saves the threshold in its config.json")
+        if calibration["scope"] != config.scope:
+            raise ValueError(f"the compressor was calibrated with scope={calibration['scope']!r}, not "
+                             f"{config.scope!r}: calibrate it for this scope or pass mass=")
+        filled = {"mass": calibration["mass"], **{k: calibration[k] if v is None else v for k, v in filled.items()}}
+    defaults = {"min_ratio": 0.0, "max_ratio": 1.0}
+    return config.replace(**{k: defaults[k] if v is None else v for k, v in filled.items()})
+
+
 def prune_wrap(model: nn.Module, config: TokenPruneConfig | None = None, **overrides: Any) -> nn.Module:
     """Make ``model`` prune visual tokens at the LLM input; returns the same (patched) instance.
 
     Wrapping an already wrapped model re-configures it. ``overrides`` are :class:`TokenPruneConfig` fields,
-    applied on top of ``config``.
+    applied on top of ``config``. With ``budget="auto"``, ``model.tokenprune.config`` holds the threshold and
+    clamp in use (:func:`resolve_budget`).
     """
     config = _resolve_config(config, overrides)
     adapter = get_adapter(model)
     scorer = build_scorer(config, adapter)
+    config = resolve_budget(config, scorer)
     handle = model.__dict__.get("tokenprune")
     if isinstance(handle, TokenPruneHandle):
         handle.configure(config, scorer)
@@ -649,4 +686,5 @@ def from_pretrained(name_or_path: str, ratio: float = 0.25, compressor: Any = No
     return prune_wrap(model.eval(), config, **overrides)
 
 
-__all__ = ["PrunedCacheError", "TokenPruneHandle", "from_pretrained", "prune_wrap", "score_inputs", "unwrap"]
+__all__ = ["PrunedCacheError", "TokenPruneHandle", "from_pretrained", "prune_wrap", "resolve_budget", "score_inputs",
+           "unwrap"]

@@ -73,6 +73,37 @@ def greedy(model, inputs, steps: int = 10):
                               output_logits=True, return_dict_in_generate=True)
 
 
+def images_per_sample(family: str) -> tuple[int, int]:
+    """Images of the two samples of :func:`check_batch_equals_each_sample_alone`'s batch: one each, except for
+    LLaVA-1.5, which gives every image the same number of tokens, so there the second sample has two."""
+    return (1, 2) if family == "llava" else (1, 1)
+
+
+def check_batch_equals_each_sample_alone(model, processor, family: str, steps: int = 8,
+                                        logits_atol: float | None = None):
+    """Greedy generation on a left-padded two-sample batch whose samples have different visual-token counts, and
+    on each sample alone: every pruning stage keeps the same tokens of each sample, and the new tokens (and, with
+    ``logits_atol``, their logits) are the same. Returns the batch's ``last_stats``."""
+    counts = images_per_sample(family)
+    batch = make_inputs(processor, "image", images_per_sample=counts)
+    together = greedy(model, batch, steps=steps)
+    stats = model.tokenprune.last_stats
+    assert len(set(stats.visual_tokens_before)) == 2
+    questions = ["what colour is the circle", "what shape is left of the red square ?"]
+    for b in range(2):
+        text = processor.apply_chat_template(chat(questions[b], "image", counts[b]), add_generation_prompt=True,
+                                             tokenize=False)
+        alone_inputs = processor(text=[text], images=sample_images(b, counts[b]), return_tensors="pt")
+        alone = greedy(model, alone_inputs, steps=steps)
+        for stage_alone, stage in zip(model.tokenprune.last_stats.stages, stats.stages, strict=True):
+            assert torch.equal(stage_alone.kept_indices[0], stage.kept_indices[b])
+        new_tokens = together.sequences[b, batch["input_ids"].shape[1]:]
+        assert torch.equal(alone.sequences[0, alone_inputs["input_ids"].shape[1]:], new_tokens)
+        if logits_atol is not None:
+            assert max((a[0] - t[b]).abs().max().item() for a, t in zip(alone.logits, together.logits)) < logits_atol
+    return stats
+
+
 def masked_greedy(model, inputs, steps: int = 10):
     """:func:`greedy` of the unpruned model with the tokens the last pruned call dropped masked out."""
     from hf_tokenprune.verify import generate_masked_reference

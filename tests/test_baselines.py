@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, chat, greedy, make_inputs, sample_images
+from conftest import FAMILIES, check_batch_equals_each_sample_alone, greedy, make_inputs
 
 from hf_tokenprune import TokenPruneConfig, prune_wrap, tiny
 from hf_tokenprune.baselines import bipartite_merge, pdrop_stages
@@ -211,22 +211,8 @@ def test_ratio_one_reproduces_the_unwrapped_model(built, deep, family, method):
 def test_left_padded_batch_equals_each_sample_alone(built, deep, family, method):
     processor = built(family)[1]
     model = deep(family)
-    counts = (1, 2) if family == "llava" else (1, 1)
-    batch = make_inputs(processor, "image", images_per_sample=counts)
     prune_wrap(model, ratio=RATIOS[method], scorer=method)
-    together = greedy(model, batch, steps=6)
-    stats = model.tokenprune.last_stats
-    assert len(set(stats.visual_tokens_before)) == 2
-    questions = ["what colour is the circle", "what shape is left of the red square ?"]
-    for b in range(2):
-        text = processor.apply_chat_template(chat(questions[b], "image", counts[b]), add_generation_prompt=True,
-                                             tokenize=False)
-        alone_inputs = processor(text=[text], images=sample_images(b, counts[b]), return_tensors="pt")
-        alone = greedy(model, alone_inputs, steps=6)
-        for stage_alone, stage in zip(model.tokenprune.last_stats.stages, stats.stages, strict=True):
-            assert torch.equal(stage_alone.kept_indices[0], stage.kept_indices[b])
-        new_tokens = together.sequences[b, batch["input_ids"].shape[1]:]
-        assert torch.equal(alone.sequences[0, alone_inputs["input_ids"].shape[1]:], new_tokens)
+    check_batch_equals_each_sample_alone(model, processor, family, steps=6)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])

@@ -42,8 +42,8 @@ def test_dict_round_trip():
 
 
 def test_from_dict_rejects_unknown_fields():
-    with pytest.raises(ValueError, match="budget"):
-        TokenPruneConfig.from_dict({"ratio": 0.5, "budget": 3})
+    with pytest.raises(ValueError, match="ratios"):
+        TokenPruneConfig.from_dict({"ratio": 0.5, "ratios": 3})
 
 
 def test_replace_validates():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import CASES, FAMILIES, chat, greedy, make_inputs, masked_greedy, sample_images
+from conftest import CASES, FAMILIES, check_batch_equals_each_sample_alone, greedy, make_inputs, masked_greedy
 
 from hf_tokenprune import prune_wrap, tiny, unwrap
 
@@ -119,22 +119,8 @@ def test_sampling_generates_on_the_pruned_sequence(built, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_equals_each_sample_alone(built, family):
     model, processor = built(family)
-    # LLaVA-1.5 gives every image the same number of tokens: there the second sample has two images
-    counts = (1, 2) if family == "llava" else (1, 1)
-    batch = make_inputs(processor, "image", images_per_sample=counts)
     prune_wrap(model, ratio=0.25, scorer="attention")
-    together = greedy(model, batch, steps=8)
-    kept_together = model.tokenprune.last_stats.kept_indices
-    questions = ["what colour is the circle", "what shape is left of the red square ?"]
-    assert len(set(model.tokenprune.last_stats.visual_tokens_before)) == 2
-    for b in range(2):
-        text = processor.apply_chat_template(chat(questions[b], "image", counts[b]), add_generation_prompt=True,
-                                             tokenize=False)
-        alone_inputs = processor(text=[text], images=sample_images(b, counts[b]), return_tensors="pt")
-        alone = greedy(model, alone_inputs, steps=8)
-        assert torch.equal(model.tokenprune.last_stats.kept_indices[0], kept_together[b])
-        new_tokens = together.sequences[b, batch["input_ids"].shape[1]:]
-        assert torch.equal(alone.sequences[0, alone_inputs["input_ids"].shape[1]:], new_tokens)
+    check_batch_equals_each_sample_alone(model, processor, family, steps=8)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -11,6 +11,7 @@ class AttentionScorer(Scorer):
     """Task-conditional, training-free: the visual tokens the instruction attends to most in layer 0."""
 
     name = "attention"
+    distribution = "sum"  # attention probabilities: non-negative
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         return inputs.first_layer_attention

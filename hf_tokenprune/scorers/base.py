@@ -55,9 +55,13 @@ class Scorer:
     """Scores visual tokens; the pruner keeps the top ``ratio`` of each budget unit.
 
     Subclasses implement :meth:`score`. ``name`` is how ``TokenPruneConfig(scorer=...)`` refers to built-ins.
+    ``distribution`` says how ``budget="auto"`` reads the scores as a relevance distribution over each budget
+    unit (:func:`~hf_tokenprune.pruning.unit_distribution`): ``"softmax"`` (logits), ``"sum"`` (non-negative
+    relevance, normalised by its sum), or None (no relevance mass: ``budget="auto"`` is refused).
     """
 
     name: ClassVar[str] = "custom"
+    distribution: ClassVar[str | None] = None
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """Return ``[batch, max_visual]`` scores (entries where ``inputs.valid`` is False are ignored)."""

@@ -12,6 +12,7 @@ class CompressorScorer(Scorer):
     """Predicted answer relevance ``softmax(f_theta(A^0_v))``; ranks by the logits (same order)."""
 
     name = "compressor"
+    distribution = "softmax"  # the logits; their softmax is the compressor's relevance R~_v
 
     def __init__(self, compressor: Compressor) -> None:
         if compressor.feature != "first_layer_attention":

@@ -15,6 +15,7 @@ class OracleScorer(Scorer):
     """Scores each sample's visual tokens with ``values[b]`` (set before the call that prunes the batch)."""
 
     name = "oracle"
+    distribution = "sum"  # R_v: non-negative relevance
 
     def __init__(self, values: list[torch.Tensor] | None = None) -> None:
         self.values = values

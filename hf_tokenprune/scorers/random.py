@@ -8,7 +8,8 @@ from .base import ScoreInputs, Scorer
 
 
 class RandomScorer(Scorer):
-    """Uniform random scores from a generator re-seeded on every call (same input, same selection)."""
+    """Uniform random scores from a generator re-seeded on every call (same input, same selection). They are no
+    relevance: ``budget="auto"`` refuses this scorer (its mass rule would be a noisy fixed ratio)."""
 
     name = "random"
 

@@ -53,8 +53,13 @@ def predict(model: nn.Module, processor: ProcessorMixin, samples: list[Sample], 
 
 def accuracy(model: nn.Module, processor: ProcessorMixin, samples: list[Sample], batch_size: int = 32) -> dict:
     """Overall and per-question-kind accuracy on ``samples``."""
+    return score_answers(samples, predict(model, processor, samples, batch_size))
+
+
+def score_answers(samples: list[Sample], answers: list[str]) -> dict:
+    """Overall and per-question-kind accuracy of ``answers`` to ``samples``."""
     hits: dict[str, list[bool]] = defaultdict(list)
-    for s, a in zip(samples, predict(model, processor, samples, batch_size), strict=True):
+    for s, a in zip(samples, answers, strict=True):
         hits[s.question.kind].append(a == s.question.answer)
     every = [h for v in hits.values() for h in v]
     return {"accuracy": sum(every) / len(every), "n": len(every),

@@ -1,37 +1,48 @@
 """The testbed's results: ``python -m hf_tokenprune.world.results --out docs/``.
 
-On the shipped world models and held-out questions, for every scorer (compressor, raw first-layer attention,
-the oracle ``R_v``, random, uniform) and retention (100 / 50 / 25 / 12.5%):
+On the shipped world models and held-out questions (every question kind by default), for every method
+(compressor, raw first-layer attention, the oracle ``R_v``, random, uniform; the FastV / PDrop / DART / ToMe
+baselines) at every fixed retention (50 / 25 / 12.5%), and for the compressor with the dynamic budget
+(``budget="auto"``) calibrated to a mean retention of 25% and 12.5% on other held-out scenes:
 
-* **accuracy** of the pruned model's greedy answer (through ``generate``, as users run it);
+* **accuracy** of the pruned model's greedy answer (through ``generate``, as users run it), overall and per
+  question kind;
+* **retention**: the achieved mean fraction of visual tokens kept (per sample, then averaged); for the in-LLM
+  methods (FastV, PDrop, DART), which let every visual token into the LLM, the configured ratio;
 * **answer region kept**: share of questions where at least one kept token overlaps the answer's box;
 * **pointing**: share of questions whose highest-scored token overlaps the answer's box (oracle ``R_v``,
   compressor ``R~_v``, attention ``A^0_v``).
 
 The oracle ``R_v`` is the gradient-weighted relevance of the reference answer (teacher forced): an upper
 bound that needs the answer, not a pruning method. Writes ``world_results.json``, ``world_results.md`` and
-``world_accuracy.png`` (matplotlib, if installed).
+``world_accuracy.png`` (accuracy vs mean retention; matplotlib, if installed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..adapters import get_adapter
+from ..calibrate import calibrate
+from ..config import LAYER_SCORERS
 from ..explain import visual_relevance
 from ..scorers import OracleScorer
 from ..wrap import prune_wrap, score_inputs, unwrap
 from . import compressor_path, load
-from .evaluate import heldout_samples, inputs_for, predict
-from .scenes import Sample
+from .evaluate import heldout_samples, inputs_for, predict, score_answers
+from .scenes import KINDS, Sample
 
-SCORERS = ("compressor", "attention", "oracle", "random", "uniform")
+SCORERS = ("compressor", "attention", "oracle", "random", "uniform", "fastv", "pdrop", "dart", "tome")
 RATIOS = (1.0, 0.5, 0.25, 0.125)
+AUTO_SCORERS = ("compressor",)  # methods also run with budget="auto", calibrated to each of TARGETS
+TARGETS = (0.25, 0.125)
+CALIBRATION_START = 100_000  # held-out scenes from this index on calibrate the threshold (evaluation: from 0)
 
 
 def answer_tokens(regions, sample: Sample) -> torch.Tensor:
@@ -71,41 +82,79 @@ def _per_sample(model, processor, samples: list[Sample], compressor: str | None)
     return out
 
 
-def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorers=SCORERS, ratios=RATIOS) -> dict:
-    """Accuracy / answer-region-kept per scorer and ratio, and pointing, for one family and one set of samples."""
+def _run(model, processor, samples: list[Sample], rows: list[dict], batch_size: int, label: str) -> dict:
+    """Answers of the wrapped ``model`` to ``samples``: accuracy (overall, per kind), answer region kept, and the
+    mean of every sample's retention (:attr:`~hf_tokenprune.PruneStats.retention`)."""
+    answers, kept_region, retention = [], [], []
+    for i in tqdm(range(0, len(samples), batch_size), desc=label, leave=False):
+        if isinstance(model.tokenprune.scorer, OracleScorer):
+            model.tokenprune.scorer.values = [r["oracle"] for r in rows[i:i + batch_size]]
+        answers += predict(model, processor, samples[i:i + batch_size], batch_size)
+        # stats of the last generate call = this chunk's prefill (predict runs one call per chunk)
+        stats = model.tokenprune.last_stats
+        for r, kept in zip(rows[i:i + batch_size], stats.kept_indices, strict=True):
+            kept_region.append(bool(r["answer_tokens"][kept].any()))
+        retention += stats.retention
+    scored = score_answers(samples, answers)
+    return {"accuracy": scored["accuracy"], "per_kind": scored["per_kind"],
+            "answer_region_kept": sum(kept_region) / len(kept_region), "retention": sum(retention) / len(retention)}
+
+
+def _record(result: dict, name: str, key: str, measured: dict) -> None:
+    for field in ("accuracy", "per_kind", "answer_region_kept", "retention"):
+        result[field].setdefault(name, {})[key] = measured[field]
+
+
+def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorers=SCORERS, ratios=RATIOS,
+             auto_scorers=AUTO_SCORERS, targets=TARGETS, calibration: list[Sample] | None = None) -> dict:
+    """For one family and one set of samples: accuracy (overall and per question kind), answer region kept and
+    achieved mean retention of every scorer at every fixed ratio and, for ``auto_scorers``, of ``budget="auto"``
+    calibrated (:func:`hf_tokenprune.calibrate` on ``calibration``) to each mean retention of ``targets``; and
+    pointing."""
     model, processor = load(family)
     try:
         compressor = str(compressor_path(family))
     except FileNotFoundError:
-        compressor, scorers = None, [s for s in scorers if s != "compressor"]
+        compressor = None
+        scorers = [s for s in scorers if s != "compressor"]
+        auto_scorers = [s for s in auto_scorers if s != "compressor"]
     rows = _per_sample(model, processor, samples, compressor)
-    result: dict = {"n": len(samples), "pointing": {}, "accuracy": {}, "answer_region_kept": {}}
+    result: dict = {"n": len(samples), "pointing": {}, "accuracy": {}, "per_kind": {}, "answer_region_kept": {},
+                    "retention": {}, "calibration": {}}
     for name in ("oracle", "compressor", "attention"):
         if name in rows[0]:
             hits = [bool(r["answer_tokens"][int(r[name].argmax())]) for r in rows]
             result["pointing"][name] = sum(hits) / len(hits)
-    truth = [s.question.answer for s in samples]
-    full = predict(model, processor, samples, batch_size)
-    result["accuracy"]["full"] = {"1.0": sum(a == t for a, t in zip(full, truth, strict=True)) / len(truth)}
+    full = score_answers(samples, predict(model, processor, samples, batch_size))
+    result["accuracy"]["full"], result["per_kind"]["full"] = {"1.0": full["accuracy"]}, {"1.0": full["per_kind"]}
+    result["retention"]["full"] = {"1.0": 1.0}
     for name in scorers:
-        result["accuracy"][name], result["answer_region_kept"][name] = {}, {}
         for ratio in [r for r in ratios if r < 1.0]:
             scorer = OracleScorer() if name == "oracle" else name
             prune_wrap(model, ratio=ratio, scorer=scorer, compressor=compressor if name == "compressor" else None)
-            answers, kept_region = [], []
-            for i in tqdm(range(0, len(samples), batch_size), desc=f"{family} {name} {ratio}", leave=False):
-                chunk = samples[i:i + batch_size]
-                if name == "oracle":
-                    model.tokenprune.scorer.values = [r["oracle"] for r in rows[i:i + batch_size]]
-                answers += predict(model, processor, chunk, batch_size)
-                # stats of the last generate call = this chunk's prefill (predict runs one call per chunk)
-                for r, kept in zip(rows[i:i + batch_size], model.tokenprune.last_stats.kept_indices, strict=True):
-                    kept_region.append(bool(r["answer_tokens"][kept].any()))
+            measured = _run(model, processor, samples, rows, batch_size, f"{family} {name} {ratio}")
+            if name in LAYER_SCORERS:  # every visual token enters the LLM; its last stage keeps less than `ratio`
+                measured["retention"] = ratio
+            _record(result, name, str(ratio), measured)
             unwrap(model)
-            key = str(ratio)
-            result["accuracy"][name][key] = sum(a == t for a, t in zip(answers, truth, strict=True)) / len(truth)
-            result["answer_region_kept"][name][key] = sum(kept_region) / len(kept_region)
+    batches = [inputs_for(processor, (calibration or [])[i:i + batch_size])
+               for i in range(0, len(calibration or []), batch_size)]
+    for name in auto_scorers if batches else ():
+        for target in targets:
+            chosen = calibrate(model, batches, target, scorer=name, compressor=compressor if name == "compressor"
+                               else None)
+            prune_wrap(model, budget="auto", mass=chosen.mass, scorer=name,
+                       compressor=compressor if name == "compressor" else None)
+            key = str(target)
+            _record(result, f"{name}-auto", key, _run(model, processor, samples, rows, batch_size,
+                                                      f"{family} {name} auto {target}"))
+            result["calibration"].setdefault(f"{name}-auto", {})[key] = chosen.to_dict()
+            unwrap(model)
     return result
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
 
 
 def markdown(results: dict) -> str:
@@ -117,19 +166,46 @@ def markdown(results: dict) -> str:
                   "| scorer | " + " | ".join(f"acc @{float(k) * 100:g}%" for k in ratios) + " | "
                   + " | ".join(f"answer kept @{float(k) * 100:g}%" for k in ratios) + " |",
                   "|---" * (1 + 2 * len(ratios)) + "|"]
-        for name, accs in r["accuracy"].items():
-            if name == "full":
-                continue
-            kept = r["answer_region_kept"][name]
-            lines.append(f"| {name} | " + " | ".join(f"{100 * accs[k]:.1f}" for k in ratios) + " | "
-                         + " | ".join(f"{100 * kept[k]:.1f}" for k in ratios) + " |")
+        fixed = [n for n in r["accuracy"] if n != "full" and not n.endswith("-auto")]
+        for name in fixed:
+            accs, kept = r["accuracy"][name], r["answer_region_kept"][name]
+            lines.append(f"| {name} | " + " | ".join(_pct(accs.get(k)) for k in ratios) + " | "
+                         + " | ".join(_pct(kept.get(k)) for k in ratios) + " |")
         lines += ["", "Pointing (top token overlaps the answer box): "
                   + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["pointing"].items()), ""]
+        lines += _budget_table(r, fixed)
     return "\n".join(lines)
 
 
+def _budget_table(r: dict, fixed: list[str]) -> list[str]:
+    """Dynamic vs fixed budget at each calibrated mean retention: accuracy overall and per question kind."""
+    dynamic = [n for n in r["accuracy"] if n.endswith("-auto")]
+    if not dynamic:
+        return []
+    kinds = sorted(r["per_kind"]["full"]["1.0"])
+    lines = ["Dynamic budget (`budget=\"auto\"`, threshold calibrated on separate held-out questions to the target "
+             "mean retention) beside every fixed-ratio method at that ratio; kept = achieved mean retention on "
+             "these questions (in-LLM methods: the configured ratio).", "",
+             "| target | method | kept | acc | " + " | ".join(kinds) + " |", "|---" * (4 + len(kinds)) + "|",
+             f"| – | full | 100.0 | {_pct(r['accuracy']['full']['1.0'])} | "
+             + " | ".join(_pct(r["per_kind"]["full"]["1.0"].get(k)) for k in kinds) + " |"]
+    targets = sorted({k for n in dynamic for k in r["accuracy"][n]}, key=float, reverse=True)
+    for key in targets:
+        for name in [*dynamic, *fixed]:
+            if key not in r["accuracy"].get(name, {}):
+                continue
+            per_kind = r["per_kind"][name][key]
+            label = f"{name} (mass {r['calibration'][name][key]['mass']:.4g})" if name in dynamic else name
+            label += " (in LLM)" if name in LAYER_SCORERS else ""
+            lines.append(f"| {float(key) * 100:g}% | {label} | {_pct(r['retention'][name][key])} | "
+                         f"{_pct(r['accuracy'][name][key])} | "
+                         + " | ".join(_pct(per_kind.get(k)) for k in kinds) + " |")
+    return [*lines, ""]
+
+
 def plot(results: dict, path: Path) -> bool:
-    """Accuracy vs retention per scorer, one panel per setting; False if matplotlib is missing."""
+    """Pareto plot, one panel per setting: accuracy vs achieved mean retention of every method (fixed ratios as
+    lines, dynamic budgets as stars); False if matplotlib is missing."""
     try:
         import matplotlib
 
@@ -138,21 +214,30 @@ def plot(results: dict, path: Path) -> bool:
     except ImportError:
         return False
     settings = results["settings"]
-    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.5), squeeze=False)
     for ax, (setting, r) in zip(axes[0], settings.items(), strict=True):
-        full = r["accuracy"]["full"]["1.0"]
+        full, colours = r["accuracy"]["full"]["1.0"], {}
         for name, accs in r["accuracy"].items():
             if name == "full":
                 continue
-            xs = [1.0] + [float(k) for k in accs]
-            ax.plot([100 * x for x in xs], [100 * full] + [100 * v for v in accs.values()], marker="o", label=name)
+            keys = sorted(accs, key=float, reverse=True)
+            xs = [100 * r["retention"][name][k] for k in keys]
+            ys = [100 * accs[k] for k in keys]
+            if name.endswith("-auto"):  # in the colour of its fixed-ratio line
+                ax.plot(xs, ys, marker="*", markersize=15, linestyle="none", label=f"{name} (calibrated)",
+                        color=colours.get(name.removesuffix("-auto")), markeredgecolor="black")
+            else:
+                style = "--" if name in LAYER_SCORERS else "-"
+                (line,) = ax.plot([100.0, *xs], [100 * full, *ys], marker="o", linestyle=style,
+                                  label=f"{name} (in LLM)" if name in LAYER_SCORERS else name)
+                colours[name] = line.get_color()
         ax.set_xscale("log", base=2)
         ax.set_xticks([12.5, 25, 50, 100], ["12.5", "25", "50", "100"])
-        ax.set_xlabel("visual tokens kept (%)")
+        ax.set_xlabel("mean visual tokens kept (%)")
         ax.set_ylabel("held-out accuracy (%)")
         ax.set_title(setting)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
@@ -164,15 +249,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=300, help="held-out image questions per model")
     parser.add_argument("--videos", type=int, default=150, help="held-out video questions (Qwen2-VL)")
     parser.add_argument("--families", nargs="+", default=["qwen2_vl", "llava_onevision"])
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), help="question kinds (default: all)")
+    parser.add_argument("--scorers", nargs="+", default=list(SCORERS), help="fixed-ratio methods")
+    parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS[1:]), help="fixed retentions")
+    parser.add_argument("--auto", nargs="*", default=list(AUTO_SCORERS),
+                        help="scorers also run with budget='auto' (none: skip the dynamic budget)")
+    parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS),
+                        help="mean retentions the dynamic budget is calibrated to")
+    parser.add_argument("--calibration", type=int, default=100,
+                        help="held-out questions (other scenes than the evaluated ones) that calibrate the threshold")
+    parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    options = dict(batch_size=args.batch_size, scorers=args.scorers, ratios=args.ratios, auto_scorers=args.auto,
+                   targets=args.targets)
+    kinds = tuple(args.kinds)
     settings = {}
     for family in args.families:
-        settings[f"{family} images"] = evaluate(family, heldout_samples(args.images))
+        settings[f"{family} images"] = evaluate(
+            family, heldout_samples(args.images, kinds=kinds),
+            calibration=heldout_samples(args.calibration, start=CALIBRATION_START, kinds=kinds), **options)
         if family == "qwen2_vl" and args.videos:
-            settings[f"{family} videos"] = evaluate(family, heldout_samples(args.videos, video=True))
-    results = {"command": "python -m hf_tokenprune.world.results " + " ".join(argv or []), "settings": settings}
+            settings[f"{family} videos"] = evaluate(
+                family, heldout_samples(args.videos, video=True, kinds=kinds),
+                calibration=heldout_samples(args.calibration, video=True, start=CALIBRATION_START, kinds=kinds),
+                **options)
+    given = sys.argv[1:] if argv is None else argv
+    results = {"command": " ".join(["python -m hf_tokenprune.world.results", *given]), "settings": settings}
     (out / "world_results.json").write_text(json.dumps(results, indent=2))
     (out / "world_results.md").write_text(markdown(results))
     plot(results, out / "world_accuracy.png")
