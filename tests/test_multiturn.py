@@ -113,7 +113,7 @@ def test_next_turns_continue_the_pruned_cache_like_the_masked_reference(built, f
         conversations = extend(conversations, answers(processor, out, prompt_length), question=question)
         inputs = encode(processor, conversations, visual)
         assert torch.equal(inputs["input_ids"][:, :out.sequences.shape[1]], out.sequences)  # the chat round trip
-        out = generate(model, text_only(inputs), past_key_values=out.past_key_values)
+        out = generate(model, text_only(inputs), cache=out.past_key_values)
         assert model.tokenprune.last_stats is None  # nothing new to prune
         ref = reference(model, inputs, drop)
         assert torch.equal(out.sequences, ref.sequences)
@@ -138,7 +138,7 @@ def test_multi_turn_at_ratio_one_equals_the_unwrapped_model(built, family, batch
         first = generate(model, inputs)
         follow = encode(processor, extend(conversations, answers(processor, first, inputs["input_ids"].shape[1])),
                         visual)
-        runs.append((first, generate(model, text_only(follow), past_key_values=first.past_key_values)))
+        runs.append((first, generate(model, text_only(follow), cache=first.past_key_values)))
     for (unwrapped, wrapped) in zip(*runs, strict=True):
         assert torch.equal(wrapped.sequences, unwrapped.sequences)
         assert all(torch.equal(a, b) for a, b in zip(wrapped.logits, unwrapped.logits, strict=True))
@@ -154,6 +154,7 @@ def test_continuing_equals_pruning_the_whole_conversation_at_once(built, family,
                                                                         scope="image", positions=positions)
     kept = model.tokenprune.last_stats.kept_indices
     follow = encode(processor, extend(conversations, answers(processor, first, inputs["input_ids"].shape[1])), visual)
+    # transformers' deprecated name for ``cache`` works too
     continued = generate(model, text_only(follow), past_key_values=first.past_key_values)
     at_once = generate(model, follow)
     assert all(torch.equal(a, b) for a, b in zip(model.tokenprune.last_stats.kept_indices, kept, strict=True))
@@ -182,7 +183,7 @@ def test_a_new_image_in_the_next_turn_is_pruned_with_its_question(built, family,
     covered = first.past_key_values.get_seq_length() + (turns[0][2].seq_len_before - turns[0][2].seq_len_after
                                                          if history else 0)
     out = generate(model, {**text_only(follow), **new_visual_inputs(processor, "image", batch)},
-                   past_key_values=first.past_key_values)
+                   cache=first.past_key_values)
     stats = model.tokenprune.last_stats
     assert stats.seq_len_before == follow["input_ids"].shape[1] - covered  # the new tokens only
     assert all(a < b for a, b in zip(stats.visual_tokens_after, stats.visual_tokens_before))
@@ -200,7 +201,7 @@ def test_qwen_new_image_after_cached_images_is_refused_before_compute(built, fam
     hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
     with pytest.raises(PrunedCacheError, match="get_rope_index"):
         generate(model, {**text_only(follow), **new_visual_inputs(processor, "image", 1)},
-                 past_key_values=first.past_key_values)
+                 cache=first.past_key_values)
     hook.remove()
     assert not calls
 
@@ -220,12 +221,12 @@ def two_turns(built):
 
 def test_copies_of_a_pruned_cache_and_interleaved_conversations_each_continue_their_own(built, two_turns):
     model, first, follow = two_turns()
-    alone = generate(model, text_only(follow), past_key_values=copy.deepcopy(first.past_key_values))
+    alone = generate(model, text_only(follow), cache=copy.deepcopy(first.past_key_values))
     # another conversation in between, then the first one continued from a copy and from the original
     other = encode(built("qwen2_vl")[1], [chat(QUESTIONS[1], "image")], {"images": [tiny.make_image(5, size=84)]})
     generate(model, other)
     for cache in (copy.deepcopy(first.past_key_values), first.past_key_values):
-        again = generate(model, text_only(follow), past_key_values=cache)
+        again = generate(model, text_only(follow), cache=cache)
         assert torch.equal(again.sequences, alone.sequences)
         assert max_logit_diff(again, alone) == 0.0
 
@@ -267,7 +268,7 @@ def _images_again(follow, first, batch):
 def test_a_next_turn_that_does_not_extend_the_cached_conversation_is_refused(two_turns, batch, edit, message):
     model, first, follow = two_turns(batch=batch)
     with pytest.raises(PrunedCacheError, match=message):
-        generate(model, edit(follow, first, batch), past_key_values=first.past_key_values)
+        generate(model, edit(follow, first, batch), cache=first.past_key_values)
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -281,10 +282,10 @@ def test_a_pruned_cache_continues_only_under_the_wrapping_that_pruned_it(two_tur
     calls = []
     hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
     with pytest.raises(PrunedCacheError, match=message):
-        generate(model, text_only(follow), past_key_values=first.past_key_values)
+        generate(model, text_only(follow), cache=first.past_key_values)
     hook.remove()
     assert not calls
     if message != "another wrapped model":
         prune_wrap(model, ratio=0.25, scorer="attention", positions="original")
         with model.tokenprune.disabled(), pytest.raises(PrunedCacheError, match="pruning was active"):
-            generate(model, text_only(follow), past_key_values=first.past_key_values)
+            generate(model, text_only(follow), cache=first.past_key_values)
