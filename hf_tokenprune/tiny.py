@@ -800,8 +800,60 @@ VISION_HIDDEN_SIZE = 32
 VISION_HEADS = 4
 
 
-def _text_kwargs(vocab_size: int, num_hidden_layers: int) -> dict[str, Any]:
+def text_token_ids() -> dict[str, int]:
+    """``bos_token_id``/``eos_token_id``/``pad_token_id`` of a text config, for :func:`build_tokenizer`'s ids.
+
+    Shared with :func:`hf_tokenprune.world.models.build_config`.
+    """
     ids = special_token_ids()
+    return dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["[PAD]"])
+
+
+def qwen_config(config_class: type[PreTrainedConfig], text: dict[str, Any], vision: dict[str, Any],
+                mrope_section: list[int]) -> PreTrainedConfig:
+    """A Qwen2-VL / Qwen2.5-VL config (``config_class``) wired to :func:`build_tokenizer`'s special tokens.
+
+    Sets M-RoPE (``rope_theta`` 1e4, ``mrope_section``) on ``text`` (in place) and the image/video/vision
+    start/end token ids on the config; untied embeddings.  Shared with :mod:`hf_tokenprune.world.models`.
+    """
+    ids = special_token_ids()
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope_section}
+    return config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def llava_onevision_config(text: dict[str, Any], vision: dict[str, Any],
+                           image_grid_pinpoints: list[list[int]]) -> LlavaOnevisionConfig:
+    """A LLaVA-OneVision config (Qwen2 text model) wired to :func:`build_tokenizer`'s special tokens.
+
+    Sets ``model_type="qwen2"`` and default RoPE (``rope_theta`` 1e4) on ``text`` (in place); full SigLIP
+    features from the last layer, ``anyres_max_9``, untied embeddings.  Shared with
+    :mod:`hf_tokenprune.world.models`.
+    """
+    ids = special_token_ids()
+    text["model_type"] = "qwen2"
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4}
+    return LlavaOnevisionConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"],
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=image_grid_pinpoints,
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+
+
+def _text_kwargs(vocab_size: int, num_hidden_layers: int) -> dict[str, Any]:
     return dict(
         vocab_size=vocab_size,
         hidden_size=TEXT_HIDDEN_SIZE,
@@ -811,60 +863,42 @@ def _text_kwargs(vocab_size: int, num_hidden_layers: int) -> dict[str, Any]:
         num_key_value_heads=TEXT_KV_HEADS,
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["[PAD]"],
+        **text_token_ids(),
     )
+
+
+# The vision-tower settings the two Qwen families share.
+_QWEN_VISION = dict(
+    depth=2,
+    num_heads=VISION_HEADS,
+    patch_size=QWEN_PATCH_SIZE,
+    spatial_merge_size=QWEN_MERGE_SIZE,
+    temporal_patch_size=QWEN_TEMPORAL_PATCH_SIZE,
+)
 
 
 def _make_config(family: str, num_hidden_layers: int, image_size: int | None) -> PreTrainedConfig:
-    ids = special_token_ids()
     vocab_size = len(SPECIAL_TOKENS) + len(WORDS)
     text = _text_kwargs(vocab_size, num_hidden_layers)
-    qwen_tokens = dict(
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
     if family == "qwen2_vl":
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": MROPE_SECTION}
         vision = dict(
-            depth=2,
+            _QWEN_VISION,
             embed_dim=VISION_HIDDEN_SIZE,
             hidden_size=TEXT_HIDDEN_SIZE,  # merger output = LLM hidden size
             mlp_ratio=2,
-            num_heads=VISION_HEADS,
-            patch_size=QWEN_PATCH_SIZE,
-            spatial_merge_size=QWEN_MERGE_SIZE,
-            temporal_patch_size=QWEN_TEMPORAL_PATCH_SIZE,
         )
-        return Qwen2VLConfig(
-            text_config=text,
-            vision_config=vision,
-            **qwen_tokens,
-        )
+        return qwen_config(Qwen2VLConfig, text, vision, MROPE_SECTION)
     if family == "qwen2_5_vl":
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": MROPE_SECTION}
         vision = dict(
-            depth=2,
+            _QWEN_VISION,
             hidden_size=VISION_HIDDEN_SIZE,
             intermediate_size=2 * VISION_HIDDEN_SIZE,
-            num_heads=VISION_HEADS,
-            patch_size=QWEN_PATCH_SIZE,
-            spatial_merge_size=QWEN_MERGE_SIZE,
-            temporal_patch_size=QWEN_TEMPORAL_PATCH_SIZE,
             window_size=4 * QWEN_PATCH_SIZE * QWEN_MERGE_SIZE,  # 4x4 merged-token windows (real: 112 / 28)
             fullatt_block_indexes=[1],
             out_hidden_size=TEXT_HIDDEN_SIZE,
             tokens_per_second=2,
         )
-        return Qwen2_5_VLConfig(
-            text_config=text,
-            vision_config=vision,
-            **qwen_tokens,
-        )
+        return qwen_config(Qwen2_5_VLConfig, text, vision, MROPE_SECTION)
     if family == "llava":
         image_size = image_size or LLAVA15_DEFAULT_IMAGE_SIZE
         text["model_type"] = "llama"
@@ -882,15 +916,13 @@ def _make_config(family: str, num_hidden_layers: int, image_size: int | None) ->
         return LlavaConfig(
             text_config=text,
             vision_config=vision,
-            image_token_index=ids["<image>"],
+            image_token_index=special_token_ids()["<image>"],
             image_seq_length=(image_size // LLAVA15_PATCH_SIZE) ** 2,
             vision_feature_select_strategy="default",  # drop CLS
             vision_feature_layer=-2,  # the penultimate CLIP layer, like LLaVA-1.5
             tie_word_embeddings=False,
         )
     image_size = image_size or LLAVA_DEFAULT_IMAGE_SIZE
-    text["model_type"] = "qwen2"
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
     vision = dict(
         model_type="siglip_vision_model",
         hidden_size=VISION_HIDDEN_SIZE,
@@ -901,17 +933,7 @@ def _make_config(family: str, num_hidden_layers: int, image_size: int | None) ->
         patch_size=LLAVA_PATCH_SIZE,
         vision_use_head=False,
     )
-    return LlavaOnevisionConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_index=ids["<image>"],
-        video_token_index=ids["<video>"],
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        image_grid_pinpoints=_llava_pinpoints(image_size),
-        vision_aspect_ratio="anyres_max_9",
-        tie_word_embeddings=False,
-    )
+    return llava_onevision_config(text, vision, _llava_pinpoints(image_size))
 
 
 _MODEL_CLASSES = {

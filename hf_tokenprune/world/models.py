@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from transformers import (
     GenerationConfig,
-    LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     PreTrainedModel,
     ProcessorMixin,
@@ -43,25 +42,17 @@ def _check(family: str) -> None:
 def build_config(family: str):
     """The model config of ``family``'s world model."""
     _check(family)
-    ids = tiny.special_token_ids()
     text = dict(TEXT, vocab_size=len(tiny.build_tokenizer()), max_position_embeddings=2048, rms_norm_eps=1e-6,
-                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["[PAD]"])
+                **tiny.text_token_ids())
     if family == "qwen2_vl":
         head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4,
-                                   "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]}
         vision = dict(depth=2, embed_dim=64, hidden_size=TEXT["hidden_size"], mlp_ratio=2, num_heads=4,
                       patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=2)
-        return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                             video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                             vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
-    text.update(model_type="qwen2", rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+        return tiny.qwen_config(Qwen2VLConfig, text, vision,
+                                [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16])
     vision = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, image_size=LLAVA_TILE, patch_size=LLAVA_PATCH, vision_use_head=False)
-    return LlavaOnevisionConfig(
-        text_config=text, vision_config=vision, image_token_index=ids["<image>"],
-        video_token_index=ids["<video>"], vision_feature_select_strategy="full", vision_feature_layer=-1,
-        image_grid_pinpoints=_pinpoints(), vision_aspect_ratio="anyres_max_9", tie_word_embeddings=False)
+    return tiny.llava_onevision_config(text, vision, _pinpoints())
 
 
 def _pinpoints() -> list[list[int]]:
