@@ -56,6 +56,20 @@ def _unwrap_deep_models():
             unwrap(model)
 
 
+@pytest.fixture
+def wrapped(built, deep):
+    """``(family, kind="image", attn="sdpa", **prune_kw) -> (model, inputs)``: ``deep(family, attn)`` wrapped by
+    ``prune_wrap(model, **prune_kw)``, and a two-sample batch of ``kind`` inputs from ``family``'s processor."""
+
+    def get(family: str, kind: str = "image", attn: str = "sdpa", **prune_kw):
+        model = deep(family, attn)
+        inputs = make_inputs(built(family)[1], kind)
+        prune_wrap(model, **prune_kw)
+        return model, inputs
+
+    return get
+
+
 def visual_positions(model, input_ids):
     ids = [model.config.image_token_id, getattr(model.config, "video_token_id", None)]
     return torch.isin(input_ids, torch.tensor([i for i in ids if i is not None]))
@@ -113,11 +127,9 @@ def budgets(stats, keep):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("method", IN_LLM)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_in_llm_pruning_equals_the_layer_masked_reference(built, deep, family, method, attn):
-    processor = built(family)[1]
-    model, twin = deep(family, attn), deep(family, "eager")
-    inputs = make_inputs(processor, "image")
-    prune_wrap(model, ratio=RATIOS[method], scorer=method)
+def test_in_llm_pruning_equals_the_layer_masked_reference(wrapped, deep, family, method, attn):
+    model, inputs = wrapped(family, attn=attn, ratio=RATIOS[method], scorer=method)
+    twin = deep(family, "eager")
     pruned = greedy(model, inputs, steps=6)
     stats = model.tokenprune.last_stats
     stages = pdrop_stages(DEPTH, RATIOS[method]) if method == "pdrop" else ((2, RATIOS[method]),)
@@ -144,13 +156,11 @@ def last_instruction(input_ids, im_end):
 
 @pytest.mark.parametrize("method", ["fastv", "pdrop"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_attention_ranking_matches_the_reference_attention_weights(built, deep, family, method):
+def test_attention_ranking_matches_the_reference_attention_weights(wrapped, deep, family, method):
     """Each stage keeps the visual tokens with the highest head-mean attention from the query token in the
     eager reference's own attention weights (earlier stages' drops masked)."""
-    processor = built(family)[1]
-    model, twin = deep(family), deep(family, "eager")
-    inputs = make_inputs(processor, "image")
-    prune_wrap(model, ratio=RATIOS[method], scorer=method)
+    model, inputs = wrapped(family, ratio=RATIOS[method], scorer=method)
+    twin = deep(family, "eager")
     greedy(model, inputs, steps=1)
     stats = model.tokenprune.last_stats
     ids = inputs["input_ids"]
@@ -170,11 +180,9 @@ def test_attention_ranking_matches_the_reference_attention_weights(built, deep, 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_dart_keeps_pivots_and_the_tokens_least_like_them(built, deep, family):
-    processor = built(family)[1]
-    model, twin = deep(family), deep(family, "eager")
-    inputs = make_inputs(processor, "image")
-    prune_wrap(model, ratio=0.25, scorer="dart")
+def test_dart_keeps_pivots_and_the_tokens_least_like_them(wrapped, deep, family):
+    model, inputs = wrapped(family, ratio=0.25, scorer="dart")
+    twin = deep(family, "eager")
     greedy(model, inputs, steps=1)
     stats = model.tokenprune.last_stats
     with torch.no_grad():
@@ -217,11 +225,9 @@ def test_left_padded_batch_equals_each_sample_alone(built, deep, family, method)
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
 @pytest.mark.parametrize("method", IN_LLM)
-def test_video_per_frame_budgets_inside_the_llm(built, deep, family, method):
-    processor = built(family)[1]
-    model, twin = deep(family), deep(family, "eager")
-    inputs = make_inputs(processor, "video")
-    prune_wrap(model, ratio=RATIOS[method], scorer=method, scope="image")
+def test_video_per_frame_budgets_inside_the_llm(wrapped, deep, family, method):
+    model, inputs = wrapped(family, "video", ratio=RATIOS[method], scorer=method, scope="image")
+    twin = deep(family, "eager")
     pruned = greedy(model, inputs, steps=4)
     stats = model.tokenprune.last_stats
     with masked_layers(twin, stage_drops(twin, inputs["input_ids"], stats.stages)):
@@ -231,11 +237,8 @@ def test_video_per_frame_budgets_inside_the_llm(built, deep, family, method):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_kv_cache_is_shortened_from_the_pruning_layer_on(built, deep, family):
-    processor = built(family)[1]
-    model = deep(family)
-    inputs = make_inputs(processor, "image")
-    prune_wrap(model, ratio=0.5, scorer="pdrop")
+def test_kv_cache_is_shortened_from_the_pruning_layer_on(wrapped, family):
+    model, inputs = wrapped(family, ratio=0.5, scorer="pdrop")
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
     stats = model.tokenprune.last_stats
@@ -247,11 +250,9 @@ def test_kv_cache_is_shortened_from_the_pruning_layer_on(built, deep, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fastv_at_layer_zero_is_input_stage_pruning_by_last_token_attention(built, deep, family):
-    processor = built(family)[1]
-    model, twin = deep(family), deep(family, "eager")
-    inputs = make_inputs(processor, "image")
-    prune_wrap(model, ratio=0.25, scorer="fastv", layer=0)
+def test_fastv_at_layer_zero_is_input_stage_pruning_by_last_token_attention(wrapped, deep, family):
+    model, inputs = wrapped(family, ratio=0.25, scorer="fastv", layer=0)
+    twin = deep(family, "eager")
     greedy(model, inputs, steps=1)
     fastv = model.tokenprune.last_stats
     assert [s.layer for s in fastv.stages] == [0]
@@ -290,11 +291,8 @@ def llm_input(model, inputs):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tome_keeps_the_budget_and_feeds_merged_embeddings(built, deep, family):
-    processor = built(family)[1]
-    model = deep(family)
-    inputs = make_inputs(processor, "image")
-    prune_wrap(model, ratio=0.25, scorer="tome")
+def test_tome_keeps_the_budget_and_feeds_merged_embeddings(wrapped, family):
+    model, inputs = wrapped(family, ratio=0.25, scorer="tome")
     pruned = llm_input(model, inputs)
     stats = model.tokenprune.last_stats
     assert stats.visual_tokens_after == budgets(stats, 0.25)

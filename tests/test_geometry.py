@@ -39,14 +39,20 @@ def coverage(boxes: torch.Tensor, n: int = 97) -> np.ndarray:
     return ((b[:, 0] <= x) & (x < b[:, 2]) & (b[:, 1] <= y) & (y < b[:, 3])).sum(-1)
 
 
-@pytest.mark.parametrize(("family", "kind"), CASES)
-def test_one_region_per_placeholder_and_items_in_order(built, family, kind):
+def batch_regions(built, family: str, kind: str, images_per_sample: tuple[int, int] = (1, 1)):
+    """``(adapter, inputs, sizes, regions)``: ``family``'s adapter, a two-sample batch of ``kind`` inputs
+    (:func:`conftest.make_inputs`), its images' original sizes and each sample's ``token_regions``."""
     model, processor = built(family)
     adapter = get_adapter(model)
-    inputs = make_inputs(processor, kind)
-    sizes = [image.size for b in range(2) for image in sample_images(b)]
-    for b in range(2):
-        regions = adapter.token_regions(inputs, b, original_sizes=sizes)
+    inputs = make_inputs(processor, kind, images_per_sample=images_per_sample)
+    sizes = [image.size for b, n in enumerate(images_per_sample) for image in sample_images(b, n)]
+    return adapter, inputs, sizes, [adapter.token_regions(inputs, b, original_sizes=sizes) for b in range(2)]
+
+
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_one_region_per_placeholder_and_items_in_order(built, family, kind):
+    adapter, inputs, sizes, batch = batch_regions(built, family, kind)
+    for b, regions in enumerate(batch):
         assert len(regions) == visual_count(adapter, inputs, b)
         assert [(i.kind, i.index, i.start, i.stop) for i in regions.items] == [(kind, b, 0, len(regions))]
         assert bool((regions.item == 0).all())
@@ -56,11 +62,8 @@ def test_one_region_per_placeholder_and_items_in_order(built, family, kind):
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision", "llava"])
 def test_items_of_a_multi_image_batch(built, family):
-    model, processor = built(family)
-    adapter = get_adapter(model)
-    inputs = make_inputs(processor, "image", images_per_sample=(2, 1))
-    sizes = [image.size for b, n in enumerate((2, 1)) for image in sample_images(b, n)]
-    first, second = (adapter.token_regions(inputs, b, original_sizes=sizes) for b in range(2))
+    adapter, inputs, sizes, (first, second) = batch_regions(built, family, "image", images_per_sample=(2, 1))
+    processor = built(family)[1]
     assert [i.index for i in first.items] == [0, 1] and [i.index for i in second.items] == [2]
     assert first.items[0].stop == first.items[1].start and first.items[1].stop == len(first)
     assert len(first) == visual_count(adapter, inputs, 0) and len(second) == visual_count(adapter, inputs, 1)
@@ -74,12 +77,8 @@ def test_items_of_a_multi_image_batch(built, family):
 
 @pytest.mark.parametrize(("family", "kind"), CASES)
 def test_regions_tile_each_image_and_frame(built, family, kind):
-    model, processor = built(family)
-    adapter = get_adapter(model)
-    inputs = make_inputs(processor, kind)
-    sizes = [image.size for b in range(2) for image in sample_images(b)]
-    for b in range(2):
-        regions = adapter.token_regions(inputs, b, original_sizes=sizes)
+    _, _, sizes, batch = batch_regions(built, family, kind)
+    for b, regions in enumerate(batch):
         for frame in range(regions.items[0].num_frames):
             on = regions.on(0, frame)
             for level in regions.level[on].unique().tolist():
