@@ -255,7 +255,7 @@ class TokenPruneHandle:
     def _check_generate_continuation(self, args: tuple, kwargs: dict) -> None:
         """Before any compute: a ``generate`` call that continues a pruned cache must extend the sequence it holds,
         and (on families that cannot number them) add no visual tokens after cached ones."""
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         layout = self._layout_of(cache) if cache is not None else None
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         self._turn = None
