@@ -79,3 +79,24 @@ def answer_accuracy(model: nn.Module, processor: ProcessorMixin, n: int, *, fami
         out["video"] = accuracy(model, processor, heldout_samples(max(1, n // 2), video=True))
         out["frame_of_shape"] = accuracy(model, processor, heldout_samples(few, video=True, kinds=("frame_of_shape",)))
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m hf_tokenprune.world.evaluate --family F --questions N``: :func:`answer_accuracy` of the shipped
+    ``F`` world model, as JSON (per setting: accuracy and question count)."""
+    import argparse
+    import json
+
+    from . import load
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "llava_onevision"])
+    parser.add_argument("--questions", type=int, default=300, help="held-out lookups (other kinds: a quarter each)")
+    args = parser.parse_args(argv)
+    model, processor = load(args.family)
+    result = answer_accuracy(model, processor, args.questions, family=args.family)
+    print(json.dumps({k: {"accuracy": round(v["accuracy"], 4), "n": v["n"]} for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -98,14 +98,14 @@ class Batches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.steps
 
-    def samples_range(self, step: int) -> tuple[int, int]:
+    def object_counts(self, step: int) -> tuple[int, int]:
         """Objects per 16x16 scene at ``step``."""
         return object_range(step / self.steps if self.curriculum else 1.0)
 
     def samples(self, step: int) -> list[Sample]:
         rng = random.Random(f"{self.seed}/{step}")
         video = self.family == "qwen2_vl" and self.video_every > 0 and step % self.video_every == self.video_every - 1
-        low, high = self.samples_range(step)
+        low, high = self.object_counts(step)
         out = []
         for i in range(self.images * (2 if video else 1)):
             index = step * STEP_STRIDE + i
@@ -274,7 +274,7 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
                 model.eval()
                 with torch.no_grad():
                     entry = {"step": done, "answer_loss": answer_loss.item(), "aux_loss": aux_loss.item(),
-                             "objects": data.samples_range(step),
+                             "objects": data.object_counts(step),
                              "minutes": (time.perf_counter() - began) / 60,
                              **answer_accuracy(model, data.processor, eval_samples, family=family)}
                 model.train()
