@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from .compressor import Compressor, validate_calibration
 from .config import TokenPruneConfig, check_fraction
 from .pruning import cumulative_mass, mass_counts, unit_distribution
 from .scorers import CompressorScorer, Scorer, build_scorer
+from .training.store import write_atomic
 from .wrap import resolve_budget, score_inputs
 
 __all__ = ["Calibration", "calibrate", "save_calibration"]
@@ -127,7 +127,5 @@ def save_calibration(directory: str | os.PathLike, calibration: Calibration | Ma
     Compressor.from_pretrained(directory)  # refuses a directory that is not a valid compressor
     config = json.loads(path.read_text())
     config["calibration"] = values
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".config-", suffix=".json", delete=False) as f:
-        json.dump(config, f, sort_keys=True, indent=2)
-    os.replace(f.name, path)
+    write_atomic(path, json.dumps(config, sort_keys=True, indent=2).encode())
     return path
