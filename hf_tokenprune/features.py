@@ -38,36 +38,45 @@ def first_layer_attention(text_model: nn.Module, inputs_embeds: torch.Tensor, ro
     return received_attention(text_model.layers[0], inputs_embeds, (cos, sin), attention_mask, instruction_mask)
 
 
+def query_logits(layer: nn.Module, hidden_states: torch.Tensor,
+                 position_embeddings: tuple[torch.Tensor, torch.Tensor], query_index: torch.Tensor) -> torch.Tensor:
+    """Unmasked attention scores of decoder ``layer`` for the query rows ``query_index`` (``[batch, n_q]``)
+    against every position: the layer's input norm, q/k projections (and q/k norms) and rotary embedding, in
+    float32. Differentiable. Returns ``[batch, heads, n_q, length]``."""
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    batch, length, _ = hidden_states.shape
+    n_q = query_index.shape[1]
+    hidden = layer.input_layernorm(hidden_states)
+    q_hidden = torch.gather(hidden, 1, query_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    q = attn.q_proj(q_hidden).view(batch, n_q, -1, head_dim)
+    k = attn.k_proj(hidden).view(batch, length, -1, head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = (t.float().expand(batch, -1, -1) for t in position_embeddings)
+    q_cos = torch.gather(cos, 1, query_index.unsqueeze(-1).expand(-1, -1, cos.shape[-1]))
+    q_sin = torch.gather(sin, 1, query_index.unsqueeze(-1).expand(-1, -1, sin.shape[-1]))
+    q, k = q.float().transpose(1, 2), k.float().transpose(1, 2)  # [b, heads, n, d]
+    q = q * q_cos.unsqueeze(1) + _rotate_half(q) * q_sin.unsqueeze(1)
+    k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return torch.matmul(q, k.transpose(-1, -2)) * attn.scaling
+
+
 def received_attention(layer: nn.Module, hidden_states: torch.Tensor,
                        position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor | None,
                        query_mask: torch.Tensor) -> torch.Tensor:
     """Attention each position receives in decoder ``layer`` from the ``query_mask`` rows, averaged over heads and
-    rows: the layer's input norm, q/k projections (and q/k norms) and rotary embedding, in float32, for those rows
-    only (causal, padding from ``attention_mask``). ``hidden_states`` is the layer's input, ``position_embeddings``
-    the ``(cos, sin)`` it receives. Returns ``[batch, length]`` float32.
+    rows (:func:`query_logits`, causal, padding from ``attention_mask``). ``hidden_states`` is the layer's input,
+    ``position_embeddings`` the ``(cos, sin)`` it receives. Returns ``[batch, length]`` float32.
     """
-    attn = layer.self_attn
-    head_dim = attn.head_dim
-    batch, length, _ = hidden_states.shape
+    length = hidden_states.shape[1]
     with torch.no_grad():
-        hidden = layer.input_layernorm(hidden_states)
         n_q = int(query_mask.sum(dim=1).max())
         # query rows of each sample, right-padded to n_q
         q_order = torch.sort(query_mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :n_q]
         q_valid = torch.gather(query_mask, 1, q_order)
-        q_hidden = torch.gather(hidden, 1, q_order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        q = attn.q_proj(q_hidden).view(batch, n_q, -1, head_dim)
-        k = attn.k_proj(hidden).view(batch, length, -1, head_dim)
-        if getattr(attn, "q_norm", None) is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = (t.float().expand(batch, -1, -1) for t in position_embeddings)
-        q_cos = torch.gather(cos, 1, q_order.unsqueeze(-1).expand(-1, -1, cos.shape[-1]))
-        q_sin = torch.gather(sin, 1, q_order.unsqueeze(-1).expand(-1, -1, sin.shape[-1]))
-        q, k = q.float().transpose(1, 2), k.float().transpose(1, 2)  # [b, heads, n, d]
-        q = q * q_cos.unsqueeze(1) + _rotate_half(q) * q_sin.unsqueeze(1)
-        k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        logits = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling  # [b, heads, n_q, length]
+        logits = query_logits(layer, hidden_states, position_embeddings, q_order)  # [b, heads, n_q, length]
         keys = torch.arange(length, device=hidden_states.device)
         allowed = keys[None, None, :] <= q_order[:, :, None]  # causal
         if attention_mask is not None:

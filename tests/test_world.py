@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_tokenprune.adapters import get_adapter
 from hf_tokenprune.world import models
 from hf_tokenprune.world.evaluate import chat_prompts
 from hf_tokenprune.world.scenes import BACKGROUND, CELL, COLOURS, SHAPES, make_samples, questions
@@ -14,6 +15,8 @@ from hf_tokenprune.world.train import (
     _cell_labels,
     _visual_feature_module,
     answer_loss_of,
+    key_attention_loss,
+    key_targets,
     pack_scenes,
     train,
 )
@@ -105,6 +108,77 @@ def test_packed_batch_equals_one_sequence_per_question(family, video):
             logits = model(**inputs).logits[0]
         losses.append(F.cross_entropy(logits[-3:-1], inputs["input_ids"][0, -2:], reduction="none"))
     assert torch.allclose(packed, torch.cat(losses).mean(), atol=1e-5)
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_key_word_names_every_object_it_looks_up(video):
+    for index in range(6):
+        scene = make_samples("test", index, video=video)[0].scene
+        for q in questions(scene):
+            if q.kind == "left_of":  # the object is named by a colour and a shape together: no single key word
+                assert q.key == "" and q.key_boxes == ()
+                continue
+            assert q.key in q.text.split()
+            named = [o for o in scene.objects if q.key in (o.shape, o.colour)]
+            assert sorted(q.key_boxes) == sorted((o.frame, *o.box) for o in named)
+            assert set(q.boxes[:1]) <= set(q.key_boxes)
+
+
+@pytest.mark.parametrize(("family", "video"), [("qwen2_vl", False), ("qwen2_vl", True), ("llava_onevision", False)])
+def test_key_targets_are_the_tokens_of_the_named_objects(family, video):
+    """Independent geometry: Qwen2-VL numbers one merged token per cell row-major, frame after frame;
+    LLaVA-OneVision puts the 64 thumbnail tokens first, then 16 rows of 16 cells, each row ended by a newline."""
+    model, processor = models.build_model(family), models.build_processor(family)
+    samples = make_samples("train", 4, video=video, per_scene=4) + make_samples("train", 5, video=video, per_scene=4)
+    batch = pack_scenes(processor, samples, family)
+    targets = key_targets(get_adapter(model), batch)
+    tokenizer = processor.tokenizer
+    checked = 0
+    groups = [samples[:len(samples) // 2], samples[len(samples) // 2:]]
+    for b, group in enumerate(groups):
+        visual = torch.isin(batch["input_ids"][b], torch.tensor(get_adapter(model).visual_token_ids))
+        first = int(visual.nonzero()[0])
+        for j, s in enumerate(group):
+            position = int(batch["key_positions"][b, j])
+            if not s.question.key:
+                assert position == -1 and not targets[b, j].any()
+                continue
+            assert tokenizer.decode([int(batch["input_ids"][b, position])]) == s.question.key
+            expected = set()
+            for o in s.scene.objects:
+                if s.question.key in (o.shape, o.colour):
+                    if family == "qwen2_vl":
+                        expected.add(first + o.frame * s.scene.rows * s.scene.cols + o.row * s.scene.cols + o.col)
+                    else:
+                        expected.add(first + 64 + o.row * 17 + o.col)
+            assert set(targets[b, j].nonzero().flatten().tolist()) == expected
+            checked += 1
+    assert checked >= 3
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_key_attention_loss_is_the_eager_layer0_attention_on_the_named_objects(family):
+    model, processor = models.build_model(family, seed=1), models.build_processor(family)
+    model.set_attn_implementation("eager")
+    samples = make_samples("train", 6, kinds=("count_of_colour",)) + make_samples("train", 7)
+    batch = pack_scenes(processor, samples, family)  # one question per scene: each row is one plain sequence
+    batch.pop("cell_labels")
+    layer0 = get_adapter(model).text_model.layers[0]
+    captured = []
+    hook = layer0.register_forward_pre_hook(
+        lambda m, args, kwargs: captured.append((args[0], kwargs["position_embeddings"])), with_kwargs=True)
+    answer_loss_of(model, batch)
+    hook.remove()
+    loss = key_attention_loss(model, batch, captured[0])
+    plain = {k: v for k, v in batch.items() if k not in ("blocks", "key_positions", "key_boxes")}
+    with torch.no_grad():
+        attentions = model(**plain, output_attentions=True).attentions[0]  # [B, heads, L, L]
+    targets = key_targets(get_adapter(model), batch)
+    masses = [attentions[b, :, int(batch["key_positions"][b, 0])][:, targets[b, 0]].sum(-1).mean()
+              for b in range(len(samples))]
+    assert torch.allclose(loss.detach(), -torch.log(torch.stack(masses) + 1e-6).mean(), atol=1e-5)
+    loss.backward()
+    assert layer0.self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
 def test_cell_labels_follow_the_object_grid():

@@ -36,6 +36,7 @@ from ..scorers import OracleScorer
 from ..wrap import prune_wrap, score_inputs, unwrap
 from . import compressor_path, load
 from .evaluate import heldout_samples, inputs_for, predict, score_answers
+from .evidence import answer_tokens
 from .scenes import KINDS, Sample
 
 SCORERS = ("compressor", "attention", "oracle", "random", "uniform", "fastv", "pdrop", "dart", "tome")
@@ -43,18 +44,6 @@ RATIOS = (1.0, 0.5, 0.25, 0.125)
 AUTO_SCORERS = ("compressor",)  # methods also run with budget="auto", calibrated to each of TARGETS
 TARGETS = (0.25, 0.125)
 CALIBRATION_START = 100_000  # held-out scenes from this index on calibrate the threshold (evaluation: from 0)
-
-
-def answer_tokens(regions, sample: Sample) -> torch.Tensor:
-    """``[N_v]`` bool: tokens whose region overlaps the answer's box (and, for videos, its frame)."""
-    frame, x0, y0, x1, y1 = sample.question.boxes[0]
-    width, height = sample.scene.size
-    box = torch.tensor([x0 / width, y0 / height, x1 / width, y1 / height], dtype=torch.float64)
-    b = regions.boxes
-    overlap = (b[:, 0] < box[2]) & (b[:, 2] > box[0]) & (b[:, 1] < box[3]) & (b[:, 3] > box[1])
-    raw = frame * sample.scene.repeat if sample.is_video else 0
-    in_frame = (regions.frames[:, 0] <= raw) & (raw < regions.frames[:, 1])
-    return overlap & in_frame & regions.valid
 
 
 def _per_sample(model, processor, samples: list[Sample], compressor: str | None) -> list[dict]:

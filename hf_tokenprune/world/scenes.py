@@ -111,6 +111,10 @@ class Question:
     text: str
     answer: str
     boxes: tuple[tuple[int, int, int, int, int], ...]  # (frame, x0, y0, x1, y1); boxes[0] holds the answer
+    # the one question word that names what to look up (a shape or a colour) and the boxes of every object it
+    # names; empty for left_of, whose object is named by two words together
+    key: str = ""
+    key_boxes: tuple[tuple[int, int, int, int, int], ...] = ()
 
 
 @dataclass
@@ -193,15 +197,18 @@ def questions(scene: Scene) -> list[Question]:
         rare = [c for c, n in colour_count.items() if n == 1]
         for colour in rare[:1] + counted[:1]:  # in scene order, which is shuffled
             boxes = tuple(_box(o) for o in scene.objects if o.colour == colour)
-            out.append(Question("count_of_colour", f"how many {colour} objects ?", COUNT_WORDS[len(boxes) - 1], boxes))
+            out.append(Question("count_of_colour", f"how many {colour} objects ?", COUNT_WORDS[len(boxes) - 1], boxes,
+                                colour, boxes))
     for o in scene.objects:
         if shape_count[o.shape] == 1:
-            out.append(Question("colour_of_shape", f"what colour is the {o.shape} ?", o.colour, (_box(o),)))
+            out.append(Question("colour_of_shape", f"what colour is the {o.shape} ?", o.colour, (_box(o),), o.shape,
+                                (_box(o),)))
             if scene.frames > 1:
                 out.append(Question("frame_of_shape", f"which frame shows the {o.shape} ?",
-                                    FRAME_WORDS[o.frame], (_box(o),)))
+                                    FRAME_WORDS[o.frame], (_box(o),), o.shape, (_box(o),)))
         if scene.frames == 1 and colour_count[o.colour] == 1:
-            out.append(Question("shape_of_colour", f"what shape is the {o.colour} object ?", o.shape, (_box(o),)))
+            out.append(Question("shape_of_colour", f"what shape is the {o.colour} object ?", o.shape, (_box(o),),
+                                o.colour, (_box(o),)))
         left = scene.at(o.frame, o.row, o.col - 1) if o.col > 0 else None
         if scene.frames == 1 and left is not None and combo_count[o.colour, o.shape] == 1:
             out.append(Question("left_of", f"what shape is left of the {o.colour} {o.shape} ?", left.shape,

@@ -31,8 +31,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapters import get_adapter
+from ..features import query_logits
 from . import models
 from .evaluate import answer_accuracy, chat_prompts
+from .evidence import normalised_boxes, tokens_in_boxes
 from .scenes import BACKGROUND, CELL, COLOURS, KINDS, MIN_OBJECTS, SHAPES, Sample, Scene, make_samples
 
 CURRICULUM = ((0.0, (8, 16)), (0.1, (16, 32)), (0.2, (32, 56)), (0.3, (56, 88)), (0.4, (80, 120)),
@@ -133,7 +136,7 @@ def pack_scenes(processor, samples: list[Sample], family: str) -> dict[str, torc
     scenes: dict[int, list[Sample]] = {}
     for sample in samples:
         scenes.setdefault(id(sample.scene), []).append(sample)
-    texts, block_lengths = [], []
+    texts, block_lengths, key_offsets = [], [], []
     for group in scenes.values():
         prompts = [p + s.question.answer + tokenizer.eos_token
                    for p, s in zip(chat_prompts(processor, group), group, strict=True)]
@@ -142,22 +145,43 @@ def pack_scenes(processor, samples: list[Sample], family: str) -> dict[str, torc
         if any(p[:cut] != prompts[0][:cut] for p in prompts):
             raise ValueError("the chat template puts question-dependent text before the question")
         texts.append(prompts[0][:cut] + "".join(suffixes))
-        block_lengths.append([len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in suffixes])
+        ids = [tokenizer(x, add_special_tokens=False)["input_ids"] for x in suffixes]
+        block_lengths.append([len(x) for x in ids])
+        key_offsets.append([_key_offset(tokenizer, s.question.key, x) for s, x in zip(group, ids, strict=True)])
     firsts = [group[0] for group in scenes.values()]
     media = {"videos" if firsts[0].is_video else "images": [s.media for s in firsts]}
     tokenizer.padding_side = "right"
     batch = dict(processor(text=texts, padding=True, return_tensors="pt", **media))
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     blocks = torch.full_like(batch["input_ids"], -1)
-    for b, (n, sizes) in enumerate(zip(lengths, block_lengths, strict=True)):
+    most = max(len(x) for x in block_lengths)
+    key_positions = torch.full((len(texts), most), -1, dtype=torch.long)
+    key_boxes = torch.full((len(texts), most, MAX_KEY_BOXES, 5), torch.nan, dtype=torch.float64)
+    for b, (n, sizes, group) in enumerate(zip(lengths, block_lengths, scenes.values(), strict=True)):
         start = n - sum(sizes)
         blocks[b, :start] = 0
-        for j, size in enumerate(sizes):
+        for j, (size, offset, sample) in enumerate(zip(sizes, key_offsets[b], group, strict=True)):
             blocks[b, start:start + size] = j + 1
+            if offset is not None:
+                key_positions[b, j] = start + offset
+                found = normalised_boxes(sample, sample.question.key_boxes)
+                key_boxes[b, j, :len(found)] = found
             start += size
     batch["blocks"] = blocks
+    batch["key_positions"], batch["key_boxes"] = key_positions, key_boxes
     batch["cell_labels"] = torch.cat([_cell_labels(s, family) for s in firsts])
     return batch
+
+
+MAX_KEY_BOXES = 4  # a key word names at most four objects (count_of_colour)
+
+
+def _key_offset(tokenizer, key: str, ids: list[int]) -> int | None:
+    """Index of the key word's token among a question block's ``ids`` (None: the question has no key word)."""
+    if not key:
+        return None
+    (token,) = tokenizer(key, add_special_tokens=False)["input_ids"]
+    return ids.index(token)
 
 
 def block_attention(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -200,6 +224,41 @@ class AuxHead(nn.Module):
                                                                                       labels[:, 1])
 
 
+def key_targets(adapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[B, Q, L]`` bool: for question block ``j`` of row ``b`` of a :func:`pack_scenes` batch, the visual tokens
+    that show the objects its key word names, at the finest resolution level (LLaVA-OneVision's thumbnail
+    tokens each see four cells and are left out)."""
+    positions = batch["key_positions"]
+    ids = batch["input_ids"].cpu()
+    target = torch.zeros(*positions.shape, ids.shape[1], dtype=torch.bool)
+    visual = torch.isin(ids, torch.tensor(adapter.visual_token_ids))
+    for b in range(positions.shape[0]):
+        regions = adapter.token_regions(batch, b)
+        finest = regions.level == regions.level.max()
+        where = visual[b].nonzero().flatten()
+        for j in (positions[b] >= 0).nonzero().flatten().tolist():
+            boxes = batch["key_boxes"][b, j]
+            target[b, j, where[tokens_in_boxes(regions, boxes[~boxes.isnan().any(dim=1)]) & finest]] = True
+    return target
+
+
+def key_attention_loss(model: nn.Module, batch: dict[str, torch.Tensor], layer_input: tuple) -> torch.Tensor:
+    """``-log`` of the layer-0 attention (mean over heads) that each question's key word pays to the visual tokens
+    showing the objects it names (:func:`key_targets`), averaged over the questions that have a key word.
+    ``layer_input``: ``(hidden_states, position_embeddings)`` that layer 0 received in this step's forward."""
+    adapter = get_adapter(model)
+    positions = batch["key_positions"]
+    valid = positions >= 0
+    hidden, position_embeddings = layer_input
+    index = positions.clamp(min=0).to(hidden.device)
+    logits = query_logits(adapter.text_model.layers[0], hidden, position_embeddings, index)  # [B, heads, Q, L]
+    rows = block_attention(batch["blocks"], torch.float32)[:, 0]
+    rows = torch.gather(rows, 1, index[..., None].expand(-1, -1, logits.shape[-1]))  # [B, Q, L]
+    probs = (logits + rows[:, None]).softmax(dim=-1).mean(dim=1)
+    mass = (probs * key_targets(adapter, batch).to(probs.device)).sum(dim=-1)[valid.to(probs.device)]
+    return -torch.log(mass + 1e-6).mean() if mass.numel() else hidden.new_zeros(())
+
+
 def _visual_feature_module(model: nn.Module) -> nn.Module:
     return model.model.visual.merger if hasattr(model.model, "visual") else model.model.multi_modal_projector
 
@@ -214,12 +273,13 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
           lr: float = 2e-3, llm_lr: float = 7e-4, seed: int = 0, device: str = "cpu", workers: int = 0,
           video_every: int = 4,
           checkpoint_every: int = 250, eval_every: int = 250, eval_samples: int = 300, resume: bool = False,
-          max_minutes: float | None = None, kinds: tuple[str, ...] = KINDS, init: str | Path | None = None) -> dict:
+          max_minutes: float | None = None, kinds: tuple[str, ...] = KINDS, init: str | Path | None = None,
+          key_attention: float = 0.0) -> dict:
     """Train ``family``'s world model; returns the log (also written to ``out/training_log.json``).
 
     ``init``: a previous run's directory whose final weights (``checkpoint/``) this run starts from, a second
     training phase with its own schedule; it skips the object-count curriculum. ``kinds``: the question kinds
-    trained."""
+    trained. ``key_attention``: weight of :func:`key_attention_loss` (0: off)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -235,6 +295,7 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     log: dict = {"family": family, "steps": steps, "images": images, "questions": questions, "lr": lr,
                  "llm_lr": llm_lr, "seed": seed, "kinds": list(kinds), "init": None if init is None else str(init),
+                 "key_attention": key_attention,
                  "history": [], "train_seconds": 0.0}
     start_step = 0
     ckpt = out / "checkpoint"
@@ -246,6 +307,9 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
         start_step = log["next_step"]
     features: list[torch.Tensor] = []
     hook = _visual_feature_module(model).register_forward_hook(lambda m, a, o: features.append(o))
+    layer_input: list[tuple] = []
+    key_hook = get_adapter(model).text_model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: layer_input.append((args[0], kwargs["position_embeddings"])), with_kwargs=True)
     data = Batches(family, steps, seed, images, questions, video_every, kinds=kinds, curriculum=init is None)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
                                          sampler=range(start_step, steps), persistent_workers=workers > 0)
@@ -260,20 +324,27 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
             labels = batch.pop("cell_labels").to(device)
             batch = {k: v.to(device) for k, v in batch.items()}
             features.clear()
+            layer_input.clear()
             answer_loss = answer_loss_of(model, batch)
             aux_loss = aux.loss(features[0].reshape(-1, features[0].shape[-1]), labels)
+            loss = answer_loss + aux_loss
+            if key_attention:
+                key_loss = key_attention_loss(model, batch, layer_input[0])
+                loss = loss + key_attention * key_loss
             optimizer.zero_grad(set_to_none=True)
-            (answer_loss + aux_loss).backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             bar.update(1)
-            bar.set_postfix(answer=f"{answer_loss.item():.3f}", aux=f"{aux_loss.item():.3f}")
+            bar.set_postfix(answer=f"{answer_loss.item():.3f}", aux=f"{aux_loss.item():.3f}",
+                            **({"key": f"{key_loss.item():.3f}"} if key_attention else {}))
             done = step + 1
             entry = None
             if done % eval_every == 0 or done == steps:
                 model.eval()
                 with torch.no_grad():
                     entry = {"step": done, "answer_loss": answer_loss.item(), "aux_loss": aux_loss.item(),
+                             **({"key_loss": key_loss.item()} if key_attention else {}),
                              "objects": data.object_counts(step),
                              "minutes": (time.perf_counter() - began) / 60,
                              **answer_accuracy(model, data.processor, eval_samples, family=family)}
@@ -288,6 +359,7 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
                 break
     finally:
         hook.remove()
+        key_hook.remove()
         bar.close()
     log.update(next_step=step + 1, train_seconds=time.perf_counter() - began)
     _checkpoint(ckpt, model, aux, optimizer, log)
@@ -299,7 +371,7 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
 
 def answer_loss_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy of every block's answer word and end of turn, on a :func:`pack_scenes` batch."""
-    batch = dict(batch)
+    batch = {k: v for k, v in batch.items() if k not in ("key_positions", "key_boxes")}
     blocks = batch.pop("blocks")
     mask2d = batch.pop("attention_mask")
     if hasattr(model.model, "compute_3d_position_ids"):
@@ -348,12 +420,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kinds", default=",".join(KINDS), help="question kinds to train, comma-separated")
     parser.add_argument("--init", default=None,
                         help="start from the final weights of this earlier run directory (a second phase)")
+    parser.add_argument("--key-attention", type=float, default=0.0,
+                        help="weight of the loss that teaches layer 0 to attend from the question's key word to "
+                             "the objects it names (0: off)")
     args = parser.parse_args(argv)
     train(args.family, args.out, steps=args.steps, images=args.images, questions=args.questions, lr=args.lr,
           llm_lr=args.llm_lr,
           seed=args.seed, device=args.device, workers=args.workers, video_every=args.video_every,
           checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_samples=args.eval_samples,
-          resume=args.resume, max_minutes=args.max_minutes, kinds=tuple(args.kinds.split(",")), init=args.init)
+          resume=args.resume, max_minutes=args.max_minutes, kinds=tuple(args.kinds.split(",")), init=args.init,
+          key_attention=args.key_attention)
 
 
 if __name__ == "__main__":
