@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from hf_tokenprune.adapters import get_adapter
 from hf_tokenprune.world import models
 from hf_tokenprune.world.evaluate import chat_prompts
-from hf_tokenprune.world.scenes import BACKGROUND, CELL, COLOURS, SHAPES, make_samples, questions
+from hf_tokenprune.world.scenes import BACKGROUND, CELL, COLOURS, LOOKUP, SHAPES, make_samples, questions
 from hf_tokenprune.world.train import (
     FOREGROUND_DIFFERENCE,
+    KEY_FIELDS,
     MIN_PIXELS,
     _cell_labels,
     _visual_feature_module,
@@ -160,7 +161,7 @@ def test_key_targets_are_the_tokens_of_the_named_objects(family, video):
 def test_key_attention_loss_is_the_eager_layer0_attention_on_the_named_objects(family):
     model, processor = models.build_model(family, seed=1), models.build_processor(family)
     model.set_attn_implementation("eager")
-    samples = make_samples("train", 6, kinds=("count_of_colour",)) + make_samples("train", 7)
+    samples = [*make_samples("train", 6, kinds=("count_of_colour",)), *make_samples("train", 7, kinds=LOOKUP)]
     batch = pack_scenes(processor, samples, family)  # one question per scene: each row is one plain sequence
     batch.pop("cell_labels")
     layer0 = get_adapter(model).text_model.layers[0]
@@ -170,13 +171,19 @@ def test_key_attention_loss_is_the_eager_layer0_attention_on_the_named_objects(f
     answer_loss_of(model, batch)
     hook.remove()
     loss = key_attention_loss(model, batch, captured[0])
-    plain = {k: v for k, v in batch.items() if k not in ("blocks", "key_positions", "key_boxes")}
+    plain = {k: v for k, v in batch.items() if k not in ("blocks", *KEY_FIELDS)}
     with torch.no_grad():
         attentions = model(**plain, output_attentions=True).attentions[0]  # [B, heads, L, L]
     targets = key_targets(get_adapter(model), batch)
-    masses = [attentions[b, :, int(batch["key_positions"][b, 0])][:, targets[b, 0]].sum(-1).mean()
-              for b in range(len(samples))]
-    assert torch.allclose(loss.detach(), -torch.log(torch.stack(masses) + 1e-6).mean(), atol=1e-5)
+    rows = torch.stack([attentions[b, :, int(batch["key_positions"][b, 0])].mean(0) for b in range(2)])
+    masses = (rows * targets[:, 0]).sum(-1)
+    assert torch.allclose(loss.detach(), -torch.log(masses + 1e-6).mean(), atol=1e-5)
+    # counting: 0.2 on each named object, the rest elsewhere (row 0 counts, row 1 looks up)
+    shared = key_attention_loss(model, batch, captured[0], count_share=0.2)
+    k = int(targets[0, 0].sum())
+    counted = -(0.2 * torch.log(rows[0][targets[0, 0]] + 1e-6).sum() + (1 - 0.2 * k) * torch.log(1 - masses[0] + 1e-6))
+    assert batch["key_counting"][:, 0].tolist() == [True, False] and k == len(samples[0].question.key_boxes)
+    assert torch.allclose(shared.detach(), (counted - torch.log(masses[1] + 1e-6)) / 2, atol=1e-5)
     loss.backward()
     assert layer0.self_attn.q_proj.weight.grad.abs().sum() > 0
 
