@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..training.store import write_atomic
+
 Key = tuple[str, str, str, float]
 
 
@@ -31,6 +33,4 @@ class ResultStore:
         key = record_key(record)
         self.records = [r for r in self.records if record_key(r) != key] + [record]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.records, indent=1))
-        tmp.replace(self.path)
+        write_atomic(self.path, json.dumps(self.records, indent=1).encode())
