@@ -157,7 +157,6 @@ def pack_scenes(processor, samples: list[Sample], family: str) -> dict[str, torc
     most = max(len(x) for x in block_lengths)
     key_positions = torch.full((len(texts), most), -1, dtype=torch.long)
     key_boxes = torch.full((len(texts), most, MAX_KEY_BOXES, 5), torch.nan, dtype=torch.float64)
-    counting = torch.zeros((len(texts), most), dtype=torch.bool)
     for b, (n, sizes, group) in enumerate(zip(lengths, block_lengths, scenes.values(), strict=True)):
         start = n - sum(sizes)
         blocks[b, :start] = 0
@@ -167,16 +166,15 @@ def pack_scenes(processor, samples: list[Sample], family: str) -> dict[str, torc
                 key_positions[b, j] = start + offset
                 found = normalised_boxes(sample, sample.question.key_boxes)
                 key_boxes[b, j, :len(found)] = found
-                counting[b, j] = sample.question.kind == "count_of_colour"
             start += size
     batch["blocks"] = blocks
-    batch["key_positions"], batch["key_boxes"], batch["key_counting"] = key_positions, key_boxes, counting
+    batch["key_positions"], batch["key_boxes"] = key_positions, key_boxes
     batch["cell_labels"] = torch.cat([_cell_labels(s, family) for s in firsts])
     return batch
 
 
 MAX_KEY_BOXES = 4  # a key word names at most four objects (count_of_colour)
-KEY_FIELDS = ("key_positions", "key_boxes", "key_counting")  # what pack_scenes adds for key_attention_loss
+KEY_FIELDS = ("key_positions", "key_boxes")  # what pack_scenes adds for key_attention_loss
 
 
 def _key_offset(tokenizer, key: str, ids: list[int]) -> int | None:
@@ -245,16 +243,10 @@ def key_targets(adapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return target
 
 
-def key_attention_loss(model: nn.Module, batch: dict[str, torch.Tensor], layer_input: tuple,
-                       count_share: float = 0.0) -> torch.Tensor:
-    """Cross-entropy of the layer-0 attention (mean over heads) that each question's key word pays to the visual
-    tokens showing the objects it names (:func:`key_targets`), averaged over the questions that have a key word.
-
-    A lookup's key word should put all its attention on its object: ``-log`` of the mass there. With
-    ``count_share > 0`` a counting question's key word should put ``count_share`` on each object it names and the
-    rest elsewhere, so the attention it gathers (k x ``count_share``) tells how many there are; 0 treats counting
-    like a lookup. ``layer_input``: ``(hidden_states, position_embeddings)`` that layer 0 received in this step's
-    forward."""
+def key_attention_loss(model: nn.Module, batch: dict[str, torch.Tensor], layer_input: tuple) -> torch.Tensor:
+    """``-log`` of the layer-0 attention (mean over heads) that each question's key word pays to the visual tokens
+    showing the objects it names (:func:`key_targets`), averaged over the questions that have a key word.
+    ``layer_input``: ``(hidden_states, position_embeddings)`` that layer 0 received in this step's forward."""
     adapter = get_adapter(model)
     positions = batch["key_positions"]
     hidden, position_embeddings = layer_input
@@ -262,19 +254,10 @@ def key_attention_loss(model: nn.Module, batch: dict[str, torch.Tensor], layer_i
     logits = query_logits(adapter.text_model.layers[0], hidden, position_embeddings, index)  # [B, heads, Q, L]
     rows = block_attention(batch["blocks"], torch.float32)[:, 0]
     rows = torch.gather(rows, 1, index[..., None].expand(-1, -1, logits.shape[-1]))  # [B, Q, L]
-    probs = (logits + rows[:, None]).softmax(dim=-1).mean(dim=1)[positions >= 0]  # [questions, L]
-    if not probs.numel():
-        return hidden.new_zeros(())
-    targets = key_targets(adapter, batch).to(probs.device)[positions >= 0]
-    mass = (probs * targets).sum(dim=-1)
-    losses = -torch.log(mass + 1e-6)
-    if count_share > 0:
-        counting = batch["key_counting"].to(probs.device)[positions >= 0]
-        k = targets.sum(dim=-1)
-        shared = -(count_share * (torch.log(probs + 1e-6) * targets).sum(dim=-1)
-                   + (1 - k * count_share).clamp(min=0) * torch.log(1 - mass + 1e-6))
-        losses = torch.where(counting, shared, losses)
-    return losses.mean()
+    probs = (logits + rows[:, None]).softmax(dim=-1).mean(dim=1)
+    valid = (positions >= 0).to(probs.device)
+    mass = (probs * key_targets(adapter, batch).to(probs.device)).sum(dim=-1)[valid]
+    return -torch.log(mass + 1e-6).mean() if mass.numel() else hidden.new_zeros(())
 
 
 def _visual_feature_module(model: nn.Module) -> nn.Module:
@@ -292,13 +275,12 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
           video_every: int = 4,
           checkpoint_every: int = 250, eval_every: int = 250, eval_samples: int = 300, resume: bool = False,
           max_minutes: float | None = None, kinds: tuple[str, ...] = KINDS, init: str | Path | None = None,
-          key_attention: float = 0.0, count_share: float = 0.0) -> dict:
+          key_attention: float = 0.0) -> dict:
     """Train ``family``'s world model; returns the log (also written to ``out/training_log.json``).
 
     ``init``: a previous run's directory whose final weights (``checkpoint/``) this run starts from, a second
     training phase with its own schedule; it skips the object-count curriculum. ``kinds``: the question kinds
-    trained. ``key_attention``: weight of :func:`key_attention_loss` (0: off), ``count_share`` its share per
-    counted object."""
+    trained. ``key_attention``: weight of :func:`key_attention_loss` (0: off)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -314,7 +296,7 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     log: dict = {"family": family, "steps": steps, "images": images, "questions": questions, "lr": lr,
                  "llm_lr": llm_lr, "seed": seed, "kinds": list(kinds), "init": None if init is None else str(init),
-                 "key_attention": key_attention, "count_share": count_share,
+                 "key_attention": key_attention,
                  "history": [], "train_seconds": 0.0}
     start_step = 0
     ckpt = out / "checkpoint"
@@ -348,7 +330,7 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
             aux_loss = aux.loss(features[0].reshape(-1, features[0].shape[-1]), labels)
             loss = answer_loss + aux_loss
             if key_attention:
-                key_loss = key_attention_loss(model, batch, layer_input[0], count_share)
+                key_loss = key_attention_loss(model, batch, layer_input[0])
                 loss = loss + key_attention * key_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -442,15 +424,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--key-attention", type=float, default=0.0,
                         help="weight of the loss that teaches layer 0 to attend from the question's key word to "
                              "the objects it names (0: off)")
-    parser.add_argument("--count-share", type=float, default=0.0,
-                        help="key-attention target per object a counting question names (0: as for lookups)")
     args = parser.parse_args(argv)
     train(args.family, args.out, steps=args.steps, images=args.images, questions=args.questions, lr=args.lr,
           llm_lr=args.llm_lr,
           seed=args.seed, device=args.device, workers=args.workers, video_every=args.video_every,
           checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_samples=args.eval_samples,
           resume=args.resume, max_minutes=args.max_minutes, kinds=tuple(args.kinds.split(",")), init=args.init,
-          key_attention=args.key_attention, count_share=args.count_share)
+          key_attention=args.key_attention)
 
 
 if __name__ == "__main__":
