@@ -156,25 +156,28 @@ def pack_scenes(processor, samples: list[Sample], family: str) -> dict[str, torc
     blocks = torch.full_like(batch["input_ids"], -1)
     most = max(len(x) for x in block_lengths)
     key_positions = torch.full((len(texts), most), -1, dtype=torch.long)
-    key_boxes = torch.full((len(texts), most, MAX_KEY_BOXES, 5), torch.nan, dtype=torch.float64)
+    key_boxes = torch.full((len(texts), most, MAX_BOXES, 5), torch.nan, dtype=torch.float64)
+    evidence_boxes = torch.full((len(texts), most, MAX_BOXES, 5), torch.nan, dtype=torch.float64)
     for b, (n, sizes, group) in enumerate(zip(lengths, block_lengths, scenes.values(), strict=True)):
         start = n - sum(sizes)
         blocks[b, :start] = 0
         for j, (size, offset, sample) in enumerate(zip(sizes, key_offsets[b], group, strict=True)):
             blocks[b, start:start + size] = j + 1
+            found = normalised_boxes(sample, sample.question.boxes)
+            evidence_boxes[b, j, :len(found)] = found
             if offset is not None:
                 key_positions[b, j] = start + offset
                 found = normalised_boxes(sample, sample.question.key_boxes)
                 key_boxes[b, j, :len(found)] = found
             start += size
     batch["blocks"] = blocks
-    batch["key_positions"], batch["key_boxes"] = key_positions, key_boxes
+    batch["key_positions"], batch["key_boxes"], batch["evidence_boxes"] = key_positions, key_boxes, evidence_boxes
     batch["cell_labels"] = torch.cat([_cell_labels(s, family) for s in firsts])
     return batch
 
 
-MAX_KEY_BOXES = 4  # a key word names at most four objects (count_of_colour)
-KEY_FIELDS = ("key_positions", "key_boxes")  # what pack_scenes adds for key_attention_loss
+MAX_BOXES = 4  # a question has at most four evidence boxes and its key word names at most four objects
+KEY_FIELDS = ("key_positions", "key_boxes", "evidence_boxes")  # what pack_scenes adds for the auxiliary losses
 
 
 def _key_offset(tokenizer, key: str, ids: list[int]) -> int | None:
@@ -185,12 +188,16 @@ def _key_offset(tokenizer, key: str, ids: list[int]) -> int | None:
     return ids.index(token)
 
 
-def block_attention(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[B, 1, L, L]`` additive mask: causal; a block sees the prefix (block 0) and itself; padding sees itself."""
+def block_attention(blocks: torch.Tensor, dtype: torch.dtype, dropped: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, 1, L, L]`` additive mask: causal; a block sees the prefix (block 0) and itself; padding sees itself.
+    ``dropped`` (``[B, Q, L]``, :func:`dropped_tokens`): positions that question block ``j + 1`` does not see."""
     length = blocks.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=blocks.device).tril()
     q, k = blocks[:, :, None], blocks[:, None, :]
     allowed = causal & ((k == 0) & (q >= 0) | (q == k)) | torch.eye(length, dtype=torch.bool, device=blocks.device)
+    if dropped is not None:  # row i of block j >= 1 loses the columns dropped[b, j - 1]
+        hidden = torch.gather(dropped.to(blocks.device), 1, (blocks - 1).clamp(min=0)[..., None].expand(-1, -1, length))
+        allowed = allowed & ~(hidden & (blocks >= 1)[..., None])
     return torch.zeros(allowed.shape, dtype=dtype, device=blocks.device).masked_fill(
         ~allowed, torch.finfo(dtype).min)[:, None]
 
@@ -225,22 +232,44 @@ class AuxHead(nn.Module):
                                                                                       labels[:, 1])
 
 
-def key_targets(adapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def box_tokens(adapter, batch: dict[str, torch.Tensor], field: str, finest: bool = False) -> torch.Tensor:
     """``[B, Q, L]`` bool: for question block ``j`` of row ``b`` of a :func:`pack_scenes` batch, the visual tokens
-    that show the objects its key word names, at the finest resolution level (LLaVA-OneVision's thumbnail
-    tokens each see four cells and are left out)."""
-    positions = batch["key_positions"]
+    that overlap its boxes ``batch[field]`` (``"key_boxes"``: the objects its key word names; ``"evidence_boxes"``:
+    every box the question depends on). ``finest``: only tokens of the finest resolution level (LLaVA-OneVision's
+    thumbnail tokens each see four cells)."""
+    boxes_of = batch[field]
     ids = batch["input_ids"].cpu()
-    target = torch.zeros(*positions.shape, ids.shape[1], dtype=torch.bool)
+    target = torch.zeros(*boxes_of.shape[:2], ids.shape[1], dtype=torch.bool)
     visual = torch.isin(ids, torch.tensor(adapter.visual_token_ids))
-    for b in range(positions.shape[0]):
+    for b in range(boxes_of.shape[0]):
         regions = adapter.token_regions(batch, b)
-        finest = regions.level == regions.level.max()
+        level = regions.level == regions.level.max() if finest else torch.ones(len(regions), dtype=torch.bool)
         where = visual[b].nonzero().flatten()
-        for j in (positions[b] >= 0).nonzero().flatten().tolist():
-            boxes = batch["key_boxes"][b, j]
-            target[b, j, where[tokens_in_boxes(regions, boxes[~boxes.isnan().any(dim=1)]) & finest]] = True
+        for j in range(boxes_of.shape[1]):
+            boxes = boxes_of[b, j].cpu()
+            boxes = boxes[~boxes.isnan().any(dim=1)]
+            if len(boxes):
+                target[b, j, where[tokens_in_boxes(regions, boxes) & level]] = True
     return target
+
+
+def key_targets(adapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[B, Q, L]`` bool: the finest-level visual tokens that show the objects each question's key word names."""
+    return box_tokens(adapter, batch, "key_boxes", finest=True)
+
+
+def dropped_tokens(adapter, batch: dict[str, torch.Tensor], rate: float, generator: torch.Generator) -> torch.Tensor:
+    """``[B, Q, L]`` bool: visual tokens hidden from question block ``j`` (token dropout). With probability
+    ``rate`` a block loses a fraction drawn uniformly from ``[0, 0.95]`` of the visual tokens its question does
+    NOT depend on; its evidence is never dropped. Teaches the model what the pruning method presupposes of an
+    MLLM: removing irrelevant tokens leaves the answer alone."""
+    evidence = box_tokens(adapter, batch, "evidence_boxes")
+    visual = torch.isin(batch["input_ids"].cpu(), torch.tensor(adapter.visual_token_ids))
+    shape = evidence.shape
+    hit = torch.rand(shape[:2], generator=generator) < rate
+    fraction = torch.rand(shape[:2], generator=generator) * 0.95
+    draw = torch.rand(shape, generator=generator) < fraction[..., None]
+    return hit[..., None] & draw & visual[:, None] & ~evidence
 
 
 def key_attention_loss(model: nn.Module, batch: dict[str, torch.Tensor], layer_input: tuple) -> torch.Tensor:
@@ -275,12 +304,13 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
           video_every: int = 4,
           checkpoint_every: int = 250, eval_every: int = 250, eval_samples: int = 300, resume: bool = False,
           max_minutes: float | None = None, kinds: tuple[str, ...] = KINDS, init: str | Path | None = None,
-          key_attention: float = 0.0) -> dict:
+          key_attention: float = 0.0, token_dropout: float = 0.0) -> dict:
     """Train ``family``'s world model; returns the log (also written to ``out/training_log.json``).
 
     ``init``: a previous run's directory whose final weights (``checkpoint/``) this run starts from, a second
     training phase with its own schedule; it skips the object-count curriculum. ``kinds``: the question kinds
-    trained. ``key_attention``: weight of :func:`key_attention_loss` (0: off)."""
+    trained. ``key_attention``: weight of :func:`key_attention_loss` (0: off); ``token_dropout``: the ``rate`` of
+    :func:`dropped_tokens` (0: off)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -296,7 +326,7 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     log: dict = {"family": family, "steps": steps, "images": images, "questions": questions, "lr": lr,
                  "llm_lr": llm_lr, "seed": seed, "kinds": list(kinds), "init": None if init is None else str(init),
-                 "key_attention": key_attention,
+                 "key_attention": key_attention, "token_dropout": token_dropout,
                  "history": [], "train_seconds": 0.0}
     start_step = 0
     ckpt = out / "checkpoint"
@@ -326,7 +356,11 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
             batch = {k: v.to(device) for k, v in batch.items()}
             features.clear()
             layer_input.clear()
-            answer_loss = answer_loss_of(model, batch)
+            dropped = None
+            if token_dropout:
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+                dropped = dropped_tokens(get_adapter(model), batch, token_dropout, generator)
+            answer_loss = answer_loss_of(model, batch, dropped)
             aux_loss = aux.loss(features[0].reshape(-1, features[0].shape[-1]), labels)
             loss = answer_loss + aux_loss
             if key_attention:
@@ -370,8 +404,10 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
     return log
 
 
-def answer_loss_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of every block's answer word and end of turn, on a :func:`pack_scenes` batch."""
+def answer_loss_of(model: nn.Module, batch: dict[str, torch.Tensor],
+                   dropped: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of every block's answer word and end of turn, on a :func:`pack_scenes` batch (``dropped``:
+    see :func:`block_attention`)."""
     batch = {k: v for k, v in batch.items() if k not in KEY_FIELDS}
     blocks = batch.pop("blocks")
     mask2d = batch.pop("attention_mask")
@@ -382,7 +418,7 @@ def answer_loss_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
             mm_token_type_ids=batch.get("mm_token_type_ids"), inputs_embeds=None, cache=None)
     else:
         positions = torch.arange(blocks.shape[1], device=blocks.device).expand_as(blocks)
-    hidden = model.model(**batch, attention_mask=block_attention(blocks, model.dtype),
+    hidden = model.model(**batch, attention_mask=block_attention(blocks, model.dtype, dropped),
                          position_ids=block_positions(positions, blocks), use_cache=False).last_hidden_state
     rows, ends = answer_slots(blocks)
     ids = batch["input_ids"]
@@ -424,13 +460,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--key-attention", type=float, default=0.0,
                         help="weight of the loss that teaches layer 0 to attend from the question's key word to "
                              "the objects it names (0: off)")
+    parser.add_argument("--token-dropout", type=float, default=0.0,
+                        help="share of questions that lose a random part of the visual tokens they do not depend on")
     args = parser.parse_args(argv)
     train(args.family, args.out, steps=args.steps, images=args.images, questions=args.questions, lr=args.lr,
           llm_lr=args.llm_lr,
           seed=args.seed, device=args.device, workers=args.workers, video_every=args.video_every,
           checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_samples=args.eval_samples,
           resume=args.resume, max_minutes=args.max_minutes, kinds=tuple(args.kinds.split(",")), init=args.init,
-          key_attention=args.key_attention)
+          key_attention=args.key_attention, token_dropout=args.token_dropout)
 
 
 if __name__ == "__main__":
