@@ -186,7 +186,7 @@ def test_key_attention_loss_is_the_eager_layer0_attention_on_the_named_objects(f
 
 
 @pytest.mark.parametrize("family", models.FAMILIES)
-def test_token_dropout_hides_only_visual_tokens_the_question_does_not_depend_on(family):
+def test_token_dropout_hides_only_visual_tokens_no_question_depends_on(family):
     model, processor = models.build_model(family), models.build_processor(family)
     samples = make_samples("train", 8, per_scene=4) + make_samples("train", 9, per_scene=4)
     batch = pack_scenes(processor, samples, family)
@@ -195,18 +195,14 @@ def test_token_dropout_hides_only_visual_tokens_the_question_does_not_depend_on(
     assert [int(evidence[b, j].sum()) > 0 for b in range(2) for j in range(4)] == [True] * 8
     visual = torch.isin(batch["input_ids"], torch.tensor(adapter.visual_token_ids))
     dropped = dropped_tokens(adapter, batch, 1.0, torch.Generator().manual_seed(0))
-    assert not (dropped & evidence).any() and not (dropped & ~visual[:, None]).any()
-    assert dropped.sum() > 0.2 * visual.sum() * 4  # a fraction in [0, 0.95] of ~all visual tokens, per block
+    assert not (dropped[:, None] & evidence).any() and not (dropped & ~visual).any()
+    droppable = (visual & ~evidence.any(dim=1)).sum(dim=1)
+    assert dropped.any() and (dropped.sum(dim=1) <= 0.95 * droppable + 10).all()  # a fraction in [0, 0.95] per row
     assert not dropped_tokens(adapter, batch, 0.0, torch.Generator().manual_seed(0)).any()
     plain = block_attention(batch["blocks"], torch.float32)[:, 0] == 0
     masked = block_attention(batch["blocks"], torch.float32, dropped)[:, 0] == 0
-    blocks = batch["blocks"]
-    for b in range(2):
-        for j in range(1, 5):
-            rows = blocks[b] == j
-            expected = plain[b][rows] & ~dropped[b, j - 1]
-            assert torch.equal(masked[b][rows], expected)
-        assert torch.equal(masked[b][blocks[b] < 1], plain[b][blocks[b] < 1])  # the prefix and padding: unchanged
+    eye = torch.eye(plain.shape[-1], dtype=torch.bool)
+    assert torch.equal(masked, plain & (~dropped[:, None, :] | eye))  # like pruning: nobody else sees them
 
 
 def test_cell_labels_follow_the_object_grid():

@@ -190,14 +190,14 @@ def _key_offset(tokenizer, key: str, ids: list[int]) -> int | None:
 
 def block_attention(blocks: torch.Tensor, dtype: torch.dtype, dropped: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, 1, L, L]`` additive mask: causal; a block sees the prefix (block 0) and itself; padding sees itself.
-    ``dropped`` (``[B, Q, L]``, :func:`dropped_tokens`): positions that question block ``j + 1`` does not see."""
+    ``dropped`` (``[B, L]``, :func:`dropped_tokens`): positions that no other position sees."""
     length = blocks.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=blocks.device).tril()
     q, k = blocks[:, :, None], blocks[:, None, :]
     allowed = causal & ((k == 0) & (q >= 0) | (q == k)) | torch.eye(length, dtype=torch.bool, device=blocks.device)
-    if dropped is not None:  # row i of block j >= 1 loses the columns dropped[b, j - 1]
-        hidden = torch.gather(dropped.to(blocks.device), 1, (blocks - 1).clamp(min=0)[..., None].expand(-1, -1, length))
-        allowed = allowed & ~(hidden & (blocks >= 1)[..., None])
+    if dropped is not None:
+        allowed = allowed & ~dropped.to(blocks.device)[:, None, :] | torch.eye(length, dtype=torch.bool,
+                                                                               device=blocks.device)
     return torch.zeros(allowed.shape, dtype=dtype, device=blocks.device).masked_fill(
         ~allowed, torch.finfo(dtype).min)[:, None]
 
@@ -259,17 +259,15 @@ def key_targets(adapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def dropped_tokens(adapter, batch: dict[str, torch.Tensor], rate: float, generator: torch.Generator) -> torch.Tensor:
-    """``[B, Q, L]`` bool: visual tokens hidden from question block ``j`` (token dropout). With probability
-    ``rate`` a block loses a fraction drawn uniformly from ``[0, 0.95]`` of the visual tokens its question does
-    NOT depend on; its evidence is never dropped. Teaches the model what the pruning method presupposes of an
-    MLLM: removing irrelevant tokens leaves the answer alone."""
-    evidence = box_tokens(adapter, batch, "evidence_boxes")
+    """``[B, L]`` bool: visual tokens removed from row ``b`` (token dropout, what pruning does: no position sees
+    them). With probability ``rate`` a row loses a fraction drawn uniformly from ``[0, 0.95]`` of the visual tokens
+    that none of its questions depends on; evidence is never dropped. Teaches the model what the pruning method
+    presupposes of an MLLM: removing irrelevant tokens leaves the answer alone."""
+    evidence = box_tokens(adapter, batch, "evidence_boxes").any(dim=1)
     visual = torch.isin(batch["input_ids"].cpu(), torch.tensor(adapter.visual_token_ids))
-    shape = evidence.shape
-    hit = torch.rand(shape[:2], generator=generator) < rate
-    fraction = torch.rand(shape[:2], generator=generator) * 0.95
-    draw = torch.rand(shape, generator=generator) < fraction[..., None]
-    return hit[..., None] & draw & visual[:, None] & ~evidence
+    hit = torch.rand(visual.shape[0], 1, generator=generator) < rate
+    fraction = torch.rand(visual.shape[0], 1, generator=generator) * 0.95
+    return hit & (torch.rand(visual.shape, generator=generator) < fraction) & visual & ~evidence
 
 
 def key_attention_loss(model: nn.Module, batch: dict[str, torch.Tensor], layer_input: tuple) -> torch.Tensor:
