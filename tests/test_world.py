@@ -191,7 +191,7 @@ def test_token_dropout_hides_only_visual_tokens_no_question_depends_on(family):
     samples = make_samples("train", 8, per_scene=4) + make_samples("train", 9, per_scene=4)
     batch = pack_scenes(processor, samples, family)
     adapter = get_adapter(model)
-    evidence = box_tokens(adapter, batch, "evidence_boxes")
+    evidence = box_tokens(adapter, batch, "evidence_boxes", finest=True)
     assert [int(evidence[b, j].sum()) > 0 for b in range(2) for j in range(4)] == [True] * 8
     visual = torch.isin(batch["input_ids"], torch.tensor(adapter.visual_token_ids))
     dropped = dropped_tokens(adapter, batch, 1.0, torch.Generator().manual_seed(0))

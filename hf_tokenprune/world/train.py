@@ -261,9 +261,10 @@ def key_targets(adapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def dropped_tokens(adapter, batch: dict[str, torch.Tensor], rate: float, generator: torch.Generator) -> torch.Tensor:
     """``[B, L]`` bool: visual tokens removed from row ``b`` (token dropout, what pruning does: no position sees
     them). With probability ``rate`` a row loses a fraction drawn uniformly from ``[0, 0.95]`` of the visual tokens
-    that none of its questions depends on; evidence is never dropped. Teaches the model what the pruning method
+    that none of its questions depends on; evidence is never dropped at the finest resolution level (coarser
+    tokens that also show it, LLaVA-OneVision's thumbnail, may go). Teaches the model what the pruning method
     presupposes of an MLLM: removing irrelevant tokens leaves the answer alone."""
-    evidence = box_tokens(adapter, batch, "evidence_boxes").any(dim=1)
+    evidence = box_tokens(adapter, batch, "evidence_boxes", finest=True).any(dim=1)
     visual = torch.isin(batch["input_ids"].cpu(), torch.tensor(adapter.visual_token_ids))
     hit = torch.rand(visual.shape[0], 1, generator=generator) < rate
     fraction = torch.rand(visual.shape[0], 1, generator=generator) * 0.95
