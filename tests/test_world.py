@@ -10,8 +10,8 @@ from hf_tokenprune.world import models
 from hf_tokenprune.world.evaluate import chat_prompts
 from hf_tokenprune.world.scenes import BACKGROUND, CELL, COLOURS, LOOKUP, SHAPES, make_samples, questions
 from hf_tokenprune.world.train import (
+    BOX_FIELDS,
     FOREGROUND_DIFFERENCE,
-    KEY_FIELDS,
     MIN_PIXELS,
     _cell_labels,
     _visual_feature_module,
@@ -174,7 +174,7 @@ def test_key_attention_loss_is_the_eager_layer0_attention_on_the_named_objects(f
     answer_loss_of(model, batch)
     hook.remove()
     loss = key_attention_loss(model, batch, captured[0])
-    plain = {k: v for k, v in batch.items() if k not in ("blocks", *KEY_FIELDS)}
+    plain = {k: v for k, v in batch.items() if k not in ("blocks", *BOX_FIELDS)}
     with torch.no_grad():
         attentions = model(**plain, output_attentions=True).attentions[0]  # [B, heads, L, L]
     targets = key_targets(get_adapter(model), batch)

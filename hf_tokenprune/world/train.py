@@ -158,6 +158,11 @@ def pack_scenes(processor, samples: list[Sample], family: str) -> dict[str, torc
     key_positions = torch.full((len(texts), most), -1, dtype=torch.long)
     key_boxes = torch.full((len(texts), most, MAX_BOXES, 5), torch.nan, dtype=torch.float64)
     evidence_boxes = torch.full((len(texts), most, MAX_BOXES, 5), torch.nan, dtype=torch.float64)
+    objects = [normalised_boxes(group[0], [(o.frame, *o.box) for o in group[0].scene.objects])
+               for group in scenes.values()]
+    object_boxes = torch.full((len(texts), 1, max(len(o) for o in objects), 5), torch.nan, dtype=torch.float64)
+    for b, found in enumerate(objects):
+        object_boxes[b, 0, :len(found)] = found
     for b, (n, sizes, group) in enumerate(zip(lengths, block_lengths, scenes.values(), strict=True)):
         start = n - sum(sizes)
         blocks[b, :start] = 0
@@ -172,12 +177,13 @@ def pack_scenes(processor, samples: list[Sample], family: str) -> dict[str, torc
             start += size
     batch["blocks"] = blocks
     batch["key_positions"], batch["key_boxes"], batch["evidence_boxes"] = key_positions, key_boxes, evidence_boxes
+    batch["object_boxes"] = object_boxes
     batch["cell_labels"] = torch.cat([_cell_labels(s, family) for s in firsts])
     return batch
 
 
 MAX_BOXES = 4  # a question has at most four evidence boxes and its key word names at most four objects
-KEY_FIELDS = ("key_positions", "key_boxes", "evidence_boxes")  # what pack_scenes adds for the auxiliary losses
+BOX_FIELDS = ("key_positions", "key_boxes", "evidence_boxes", "object_boxes")  # pack_scenes' fields for the aux losses
 
 
 def _key_offset(tokenizer, key: str, ids: list[int]) -> int | None:
@@ -235,8 +241,8 @@ class AuxHead(nn.Module):
 def box_tokens(adapter, batch: dict[str, torch.Tensor], field: str, finest: bool = False) -> torch.Tensor:
     """``[B, Q, L]`` bool: for question block ``j`` of row ``b`` of a :func:`pack_scenes` batch, the visual tokens
     that overlap its boxes ``batch[field]`` (``"key_boxes"``: the objects its key word names; ``"evidence_boxes"``:
-    every box the question depends on). ``finest``: only tokens of the finest resolution level (LLaVA-OneVision's
-    thumbnail tokens each see four cells)."""
+    every box the question depends on; ``"object_boxes"``: every object of the row's scene, ``Q`` = 1).
+    ``finest``: only tokens of the finest resolution level (LLaVA-OneVision's thumbnail tokens see four cells)."""
     boxes_of = batch[field]
     ids = batch["input_ids"].cpu()
     target = torch.zeros(*boxes_of.shape[:2], ids.shape[1], dtype=torch.bool)
@@ -260,15 +266,20 @@ def key_targets(adapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def dropped_tokens(adapter, batch: dict[str, torch.Tensor], rate: float, generator: torch.Generator) -> torch.Tensor:
     """``[B, L]`` bool: visual tokens removed from row ``b`` (token dropout, what pruning does: no position sees
-    them). With probability ``rate`` a row loses a fraction drawn uniformly from ``[0, 0.95]`` of the visual tokens
-    that none of its questions depends on; evidence is never dropped at the finest resolution level (coarser
-    tokens that also show it, LLaVA-OneVision's thumbnail, may go). Teaches the model what the pruning method
-    presupposes of an MLLM: removing irrelevant tokens leaves the answer alone."""
+    them). With probability ``rate`` a row loses a fraction of its empty tokens and, independently, a fraction of
+    its object tokens, each drawn uniformly from ``[0, 0.95]`` (so that rows keeping mostly objects, as a
+    relevance-based pruner leaves them, are as common as rows keeping a random mix). The evidence of the row's
+    questions is never dropped at the finest resolution level (coarser tokens that also show it,
+    LLaVA-OneVision's thumbnail, may go). Teaches the model what the pruning method presupposes of an MLLM:
+    removing irrelevant tokens leaves the answer alone."""
     evidence = box_tokens(adapter, batch, "evidence_boxes", finest=True).any(dim=1)
+    objects = box_tokens(adapter, batch, "object_boxes")[:, 0]
     visual = torch.isin(batch["input_ids"].cpu(), torch.tensor(adapter.visual_token_ids))
     hit = torch.rand(visual.shape[0], 1, generator=generator) < rate
-    fraction = torch.rand(visual.shape[0], 1, generator=generator) * 0.95
-    return hit & (torch.rand(visual.shape, generator=generator) < fraction) & visual & ~evidence
+    empty_share, object_share = (torch.rand(visual.shape[0], 1, generator=generator) * 0.95 for _ in range(2))
+    draw = torch.rand(visual.shape, generator=generator)
+    drop = torch.where(objects, draw < object_share, draw < empty_share)
+    return hit & drop & visual & ~evidence
 
 
 def key_attention_loss(model: nn.Module, batch: dict[str, torch.Tensor], layer_input: tuple) -> torch.Tensor:
@@ -407,7 +418,7 @@ def answer_loss_of(model: nn.Module, batch: dict[str, torch.Tensor],
                    dropped: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of every block's answer word and end of turn, on a :func:`pack_scenes` batch (``dropped``:
     see :func:`block_attention`)."""
-    batch = {k: v for k, v in batch.items() if k not in KEY_FIELDS}
+    batch = {k: v for k, v in batch.items() if k not in BOX_FIELDS}
     blocks = batch.pop("blocks")
     mask2d = batch.pop("attention_mask")
     if hasattr(model.model, "compute_3d_position_ids"):
