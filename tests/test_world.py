@@ -193,6 +193,8 @@ def test_token_dropout_hides_only_visual_tokens_no_question_depends_on(family):
     adapter = get_adapter(model)
     evidence = box_tokens(adapter, batch, "evidence_boxes", finest=True)
     assert [int(evidence[b, j].sum()) > 0 for b in range(2) for j in range(4)] == [True] * 8
+    objects = box_tokens(adapter, batch, "object_boxes", finest=True)[:, 0]
+    assert objects.sum(dim=1).tolist() == [len(group[0].scene.objects) for group in (samples[:4], samples[4:])]
     visual = torch.isin(batch["input_ids"], torch.tensor(adapter.visual_token_ids))
     dropped = dropped_tokens(adapter, batch, 1.0, torch.Generator().manual_seed(0))
     assert not (dropped[:, None] & evidence).any() and not (dropped & ~visual).any()
