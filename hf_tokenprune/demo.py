@@ -96,8 +96,8 @@ def run(family: str = "qwen2_vl", *, scene: int = 7, eval_questions: int = 64, o
     print(f"\nheld-out accuracy ({len(heldout)} questions), compressor vs random selection:")
     _print(table, ["kept", "compressor", "random"])
     print("(each answer sits in ONE visual token: random selection keeps it about as often as the retention; the "
-          "compressor ranks\n the objects these models look at. Their first-layer attention barely depends on the "
-          "question, so both\n questions keep nearly the same tokens: see docs/world.md, 'What this testbed shows')")
+          "compressor reads\n the first-layer attention, which on these models points at the object the question "
+          "names, so the two\n questions keep different tokens: see docs/world.md, 'What this testbed shows')")
     print(f"\nwrote {out}")
     return {"family": family, "answers": answers, "accuracy": table, "picture": str(out)}
 
