@@ -3,9 +3,14 @@
 import pytest
 import torch
 
-from hf_tokenprune import prune_wrap, unwrap
+from hf_tokenprune import TokenPruneConfig, prune_wrap, unwrap
+from hf_tokenprune.adapters import get_adapter
+from hf_tokenprune.scorers import build_scorer
 from hf_tokenprune.world import compressor_path, load
 from hf_tokenprune.world.evaluate import accuracy, heldout_samples, inputs_for
+from hf_tokenprune.world.evidence import answer_tokens
+from hf_tokenprune.world.scenes import LOOKUP, make_samples
+from hf_tokenprune.wrap import score_inputs
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "llava_onevision"])
@@ -29,7 +34,7 @@ def test_shipped_compressor_keeps_a_quarter_and_beats_content_blind_selection(sh
     """End to end on trained weights: at 25% the shipped compressor keeps exactly a quarter of the visual tokens
     and answers more questions than random selection, which keeps the one answer token about a quarter of the
     time (and a blind guess among the 3 common colours is right a third of the time). Measured on these 128
-    questions: compressor 61.7% vs random 50.0% (Qwen2-VL), 61.7% vs 38.3% (LLaVA-OneVision)."""
+    questions: compressor 97.7% vs random 50.0% (Qwen2-VL), 90.6% vs 44.5% (LLaVA-OneVision)."""
     family, model, processor = shipped
     questions = heldout_samples(128, start=500)
     scores = {}
@@ -41,7 +46,7 @@ def test_shipped_compressor_keeps_a_quarter_and_beats_content_blind_selection(sh
             assert stats.visual_tokens_after[0] == -(-stats.visual_tokens_before[0] // 4)
     finally:
         unwrap(model)
-    assert scores["compressor"] >= 0.55 and scores["compressor"] >= scores["random"] + 0.08, scores
+    assert scores["compressor"] >= 0.85 and scores["compressor"] >= scores["random"] + 0.3, scores
 
 
 def test_shipped_compressor_carries_a_dynamic_budget_calibration(shipped):
@@ -58,3 +63,28 @@ def test_shipped_compressor_carries_a_dynamic_budget_calibration(shipped):
         unwrap(model)
     assert 0.15 <= sum(retention) / len(retention) <= 0.35, retention
     assert len(set(retention)) > 1
+
+
+def pointing(model, processor, compressor: str, scenes: int = 16) -> float:
+    """Share of lookup questions (two per held-out scene) whose compressor top-scored token shows the object the
+    question names."""
+    adapter = get_adapter(model)
+    scorer = build_scorer(TokenPruneConfig(scorer="compressor", compressor=compressor), adapter)
+    hits = []
+    for index in range(scenes):
+        for s in make_samples("test", 3000 + index, per_scene=2, kinds=LOOKUP):
+            inputs = inputs_for(processor, [s])
+            found = score_inputs(model, inputs)
+            with torch.no_grad():
+                scores = scorer.score(found)[0, :found.layout.counts[0]]
+            named = answer_tokens(adapter.token_regions(inputs, 0, original_sizes=[s.media.size]), s)
+            hits.append(bool(named[int(scores.argmax())]))
+    return sum(hits) / len(hits)
+
+
+def test_shipped_compressor_follows_the_question(shipped):
+    """Two questions about the same image keep different tokens: the compressor's highest-scored token shows the
+    object the question names. Measured on these 32 questions: 100% (Qwen2-VL), 72% (LLaVA-OneVision); the
+    compressors of the models trained without the key-attention loss scored 6% and 25%."""
+    family, model, processor = shipped
+    assert pointing(model, processor, str(compressor_path(family))) >= 0.6
