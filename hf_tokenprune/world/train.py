@@ -8,6 +8,9 @@ ln(6), chance):
 * **several questions per scene** in one step (``--images`` scenes x ``--questions`` questions);
 * an **object-count curriculum** over the first half of the steps (8-16 objects -> 96-144 on 16x16 cells);
 * AdamW with linear warm-up and cosine decay.
+* optional, for later phases: ``--key-attention`` (:func:`key_attention_loss`, layer 0 looks up what the
+  question's key word names) and ``--token-dropout`` (:func:`dropped_tokens`, irrelevant visual tokens removed as
+  pruning removes them); why, and the shipped models' four phases: docs/world.md.
 
 Qwen2-VL also sees videos (every ``--video-every``-th step) and a few grid sizes (dynamic resolution).
 Batches depend only on ``(seed, step)``, so a run resumed from its checkpoint (``--resume``, saved every
