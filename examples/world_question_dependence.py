@@ -10,10 +10,9 @@ For held-out scenes with two different lookup questions each, prints the correla
 import argparse
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from hf_tokenprune.adapters import get_adapter
-from hf_tokenprune.world import model_path
+from hf_tokenprune.world import load
 from hf_tokenprune.world.evaluate import inputs_for
 from hf_tokenprune.world.evidence import answer_tokens
 from hf_tokenprune.world.scenes import LOOKUP, make_samples
@@ -26,8 +25,7 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=20)
     parser.add_argument("--model", help="a world model directory (default: the shipped one of --family)")
     args = parser.parse_args()
-    path = args.model or model_path(args.family)
-    model, processor = AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+    model, processor = load(args.family, args.model)
     correlations, overlaps, pointing = [], [], []
     for index in range(args.scenes):
         pair = make_samples("test", 2000 + index, per_scene=2, kinds=LOOKUP)

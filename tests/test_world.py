@@ -23,6 +23,7 @@ from hf_tokenprune.world.train import (
     key_targets,
     pack_scenes,
     train,
+    visual_rows,
 )
 
 
@@ -135,7 +136,7 @@ def test_key_targets_are_the_tokens_of_the_named_objects(family, video):
     model, processor = models.build_model(family), models.build_processor(family)
     samples = make_samples("train", 4, video=video, per_scene=4) + make_samples("train", 5, video=video, per_scene=4)
     batch = pack_scenes(processor, samples, family)
-    targets = key_targets(get_adapter(model), batch)
+    targets = key_targets(visual_rows(get_adapter(model), batch), batch)
     tokenizer = processor.tokenizer
     checked = 0
     groups = [samples[:len(samples) // 2], samples[len(samples) // 2:]]
@@ -173,13 +174,14 @@ def test_key_attention_loss_is_the_eager_layer0_attention_on_the_named_objects(f
         lambda m, args, kwargs: captured.append((args[0], kwargs["position_embeddings"])), with_kwargs=True)
     answer_loss_of(model, batch)
     hook.remove()
-    loss = key_attention_loss(model, batch, captured[0])
+    rows = visual_rows(get_adapter(model), batch)
+    loss = key_attention_loss(model, batch, captured[0], rows)
     plain = {k: v for k, v in batch.items() if k not in ("blocks", *BOX_FIELDS)}
     with torch.no_grad():
         attentions = model(**plain, output_attentions=True).attentions[0]  # [B, heads, L, L]
-    targets = key_targets(get_adapter(model), batch)
-    rows = torch.stack([attentions[b, :, int(batch["key_positions"][b, 0])].mean(0) for b in range(2)])
-    masses = (rows * targets[:, 0]).sum(-1)
+    targets = key_targets(rows, batch)
+    key_rows = torch.stack([attentions[b, :, int(batch["key_positions"][b, 0])].mean(0) for b in range(2)])
+    masses = (key_rows * targets[:, 0]).sum(-1)
     assert torch.allclose(loss.detach(), -torch.log(masses + 1e-6).mean(), atol=1e-5)
     loss.backward()
     assert layer0.self_attn.q_proj.weight.grad.abs().sum() > 0
@@ -191,16 +193,17 @@ def test_token_dropout_hides_only_visual_tokens_no_question_depends_on(family):
     samples = make_samples("train", 8, per_scene=4) + make_samples("train", 9, per_scene=4)
     batch = pack_scenes(processor, samples, family)
     adapter = get_adapter(model)
-    evidence = box_tokens(adapter, batch, "evidence_boxes", finest=True)
+    rows = visual_rows(adapter, batch)
+    evidence = box_tokens(rows, batch, "evidence_boxes", finest=True)
     assert [int(evidence[b, j].sum()) > 0 for b in range(2) for j in range(4)] == [True] * 8
-    objects = box_tokens(adapter, batch, "object_boxes", finest=True)[:, 0]
+    objects = box_tokens(rows, batch, "object_boxes", finest=True)[:, 0]
     assert objects.sum(dim=1).tolist() == [len(group[0].scene.objects) for group in (samples[:4], samples[4:])]
     visual = torch.isin(batch["input_ids"], torch.tensor(adapter.visual_token_ids))
-    dropped = dropped_tokens(adapter, batch, 1.0, torch.Generator().manual_seed(0))
+    dropped = dropped_tokens(rows, batch, 1.0, torch.Generator().manual_seed(0))
     assert not (dropped[:, None] & evidence).any() and not (dropped & ~visual).any()
     droppable = (visual & ~evidence.any(dim=1)).sum(dim=1)
     assert dropped.any() and (dropped.sum(dim=1) <= 0.95 * droppable + 10).all()  # a fraction in [0, 0.95] per row
-    assert not dropped_tokens(adapter, batch, 0.0, torch.Generator().manual_seed(0)).any()
+    assert not dropped_tokens(rows, batch, 0.0, torch.Generator().manual_seed(0)).any()
     plain = block_attention(batch["blocks"], torch.float32)[:, 0] == 0
     masked = block_attention(batch["blocks"], torch.float32, dropped)[:, 0] == 0
     eye = torch.eye(plain.shape[-1], dtype=torch.bool)

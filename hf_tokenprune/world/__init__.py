@@ -29,12 +29,13 @@ def compressor_path(family: str) -> Path:
     return path
 
 
-def load(family: str = "qwen2_vl"):
-    """``(model, processor)`` of the shipped ``family`` world model, in eval mode."""
+def load(family: str = "qwen2_vl", path: str | Path | None = None):
+    """``(model, processor)`` of the shipped ``family`` world model (or of the world model directory ``path``), in
+    eval mode."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .. import tiny  # noqa: F401  (registers the torchvision-free processor classes with AutoProcessor)
 
-    path = model_path(family)
+    path = path or model_path(family)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     return model, AutoProcessor.from_pretrained(path)

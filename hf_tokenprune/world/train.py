@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import get_adapter
+from ..adapters.regions import TokenRegions
 from ..features import query_logits
 from . import models
 from .evaluate import answer_accuracy, chat_prompts
@@ -241,33 +242,39 @@ class AuxHead(nn.Module):
                                                                                       labels[:, 1])
 
 
-def box_tokens(adapter, batch: dict[str, torch.Tensor], field: str, finest: bool = False) -> torch.Tensor:
+VisualRows = list[tuple[TokenRegions, torch.Tensor]]
+
+
+def visual_rows(adapter, batch: dict[str, torch.Tensor]) -> VisualRows:
+    """Per row of a :func:`pack_scenes` batch: the regions of its visual tokens and their positions in the row
+    (computed once per step, shared by :func:`box_tokens`' callers)."""
+    visual = torch.isin(batch["input_ids"].cpu(), torch.tensor(adapter.visual_token_ids))
+    return [(adapter.token_regions(batch, b), visual[b].nonzero().flatten()) for b in range(visual.shape[0])]
+
+
+def box_tokens(rows: VisualRows, batch: dict[str, torch.Tensor], field: str, finest: bool = False) -> torch.Tensor:
     """``[B, Q, L]`` bool: for question block ``j`` of row ``b`` of a :func:`pack_scenes` batch, the visual tokens
     that overlap its boxes ``batch[field]`` (``"key_boxes"``: the objects its key word names; ``"evidence_boxes"``:
     every box the question depends on; ``"object_boxes"``: every object of the row's scene, ``Q`` = 1).
     ``finest``: only tokens of the finest resolution level (LLaVA-OneVision's thumbnail tokens see four cells)."""
-    boxes_of = batch[field]
-    ids = batch["input_ids"].cpu()
-    target = torch.zeros(*boxes_of.shape[:2], ids.shape[1], dtype=torch.bool)
-    visual = torch.isin(ids, torch.tensor(adapter.visual_token_ids))
-    for b in range(boxes_of.shape[0]):
-        regions = adapter.token_regions(batch, b)
+    boxes_of = batch[field].cpu()
+    target = torch.zeros(*boxes_of.shape[:2], batch["input_ids"].shape[1], dtype=torch.bool)
+    for b, (regions, where) in enumerate(rows):
         level = regions.level == regions.level.max() if finest else torch.ones(len(regions), dtype=torch.bool)
-        where = visual[b].nonzero().flatten()
         for j in range(boxes_of.shape[1]):
-            boxes = boxes_of[b, j].cpu()
-            boxes = boxes[~boxes.isnan().any(dim=1)]
+            boxes = boxes_of[b, j][~boxes_of[b, j].isnan().any(dim=1)]
             if len(boxes):
                 target[b, j, where[tokens_in_boxes(regions, boxes) & level]] = True
     return target
 
 
-def key_targets(adapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def key_targets(rows: VisualRows, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``[B, Q, L]`` bool: the finest-level visual tokens that show the objects each question's key word names."""
-    return box_tokens(adapter, batch, "key_boxes", finest=True)
+    return box_tokens(rows, batch, "key_boxes", finest=True)
 
 
-def dropped_tokens(adapter, batch: dict[str, torch.Tensor], rate: float, generator: torch.Generator) -> torch.Tensor:
+def dropped_tokens(rows: VisualRows, batch: dict[str, torch.Tensor], rate: float,
+                   generator: torch.Generator) -> torch.Tensor:
     """``[B, L]`` bool: visual tokens removed from row ``b`` (token dropout, what pruning does: no position sees
     them). With probability ``rate`` a row loses a fraction of its empty tokens and, independently, a fraction of
     its object tokens, each drawn uniformly from ``[0, 0.95]`` (so that rows keeping mostly objects, as a
@@ -275,9 +282,11 @@ def dropped_tokens(adapter, batch: dict[str, torch.Tensor], rate: float, generat
     questions is never dropped at the finest resolution level (coarser tokens that also show it,
     LLaVA-OneVision's thumbnail, may go). Teaches the model what the pruning method presupposes of an MLLM:
     removing irrelevant tokens leaves the answer alone."""
-    evidence = box_tokens(adapter, batch, "evidence_boxes", finest=True).any(dim=1)
-    objects = box_tokens(adapter, batch, "object_boxes")[:, 0]
-    visual = torch.isin(batch["input_ids"].cpu(), torch.tensor(adapter.visual_token_ids))
+    evidence = box_tokens(rows, batch, "evidence_boxes", finest=True).any(dim=1)
+    objects = box_tokens(rows, batch, "object_boxes")[:, 0]
+    visual = torch.zeros_like(evidence)
+    for b, (_, where) in enumerate(rows):
+        visual[b, where] = True
     hit = torch.rand(visual.shape[0], 1, generator=generator) < rate
     empty_share, object_share = (torch.rand(visual.shape[0], 1, generator=generator) * 0.95 for _ in range(2))
     draw = torch.rand(visual.shape, generator=generator)
@@ -285,20 +294,20 @@ def dropped_tokens(adapter, batch: dict[str, torch.Tensor], rate: float, generat
     return hit & drop & visual & ~evidence
 
 
-def key_attention_loss(model: nn.Module, batch: dict[str, torch.Tensor], layer_input: tuple) -> torch.Tensor:
+def key_attention_loss(model: nn.Module, batch: dict[str, torch.Tensor], layer_input: tuple,
+                       rows: VisualRows) -> torch.Tensor:
     """``-log`` of the layer-0 attention (mean over heads) that each question's key word pays to the visual tokens
     showing the objects it names (:func:`key_targets`), averaged over the questions that have a key word.
     ``layer_input``: ``(hidden_states, position_embeddings)`` that layer 0 received in this step's forward."""
-    adapter = get_adapter(model)
     positions = batch["key_positions"]
     hidden, position_embeddings = layer_input
     index = positions.clamp(min=0).to(hidden.device)
-    logits = query_logits(adapter.text_model.layers[0], hidden, position_embeddings, index)  # [B, heads, Q, L]
-    rows = block_attention(batch["blocks"], torch.float32)[:, 0]
-    rows = torch.gather(rows, 1, index[..., None].expand(-1, -1, logits.shape[-1]))  # [B, Q, L]
-    probs = (logits + rows[:, None]).softmax(dim=-1).mean(dim=1)
+    logits = query_logits(get_adapter(model).text_model.layers[0], hidden, position_embeddings, index)
+    mask = block_attention(batch["blocks"], torch.float32)[:, 0]
+    mask = torch.gather(mask, 1, index[..., None].expand(-1, -1, logits.shape[-1]))  # [B, Q, L]
+    probs = (logits + mask[:, None]).softmax(dim=-1).mean(dim=1)
     valid = (positions >= 0).to(probs.device)
-    mass = (probs * key_targets(adapter, batch).to(probs.device)).sum(dim=-1)[valid]
+    mass = (probs * key_targets(rows, batch).to(probs.device)).sum(dim=-1)[valid]
     return -torch.log(mass + 1e-6).mean() if mass.numel() else hidden.new_zeros(())
 
 
@@ -369,15 +378,16 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
             batch = {k: v.to(device) for k, v in batch.items()}
             features.clear()
             layer_input.clear()
+            rows = visual_rows(get_adapter(model), batch) if key_attention or token_dropout else []
             dropped = None
             if token_dropout:
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-                dropped = dropped_tokens(get_adapter(model), batch, token_dropout, generator)
+                dropped = dropped_tokens(rows, batch, token_dropout, generator)
             answer_loss = answer_loss_of(model, batch, dropped)
             aux_loss = aux.loss(features[0].reshape(-1, features[0].shape[-1]), labels)
             loss = answer_loss + aux_loss
             if key_attention:
-                key_loss = key_attention_loss(model, batch, layer_input[0])
+                key_loss = key_attention_loss(model, batch, layer_input[0], rows)
                 loss = loss + key_attention * key_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
