@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     label.add_argument("--max-new-tokens", type=int, default=16)
     label.add_argument("--shard-size", type=int, default=256, help="labels per committed shard file")
     label.add_argument("--aggregation", default="grad-weighted", help="grad-weighted (default) or mean")
+    label.add_argument("--relevance", default="gradient", choices=["gradient", "boxes"],
+                       help="R_v from the answer's gradients (default), or uniform over the tokens of each "
+                            "sample's annotated evidence boxes (meta.boxes: [frame, x0, y0, x1, y1] in pixels)")
     label.add_argument("--limit", type=int, help="label only the first N samples")
     train = sub.add_parser("train", help="train a compressor on a label directory; `accelerate launch -m "
                                          "hf_tokenprune.cli train ...` runs data-parallel")
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = label_from_paths(args.model, args.data, args.out, limit=args.limit,
                                    max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
-                                   aggregation=args.aggregation)
+                                   aggregation=args.aggregation, relevance=args.relevance)
         if process_state().is_main_process:
             print(json.dumps(summary.to_dict()))
         return 0

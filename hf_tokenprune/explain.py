@@ -18,7 +18,7 @@ per layer. For the same reason the last answer token is not fed (no logit that i
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +104,32 @@ def visual_relevance_batch(model: nn.Module, samples: Iterable[tuple[Mapping[str
                            aggregation: str = "grad-weighted") -> list[torch.Tensor]:
     """:func:`visual_relevance` of each ``(inputs, answer_ids)`` sample, one sample at a time."""
     return [visual_relevance(model, inputs, answer, aggregation=aggregation) for inputs, answer in samples]
+
+
+def box_relevance(model: nn.Module, inputs: Mapping[str, Any], boxes: Sequence[Sequence[float]],
+                  size: tuple[int, int]) -> torch.Tensor:
+    """``[N_v]`` float32 relevance from annotated evidence: uniform over the visual tokens whose region overlaps
+    one of ``boxes`` (``[frame, x0, y0, x1, y1]`` in pixels of the sample's one image or video frame of ``size``
+    = ``(width, height)``; ``frame``: the raw video frame, 0 for an image), 0 elsewhere.
+
+    For datasets that mark the evidence (grounded VQA, OCR boxes): the labels then say how many tokens a
+    question needs, which the gradient-weighted relevance of a small model may not (docs/world.md).
+
+    Raises:
+        ValueError: more than one image or video in ``inputs``, no boxes, or no token overlaps them.
+    """
+    regions = get_adapter(model).token_regions(inputs, 0, original_sizes=[size])
+    if len(regions.items) != 1:
+        raise ValueError(f"evidence boxes need one image or video per sample, got {len(regions.items)}")
+    if not len(boxes):
+        raise ValueError("the sample has no evidence boxes")
+    width, height = size
+    normalised = torch.tensor([(f, x0 / width, y0 / height, x1 / width, y1 / height) for f, x0, y0, x1, y1 in boxes],
+                              dtype=torch.float64)
+    hit = regions.overlapping(normalised)
+    if not hit.any():
+        raise ValueError(f"no visual token overlaps the evidence boxes {list(map(list, boxes))} of a {size} image")
+    return hit.float() / hit.sum()
 
 
 def _relevance_row(layers: list[torch.Tensor], p: int) -> torch.Tensor:

@@ -339,5 +339,8 @@ def test_world_results_put_the_calibrated_dynamic_budget_beside_the_fixed_ratio(
     report = {"settings": {"qwen2_vl images": setting}}
     table = results.markdown(report)
     assert "| 25% | compressor-auto (mass " in table and "| 25% | fastv (in LLM) | 25.0 |" in table
+    kept = setting["retention_per_kind"]["compressor-auto"]["0.25"]
+    assert set(kept) == set(setting["per_kind"]["compressor-auto"]["0.25"]) and all(0 < v < 1 for v in kept.values())
+    assert f"({100 * kept['colour_of_shape']:.1f})" in table  # per kind: accuracy (mean kept %)
     pytest.importorskip("matplotlib")
     assert results.plot(report, tmp_path / "pareto.png") and (tmp_path / "pareto.png").stat().st_size > 0

@@ -27,7 +27,7 @@ from hf_tokenprune.training.labels import (
     normalized_match,
     sample_from_dict,
 )
-from hf_tokenprune.training.store import LabelWriter, read_index, read_labels
+from hf_tokenprune.training.store import LabelWriter, _shard_info, read_index, read_labels
 
 STEPS = 4  # max_new_tokens: short answers keep the relevance passes cheap
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,6 +222,28 @@ def test_fail_fast_on_a_broken_setup(qwen, tmp_path):
                               progress=False)
     assert (summary.kept, summary.failed) == (2, 2)
     assert read_index(tmp_path)["counts"]["skip_reasons"] == {"failed: AttributeError": 2}
+
+
+def test_box_labels_need_boxes_that_hit_a_token(qwen, tmp_path):
+    """``relevance="boxes"``: samples without evidence boxes, or with boxes outside the image, fail with the
+    reason; an unknown source is refused before any work. (Box labels themselves: tests/test_world.py.)"""
+    image = tiny.make_image(0, size=56)
+    samples = [LabelSample("none", "what colour is the circle ?", "yes", images=[image]),
+               LabelSample("outside", "what colour is the circle ?", "yes", images=[image],
+                           meta={"boxes": [[0, 60, 60, 70, 70]]}),
+               LabelSample("inside", "what colour is the circle ?", "yes", images=[image],
+                           meta={"boxes": [[0, 0, 0, 8, 8]]})]
+    with pytest.raises(ValueError, match="relevance must be one of"):
+        generate_labels(*qwen, samples, tmp_path, relevance="box", progress=False)
+    summary = generate_labels(*qwen, samples, tmp_path, judge=not_wrong, max_new_tokens=STEPS, relevance="boxes",
+                              progress=False)
+    assert (summary.kept, summary.failed) == (1, 2)
+    (shard,) = tmp_path.glob("labels-*.safetensors")
+    errors = {sample_id: meta["error"] for sample_id, _, meta in _shard_info(shard)["skips"]}
+    assert "no evidence boxes" in errors["none"] and "no visual token overlaps" in errors["outside"]
+    (record,) = read_labels(tmp_path)
+    assert record.relevance.sum().item() == pytest.approx(1.0) and 0 < int((record.relevance > 0).sum()) < 8
+    assert read_index(tmp_path)["header"]["relevance"] == "boxes"
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])

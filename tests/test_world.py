@@ -8,7 +8,16 @@ import torch.nn.functional as F
 from hf_tokenprune.adapters import get_adapter
 from hf_tokenprune.world import models
 from hf_tokenprune.world.evaluate import chat_prompts
-from hf_tokenprune.world.scenes import BACKGROUND, CELL, COLOURS, LOOKUP, SHAPES, make_samples, questions
+from hf_tokenprune.world.scenes import (
+    BACKGROUND,
+    CELL,
+    COLOURS,
+    LOOKUP,
+    MAJORITY_MARGIN,
+    SHAPES,
+    make_samples,
+    questions,
+)
 from hf_tokenprune.world.train import (
     BOX_FIELDS,
     FOREGROUND_DIFFERENCE,
@@ -52,6 +61,13 @@ def test_every_question_has_exactly_one_answer(video):
                 assert q.answer == ("one", "two", "three", "four")[len(matches) - 1], q
                 assert sorted(q.boxes) == sorted((o.frame, *o.box) for o in matches)
                 continue
+            elif q.kind == "majority_colour":  # "what colour are most <shape> objects ?": every one is evidence
+                matches = [o for o in scene.objects if o.shape == words[-3]]
+                counts = sorted((sum(o.colour == c for o in matches), c) for c in COLOURS)
+                assert q.answer == counts[-1][1] and counts[-1][0] - counts[-2][0] >= MAJORITY_MARGIN, q
+                assert sorted(q.boxes) == sorted(q.key_boxes) == sorted((o.frame, *o.box) for o in matches)
+                assert next(o for o in matches if (o.frame, *o.box) == q.boxes[0]).colour == q.answer
+                continue
             else:  # left_of: "... left of the <colour> <shape> ?"
                 matches = [o for o in scene.objects if (o.colour, o.shape) == (words[-3], words[-2])]
             assert len(matches) == 1, q
@@ -62,6 +78,10 @@ def test_every_question_has_exactly_one_answer(video):
             else:
                 assert q.boxes[0][1:] == target.box
                 assert q.answer in (target.colour, target.shape, ("one", "two", "three", "four")[target.frame])
+        leads = {shape: sorted(sum(o.colour == c for o in scene.objects if o.shape == shape) for c in COLOURS)
+                 for shape in SHAPES}
+        asked = {q.key for q in questions(scene) if q.kind == "majority_colour"}
+        assert asked == (set() if video else {s for s, n in leads.items() if n[-1] - n[-2] >= MAJORITY_MARGIN})
 
 
 def test_answer_box_shows_the_answer_colour():
@@ -263,3 +283,31 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
 
     full, cut = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+
+
+@pytest.mark.parametrize(("family", "video"), [("qwen2_vl", False), ("qwen2_vl", True), ("llava_onevision", False)])
+def test_box_labels_are_uniform_over_the_tokens_of_the_evidence(family, video, tmp_path):
+    """``hf-tokenprune label --relevance boxes`` on exported world data: ``R_v`` is uniform over the tokens of the
+    question's objects, by the independent geometry of the test above (LLaVA-OneVision: the high-resolution
+    token and the thumbnail token, one per 2x2 cells, of every object)."""
+    from hf_tokenprune.training.labels import generate_labels, load_jsonl
+    from hf_tokenprune.training.store import read_labels
+    from hf_tokenprune.world.export import export
+
+    model, processor = models.build_model(family), models.build_processor(family)
+    path = export(tmp_path / "data", split="test", scenes=0 if video else 2, videos=2 if video else 0, questions=3)
+    summary = generate_labels(model, processor, load_jsonl(path), tmp_path / "labels", judge=lambda p, r: True,
+                              max_new_tokens=1, relevance="boxes", progress=False)
+    samples = {s.sample_id: s for i in range(2) for s in make_samples("test", i, video=video, per_scene=3)}
+    assert summary.kept == len(samples) >= 4
+    for record in read_labels(tmp_path / "labels"):
+        s = samples[record.sample_id]
+        expected = set()
+        for o in s.scene.objects:
+            if (o.frame, *o.box) in s.question.boxes:
+                if family == "qwen2_vl":
+                    expected.add(o.frame * s.scene.rows * s.scene.cols + o.row * s.scene.cols + o.col)
+                else:
+                    expected |= {(o.row // 2) * 8 + o.col // 2, 64 + o.row * 17 + o.col}
+        assert set(record.relevance.nonzero().flatten().tolist()) == expected, s.question
+        assert torch.allclose(record.relevance[sorted(expected)], torch.tensor(1 / len(expected)))

@@ -108,6 +108,15 @@ class TokenRegions:
         """``[N]`` bool: the token has a region."""
         return ~self.boxes.isnan().any(dim=1)
 
+    def overlapping(self, boxes: torch.Tensor) -> torch.Tensor:
+        """``[N]`` bool: tokens whose region overlaps one of ``boxes`` ``[k, 5]`` = (raw video frame, 0 for an
+        image; x0, y0, x1, y1 normalised to ``[0, 1]``) in that frame."""
+        b = self.boxes[:, None]
+        frame, x0, y0, x1, y1 = boxes.to(torch.float64).T[:, None]
+        overlap = (b[..., 0] < x1) & (b[..., 2] > x0) & (b[..., 1] < y1) & (b[..., 3] > y0)
+        in_frame = (self.frames[:, :1] <= frame) & (frame < self.frames[:, 1:])
+        return (overlap & in_frame).any(dim=1) & self.valid
+
     def on(self, item: int, frame: int = 0) -> torch.Tensor:
         """``[N]`` bool: tokens with a region in frame ``frame`` of item ``item``."""
         in_frame = (self.frames[:, 0] <= frame) & (frame < self.frames[:, 1])

@@ -2,7 +2,9 @@
 
 For every sample the model answers correctly, a :class:`~hf_tokenprune.training.store.LabelRecord` holds the
 compressor's input ``A^0_v`` (first-layer attention, :func:`hf_tokenprune.score_inputs`) and its target ``R_v``
-(gradient-weighted relevance, :func:`hf_tokenprune.explain.visual_relevance`).
+(gradient-weighted relevance, :func:`hf_tokenprune.explain.visual_relevance`; or, with ``relevance="boxes"``,
+uniform over the tokens of the sample's annotated evidence boxes, ``meta["boxes"]``:
+:func:`hf_tokenprune.explain.box_relevance`).
 
 Decisions:
 
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..explain import AGGREGATIONS, visual_relevance
+from ..explain import AGGREGATIONS, box_relevance, visual_relevance
 from ..wrap import score_inputs
 from .processes import process_state
 from .store import LabelRecord, LabelWriter, merge_index
@@ -44,6 +46,7 @@ from .store import LabelRecord, LabelWriter, merge_index
 Judge = Callable[[str, str], bool]
 FEATURE = "first_layer_attention"
 FIELDS = ("id", "question", "answer", "image", "images", "video")
+RELEVANCE = ("gradient", "boxes")  # where R_v comes from: the answer's gradients, or the annotated evidence
 
 
 # -- samples ----------------------------------------------------------------------------------------------------
@@ -208,7 +211,7 @@ def _grid(model: nn.Module, inputs: Any, segments: list[int], count: int) -> tor
 
 
 def _label_one(model: nn.Module, processor: Any, sample: LabelSample, judge: Judge, max_new_tokens: int,
-               aggregation: str) -> tuple[LabelRecord | None, dict[str, Any]]:
+               aggregation: str, relevance_source: str = "gradient") -> tuple[LabelRecord | None, dict[str, Any]]:
     """``(record, meta)``; ``record`` is None when the answer is wrong (or empty)."""
     inputs = build_prompt(processor, sample).to(model.device)
     answer_ids = _greedy_answer(model, inputs, max_new_tokens)
@@ -221,7 +224,11 @@ def _label_one(model: nn.Module, processor: Any, sample: LabelSample, judge: Jud
     if found is None:
         raise ValueError("the prompt has no visual tokens")
     feature = found.first_layer_attention[0, found.valid[0]].detach().float().cpu()
-    relevance = visual_relevance(model, inputs, answer_ids, aggregation=aggregation).detach().float().cpu()
+    if relevance_source == "boxes":
+        size = (sample.images or sample.video or [None])[0].size
+        relevance = box_relevance(model, inputs, sample.meta.get("boxes") or [], size)
+    else:
+        relevance = visual_relevance(model, inputs, answer_ids, aggregation=aggregation).detach().float().cpu()
     if relevance.shape != feature.shape:
         raise ValueError(f"relevance has shape {tuple(relevance.shape)}, feature {tuple(feature.shape)}")
     meta |= {"model_type": model.config.model_type, "name_or_path": model.name_or_path}
@@ -269,11 +276,13 @@ def _shard(samples: Iterable[Any], rank: int, world_size: int,
     return (_entry(item, i) for i, item in pairs if i % world_size == rank), None
 
 
-def _header(model: nn.Module, judge: Judge, max_new_tokens: int, aggregation: str, world_size: int) -> dict:
+def _header(model: nn.Module, judge: Judge, max_new_tokens: int, aggregation: str, relevance: str,
+            world_size: int) -> dict:
     from .. import __version__
 
     return {"model_type": model.config.model_type, "name_or_path": model.name_or_path, "feature": FEATURE,
-            "aggregation": aggregation, "judge": getattr(judge, "__name__", type(judge).__name__),
+            "relevance": relevance, "aggregation": aggregation,
+            "judge": getattr(judge, "__name__", type(judge).__name__),
             "max_new_tokens": max_new_tokens, "answer_tokens": "generated, up to the first eos (excluded)",
             "world_size": world_size, "hf_tokenprune_version": __version__}
 
@@ -281,8 +290,8 @@ def _header(model: nn.Module, judge: Judge, max_new_tokens: int, aggregation: st
 def generate_labels(model: nn.Module, processor: Any, samples: Iterable[LabelSample | Mapping[str, Any]],
                     out_dir: str | Path, *, judge: Judge = normalized_match, max_new_tokens: int = 16,
                     shard_size: int = 256, rank: int | None = None, world_size: int | None = None,
-                    progress: bool = True, aggregation: str = "grad-weighted", limit: int | None = None,
-                    fail_fast: int = 8) -> LabelSummary:
+                    progress: bool = True, aggregation: str = "grad-weighted", relevance: str = "gradient",
+                    limit: int | None = None, fail_fast: int = 8) -> LabelSummary:
     """Label ``samples`` (:class:`LabelSample` or :func:`sample_from_dict` dicts) into ``out_dir``; resumable.
 
     Each process labels the samples with ``index % world_size == rank`` (of the first ``limit``). ``rank`` and
@@ -293,6 +302,8 @@ def generate_labels(model: nn.Module, processor: Any, samples: Iterable[LabelSam
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if relevance not in RELEVANCE:
+        raise ValueError(f"relevance must be one of {RELEVANCE}, got {relevance!r}")
     state = None
     if rank is None and world_size is None:
         state = process_state()
@@ -301,7 +312,7 @@ def generate_labels(model: nn.Module, processor: Any, samples: Iterable[LabelSam
         raise ValueError(f"give both rank and world_size with 0 <= rank < world_size (got {rank}, {world_size})")
     start = time.perf_counter()
     writer = LabelWriter(out_dir, rank=rank, shard_size=shard_size,
-                         header=_header(model, judge, max_new_tokens, aggregation, world_size))
+                         header=_header(model, judge, max_new_tokens, aggregation, relevance, world_size))
     done, seen = writer.processed_ids(), set()
     summary, failures, succeeded = LabelSummary(), [], False
     entries, total = _shard(samples, rank, world_size, limit)
@@ -318,7 +329,7 @@ def generate_labels(model: nn.Module, processor: Any, samples: Iterable[LabelSam
             sample = None
             try:
                 sample = load()
-                record, meta = _label_one(model, processor, sample, judge, max_new_tokens, aggregation)
+                record, meta = _label_one(model, processor, sample, judge, max_new_tokens, aggregation, relevance)
             except Exception as error:
                 summary.failed += 1
                 message = f"{type(error).__name__}: {error}"
@@ -373,6 +384,6 @@ def label_from_paths(model: str, data: str, out: str | Path, **options: Any) -> 
     return generate_labels(loaded, processor, load_samples(data), out, **options)
 
 
-__all__ = ["FEATURE", "Judge", "LabelSample", "LabelSummary", "build_prompt", "exact_match", "from_dataset",
-           "generate_labels", "label_from_paths", "load_jsonl", "load_samples", "normalize_answer",
+__all__ = ["FEATURE", "RELEVANCE", "Judge", "LabelSample", "LabelSummary", "build_prompt", "exact_match",
+           "from_dataset", "generate_labels", "label_from_paths", "load_jsonl", "load_samples", "normalize_answer",
            "normalized_match", "process_state", "sample_from_dict"]

@@ -68,13 +68,14 @@ def score_answers(samples: list[Sample], answers: list[str]) -> dict:
 
 def answer_accuracy(model: nn.Module, processor: ProcessorMixin, n: int, *, family: str) -> dict:
     """Held-out accuracy on ``n`` :data:`~.scenes.LOOKUP` image questions and ``n // 4`` each of
-    ``shape_of_colour``, ``left_of`` and ``count_of_colour`` (for Qwen2-VL also ``n // 2`` video lookups and
-    ``n // 4`` ``frame_of_shape``)."""
+    ``shape_of_colour``, ``left_of``, ``count_of_colour`` and ``majority_colour`` (for Qwen2-VL also ``n // 2``
+    video lookups and ``n // 4`` ``frame_of_shape``)."""
     few = max(1, n // 4)
     out = {"image": accuracy(model, processor, heldout_samples(n)),
            "shape_of_colour": accuracy(model, processor, heldout_samples(few, kinds=("shape_of_colour",))),
            "left_of": accuracy(model, processor, heldout_samples(few, kinds=("left_of",))),
-           "count_of_colour": accuracy(model, processor, heldout_samples(few, kinds=("count_of_colour",)))}
+           "count_of_colour": accuracy(model, processor, heldout_samples(few, kinds=("count_of_colour",))),
+           "majority_colour": accuracy(model, processor, heldout_samples(few, kinds=("majority_colour",)))}
     if family == "qwen2_vl":
         out["video"] = accuracy(model, processor, heldout_samples(max(1, n // 2), video=True))
         out["frame_of_shape"] = accuracy(model, processor, heldout_samples(few, video=True, kinds=("frame_of_shape",)))

@@ -18,15 +18,6 @@ def normalised_boxes(sample: Sample, boxes: Sequence[tuple[int, int, int, int, i
                          for f, x0, y0, x1, y1 in boxes], dtype=torch.float64).reshape(-1, 5)
 
 
-def tokens_in_boxes(regions: TokenRegions, boxes: torch.Tensor) -> torch.Tensor:
-    """``[N_v]`` bool: tokens whose region overlaps one of ``boxes`` (:func:`normalised_boxes`) in its frame."""
-    b = regions.boxes[:, None]
-    frame, x0, y0, x1, y1 = boxes.T[:, None]
-    overlap = (b[..., 0] < x1) & (b[..., 2] > x0) & (b[..., 1] < y1) & (b[..., 3] > y0)
-    in_frame = (regions.frames[:, :1] <= frame) & (frame < regions.frames[:, 1:])
-    return (overlap & in_frame).any(dim=1) & regions.valid
-
-
 def answer_tokens(regions: TokenRegions, sample: Sample) -> torch.Tensor:
     """``[N_v]`` bool: tokens whose region overlaps the answer's box (and, for videos, its frame)."""
-    return tokens_in_boxes(regions, normalised_boxes(sample, sample.question.boxes[:1]))
+    return regions.overlapping(normalised_boxes(sample, sample.question.boxes[:1]))

@@ -2,7 +2,8 @@
 
 ``python -m hf_tokenprune.world.export --split train --scenes 1000 --questions 2 --out data/world-train``
 writes ``data.jsonl`` (fields ``id``, ``question``, ``answer``, ``image`` or ``video`` paths relative to the
-file, and ``meta`` with the question kind and its answer boxes) and the media next to it.
+file, and ``meta`` with the question kind and its evidence boxes, answer box first: ``[raw frame, x0, y0, x1,
+y1]`` in pixels) and the media next to it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .scenes import make_samples
+from .scenes import Sample, make_samples
 
 
 def export(out: str | Path, *, split: str = "train", scenes: int = 1000, questions: int = 2, videos: int = 0,
@@ -38,9 +39,16 @@ def export(out: str | Path, *, split: str = "train", scenes: int = 1000, questio
             for s in samples:
                 row = {"id": s.sample_id, "question": s.question.text, "answer": s.question.answer,
                        "video" if video else "image": media,
-                       "meta": {"kind": s.question.kind, "boxes": [list(b) for b in s.question.boxes]}}
+                       "meta": {"kind": s.question.kind, "boxes": _pixel_boxes(s)}}
                 f.write(json.dumps(row) + "\n")
     return path
+
+
+def _pixel_boxes(sample: Sample) -> list[list[int]]:
+    """The question's evidence boxes as ``hf-tokenprune label --relevance boxes`` reads them: ``[raw frame, x0,
+    y0, x1, y1]`` in pixels (a video shows each distinct frame ``repeat`` times)."""
+    repeat = sample.scene.repeat if sample.is_video else 0
+    return [[f * repeat, x0, y0, x1, y1] for f, x0, y0, x1, y1 in sample.question.boxes]
 
 
 def main(argv: list[str] | None = None) -> None:

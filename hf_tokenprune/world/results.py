@@ -2,8 +2,8 @@
 
 On the shipped world models and held-out questions (every question kind by default), for every method
 (compressor, raw first-layer attention, the oracle ``R_v``, random, uniform; the FastV / PDrop / DART / ToMe
-baselines) at every fixed retention (50 / 25 / 12.5%), and for the compressor with the dynamic budget
-(``budget="auto"``) calibrated to a mean retention of 25% and 12.5% on other held-out scenes:
+baselines) at every fixed retention (50 / 25 / 12.5 / 6.25%), and for the compressor with the dynamic budget
+(``budget="auto"``) calibrated to a mean retention of 25%, 12.5% and 6.25% on other held-out scenes:
 
 * **accuracy** of the pruned model's greedy answer (through ``generate``, as users run it), overall and per
   question kind;
@@ -40,9 +40,9 @@ from .evidence import answer_tokens
 from .scenes import KINDS, Sample
 
 SCORERS = ("compressor", "attention", "oracle", "random", "uniform", "fastv", "pdrop", "dart", "tome")
-RATIOS = (1.0, 0.5, 0.25, 0.125)
+RATIOS = (1.0, 0.5, 0.25, 0.125, 0.0625)
 AUTO_SCORERS = ("compressor",)  # methods also run with budget="auto", calibrated to each of TARGETS
-TARGETS = (0.25, 0.125)
+TARGETS = (0.25, 0.125, 0.0625)
 CALIBRATION_START = 100_000  # held-out scenes from this index on calibrate the threshold (evaluation: from 0)
 
 
@@ -85,12 +85,16 @@ def _run(model, processor, samples: list[Sample], rows: list[dict], batch_size: 
             kept_region.append(bool(r["answer_tokens"][kept].any()))
         retention += stats.retention
     scored = score_answers(samples, answers)
+    by_kind: dict[str, list[float]] = {}
+    for s, kept in zip(samples, retention, strict=True):
+        by_kind.setdefault(s.question.kind, []).append(kept)
     return {"accuracy": scored["accuracy"], "per_kind": scored["per_kind"],
-            "answer_region_kept": sum(kept_region) / len(kept_region), "retention": sum(retention) / len(retention)}
+            "answer_region_kept": sum(kept_region) / len(kept_region), "retention": sum(retention) / len(retention),
+            "retention_per_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}}
 
 
 def _record(result: dict, name: str, key: str, measured: dict) -> None:
-    for field in ("accuracy", "per_kind", "answer_region_kept", "retention"):
+    for field in ("accuracy", "per_kind", "answer_region_kept", "retention", "retention_per_kind"):
         result[field].setdefault(name, {})[key] = measured[field]
 
 
@@ -109,7 +113,7 @@ def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorer
         auto_scorers = [s for s in auto_scorers if s != "compressor"]
     rows = _per_sample(model, processor, samples, compressor)
     result: dict = {"n": len(samples), "pointing": {}, "accuracy": {}, "per_kind": {}, "answer_region_kept": {},
-                    "retention": {}, "calibration": {}}
+                    "retention": {}, "retention_per_kind": {}, "calibration": {}}
     for name in ("oracle", "compressor", "attention"):
         if name in rows[0]:
             hits = [bool(r["answer_tokens"][int(r[name].argmax())]) for r in rows]
@@ -124,6 +128,7 @@ def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorer
             measured = _run(model, processor, samples, rows, batch_size, f"{family} {name} {ratio}")
             if name in LAYER_SCORERS:  # every visual token enters the LLM; its last stage keeps less than `ratio`
                 measured["retention"] = ratio
+                measured["retention_per_kind"] = dict.fromkeys(measured["retention_per_kind"], ratio)
             _record(result, name, str(ratio), measured)
             unwrap(model)
     batches = [inputs_for(processor, (calibration or [])[i:i + batch_size])
@@ -149,13 +154,13 @@ def _pct(value: float | None) -> str:
 def markdown(results: dict) -> str:
     lines = []
     for setting, r in results["settings"].items():
-        ratios = [k for k in map(str, RATIOS) if k != "1.0"]
+        fixed = [n for n in r["accuracy"] if n != "full" and not n.endswith("-auto")]
+        ratios = sorted({k for n in fixed for k in r["accuracy"][n]}, key=float, reverse=True)
         lines += [f"### {setting} ({r['n']} held-out questions; full token set: "
                   f"{100 * r['accuracy']['full']['1.0']:.1f}%)", "",
                   "| scorer | " + " | ".join(f"acc @{float(k) * 100:g}%" for k in ratios) + " | "
                   + " | ".join(f"answer kept @{float(k) * 100:g}%" for k in ratios) + " |",
                   "|---" * (1 + 2 * len(ratios)) + "|"]
-        fixed = [n for n in r["accuracy"] if n != "full" and not n.endswith("-auto")]
         for name in fixed:
             accs, kept = r["accuracy"][name], r["answer_region_kept"][name]
             lines.append(f"| {name} | " + " | ".join(_pct(accs.get(k)) for k in ratios) + " | "
@@ -174,7 +179,8 @@ def _budget_table(r: dict, fixed: list[str]) -> list[str]:
     kinds = sorted(r["per_kind"]["full"]["1.0"])
     lines = ["Dynamic budget (`budget=\"auto\"`, threshold calibrated on separate held-out questions to the target "
              "mean retention) beside every fixed-ratio method at that ratio; kept = achieved mean retention on "
-             "these questions (in-LLM methods: the configured ratio).", "",
+             "these questions (in-LLM methods: the configured ratio); per question kind: accuracy (mean kept %).",
+             "",
              "| target | method | kept | acc | " + " | ".join(kinds) + " |", "|---" * (4 + len(kinds)) + "|",
              f"| – | full | 100.0 | {_pct(r['accuracy']['full']['1.0'])} | "
              + " | ".join(_pct(r["per_kind"]["full"]["1.0"].get(k)) for k in kinds) + " |"]
@@ -183,18 +189,19 @@ def _budget_table(r: dict, fixed: list[str]) -> list[str]:
         for name in [*dynamic, *fixed]:
             if key not in r["accuracy"].get(name, {}):
                 continue
-            per_kind = r["per_kind"][name][key]
+            per_kind, kept = r["per_kind"][name][key], r["retention_per_kind"][name][key]
             label = f"{name} (mass {r['calibration'][name][key]['mass']:.4g})" if name in dynamic else name
             label += " (in LLM)" if name in LAYER_SCORERS else ""
             lines.append(f"| {float(key) * 100:g}% | {label} | {_pct(r['retention'][name][key])} | "
                          f"{_pct(r['accuracy'][name][key])} | "
-                         + " | ".join(_pct(per_kind.get(k)) for k in kinds) + " |")
+                         + " | ".join(f"{_pct(per_kind.get(k))} ({_pct(kept.get(k))})" for k in kinds) + " |")
     return [*lines, ""]
 
 
 def plot(results: dict, path: Path) -> bool:
-    """Pareto plot, one panel per setting: accuracy vs achieved mean retention of every method (fixed ratios as
-    lines, dynamic budgets as stars); False if matplotlib is missing."""
+    """Pareto plots, one row per setting: accuracy vs achieved mean retention of every method (fixed ratios as
+    lines, dynamic budgets as stars), overall and then on each question kind (the x axis stays the mean retention
+    over all questions: the budget a user pays); False if matplotlib is missing."""
     try:
         import matplotlib
 
@@ -203,33 +210,54 @@ def plot(results: dict, path: Path) -> bool:
     except ImportError:
         return False
     settings = results["settings"]
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.5), squeeze=False)
-    for ax, (setting, r) in zip(axes[0], settings.items(), strict=True):
-        full, colours = r["accuracy"]["full"]["1.0"], {}
-        for name, accs in r["accuracy"].items():
-            if name == "full":
-                continue
-            keys = sorted(accs, key=float, reverse=True)
-            xs = [100 * r["retention"][name][k] for k in keys]
-            ys = [100 * accs[k] for k in keys]
-            if name.endswith("-auto"):  # in the colour of its fixed-ratio line
-                ax.plot(xs, ys, marker="*", markersize=15, linestyle="none", label=f"{name} (calibrated)",
-                        color=colours.get(name.removesuffix("-auto")), markeredgecolor="black")
-            else:
-                style = "--" if name in LAYER_SCORERS else "-"
-                (line,) = ax.plot([100.0, *xs], [100 * full, *ys], marker="o", linestyle=style,
-                                  label=f"{name} (in LLM)" if name in LAYER_SCORERS else name)
-                colours[name] = line.get_color()
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([12.5, 25, 50, 100], ["12.5", "25", "50", "100"])
-        ax.set_xlabel("mean visual tokens kept (%)")
-        ax.set_ylabel("held-out accuracy (%)")
-        ax.set_title(setting)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    panels = {setting: [None, *(kinds if len(kinds := sorted(r["per_kind"]["full"]["1.0"])) > 1 else [])]
+              for setting, r in settings.items()}
+    columns = max(len(p) for p in panels.values())
+    fig, axes = plt.subplots(len(settings), columns, figsize=(5 * columns, 4.2 * len(settings)), squeeze=False)
+    for row, (setting, r) in zip(axes, settings.items(), strict=True):
+        for ax in row[len(panels[setting]):]:
+            ax.set_visible(False)
+        for ax, kind in zip(row, panels[setting], strict=False):
+            _pareto_panel(ax, r, kind)
+            ax.set_title(setting if kind is None else f"{setting}: {kind}")
+            if kind is None:
+                ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return True
+
+
+def _pareto_panel(ax, r: dict, kind: str | None) -> None:
+    """One panel of :func:`plot`: accuracy overall (``kind`` None) or on one question kind."""
+
+    def accuracy(name: str, key: str) -> float | None:
+        value = r["accuracy"][name][key] if kind is None else r["per_kind"][name][key].get(kind)
+        return None if value is None else 100 * value
+
+    colours: dict[str, str] = {}
+    full = accuracy("full", "1.0")
+    lowest = min(100 * v for n in r["retention"] for v in r["retention"][n].values())
+    for name in r["accuracy"]:
+        if name == "full":
+            continue
+        keys = sorted(r["accuracy"][name], key=float, reverse=True)
+        xs = [100 * r["retention"][name][k] for k in keys]
+        ys = [accuracy(name, k) for k in keys]
+        if name.endswith("-auto"):  # in the colour of its fixed-ratio line
+            ax.plot(xs, ys, marker="*", markersize=15, linestyle="none", label=f"{name} (calibrated)",
+                    color=colours.get(name.removesuffix("-auto")), markeredgecolor="black")
+        else:
+            style = "--" if name in LAYER_SCORERS else "-"
+            (line,) = ax.plot([100.0, *xs], [full, *ys], marker="o", linestyle=style,
+                              label=f"{name} (in LLM)" if name in LAYER_SCORERS else name)
+            colours[name] = line.get_color()
+    ax.set_xscale("log", base=2)
+    nominal = [t for t in (6.25, 12.5, 25, 50, 100) if lowest * 0.9 <= t]
+    ax.set_xticks(nominal, [f"{t:g}" for t in nominal])
+    ax.set_xlabel("mean visual tokens kept (%)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.grid(alpha=0.3)
 
 
 def main(argv: list[str] | None = None) -> None:

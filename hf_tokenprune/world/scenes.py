@@ -17,14 +17,18 @@ other evidence):
 * ``left_of``          "what shape is left of the red star ?" -> shape in the cell left of a unique object
 * ``count_of_colour``  "how many red objects ?" -> "one" .. "four" (a rare or the counted colour: every one of
   its objects is evidence, so the answer needs up to four tokens, not one)
+* ``majority_colour``  "what colour are most circle objects ?" -> the colour most of the (14-48) objects of a
+  common shape have, asked only when it leads the runner-up by at least :data:`MAJORITY_MARGIN`: every object
+  of that shape is evidence, so the answer needs many tokens (about 12% of a 16x16 scene's), and a subset of
+  them can change it
 * ``frame_of_shape``   (videos) "which frame shows the star ?" -> "one" .. "four"
 
 The held-out benchmark is :data:`LOOKUP`, ``colour_of_shape``: the colour of the one object the question names,
 which the shipped models answer with all tokens. ``shape_of_colour`` is the same lookup the other way round
 (the 3-layer models learn it only partly), ``left_of`` takes two hops (find the named object, then read its
 neighbour), ``count_of_colour`` aggregates several tokens and ``frame_of_shape`` reads a temporal position
-(which only the LLM's M-RoPE carries: the Qwen2-VL vision tower sees each frame alone); they are measured
-separately.
+(which only the LLM's M-RoPE carries: the Qwen2-VL vision tower sees each frame alone) and ``majority_colour``
+aggregates tens of tokens; they are measured separately.
 
 Everything is deterministic from ``(seed, split, index)``; the ``train`` and ``test`` splits draw from
 disjoint random streams.
@@ -52,7 +56,8 @@ COLOURS = {
 }
 SIZES = {"small": 6, "large": 8}  # side in pixels
 FRAME_WORDS = COUNT_WORDS = ("one", "two", "three", "four")
-KINDS = ("colour_of_shape", "shape_of_colour", "left_of", "count_of_colour", "frame_of_shape")
+KINDS = ("colour_of_shape", "shape_of_colour", "left_of", "count_of_colour", "frame_of_shape", "majority_colour")
+MAJORITY_MARGIN = 3  # majority_colour: objects by which the answer's colour leads the runner-up
 LOOKUP = ("colour_of_shape",)  # the held-out benchmark: the colour of the one object the question names
 CELL = 8
 BACKGROUND = (24, 24, 24)
@@ -213,7 +218,23 @@ def questions(scene: Scene) -> list[Question]:
         if scene.frames == 1 and left is not None and combo_count[o.colour, o.shape] == 1:
             out.append(Question("left_of", f"what shape is left of the {o.colour} {o.shape} ?", left.shape,
                                 (_box(left), _box(o))))
+    if scene.frames == 1:
+        out += [q for shape in shape_count if (q := _majority_question(scene, shape)) is not None]
     return out
+
+
+def _majority_question(scene: Scene, shape: str) -> Question | None:
+    """"what colour are most <shape> objects ?", if one colour leads by :data:`MAJORITY_MARGIN` or more; its
+    objects come first in the boxes, then the rest of the shape's."""
+    of_shape = [o for o in scene.objects if o.shape == shape]
+    counts: dict[str, int] = {}
+    for o in of_shape:
+        counts[o.colour] = counts.get(o.colour, 0) + 1
+    (top, n_top), *rest = sorted(counts.items(), key=lambda item: -item[1])
+    if n_top - (rest[0][1] if rest else 0) < MAJORITY_MARGIN:
+        return None
+    boxes = tuple(_box(o) for o in sorted(of_shape, key=lambda o: o.colour != top))
+    return Question("majority_colour", f"what colour are most {shape} objects ?", top, boxes, shape, boxes)
 
 
 def sample_rng(seed: int, split: Split, index: int) -> random.Random:

@@ -39,7 +39,7 @@ from ..adapters.regions import TokenRegions
 from ..features import query_logits
 from . import models
 from .evaluate import answer_accuracy, chat_prompts
-from .evidence import normalised_boxes, tokens_in_boxes
+from .evidence import normalised_boxes
 from .scenes import BACKGROUND, CELL, COLOURS, KINDS, MIN_OBJECTS, SHAPES, Sample, Scene, make_samples
 
 CURRICULUM = ((0.0, (8, 16)), (0.1, (16, 32)), (0.2, (32, 56)), (0.3, (56, 88)), (0.4, (80, 120)),
@@ -160,8 +160,9 @@ def pack_scenes(processor, samples: list[Sample], family: str) -> dict[str, torc
     blocks = torch.full_like(batch["input_ids"], -1)
     most = max(len(x) for x in block_lengths)
     key_positions = torch.full((len(texts), most), -1, dtype=torch.long)
-    key_boxes = torch.full((len(texts), most, MAX_BOXES, 5), torch.nan, dtype=torch.float64)
-    evidence_boxes = torch.full((len(texts), most, MAX_BOXES, 5), torch.nan, dtype=torch.float64)
+    boxes = max(len(s.question.boxes) for group in scenes.values() for s in group)  # key_boxes: a subset
+    key_boxes = torch.full((len(texts), most, boxes, 5), torch.nan, dtype=torch.float64)
+    evidence_boxes = torch.full((len(texts), most, boxes, 5), torch.nan, dtype=torch.float64)
     objects = [normalised_boxes(group[0], [(o.frame, *o.box) for o in group[0].scene.objects])
                for group in scenes.values()]
     object_boxes = torch.full((len(texts), 1, max(len(o) for o in objects), 5), torch.nan, dtype=torch.float64)
@@ -186,7 +187,6 @@ def pack_scenes(processor, samples: list[Sample], family: str) -> dict[str, torc
     return batch
 
 
-MAX_BOXES = 4  # a question has at most four evidence boxes and its key word names at most four objects
 BOX_FIELDS = ("key_positions", "key_boxes", "evidence_boxes", "object_boxes")  # pack_scenes' fields for the aux losses
 
 
@@ -264,7 +264,7 @@ def box_tokens(rows: VisualRows, batch: dict[str, torch.Tensor], field: str, fin
         for j in range(boxes_of.shape[1]):
             boxes = boxes_of[b, j][~boxes_of[b, j].isnan().any(dim=1)]
             if len(boxes):
-                target[b, j, where[tokens_in_boxes(regions, boxes) & level]] = True
+                target[b, j, where[regions.overlapping(boxes) & level]] = True
     return target
 
 
