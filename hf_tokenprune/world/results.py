@@ -99,14 +99,15 @@ def _record(result: dict, name: str, key: str, measured: dict) -> None:
 
 
 def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorers=SCORERS, ratios=RATIOS,
-             auto_scorers=AUTO_SCORERS, targets=TARGETS, calibration: list[Sample] | None = None) -> dict:
+             auto_scorers=AUTO_SCORERS, targets=TARGETS, calibration: list[Sample] | None = None,
+             compressor: str | None = None) -> dict:
     """For one family and one set of samples: accuracy (overall and per question kind), answer region kept and
     achieved mean retention of every scorer at every fixed ratio and, for ``auto_scorers``, of ``budget="auto"``
     calibrated (:func:`hf_tokenprune.calibrate` on ``calibration``) to each mean retention of ``targets``; and
-    pointing."""
+    pointing. ``compressor``: its directory (default: the shipped one of ``family``)."""
     model, processor = load(family)
     try:
-        compressor = str(compressor_path(family))
+        compressor = compressor or str(compressor_path(family))
     except FileNotFoundError:
         compressor = None
         scorers = [s for s in scorers if s != "compressor"]
@@ -276,11 +277,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration", type=int, default=100,
                         help="held-out questions (other scenes than the evaluated ones) that calibrate the threshold")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--compressor", default=None,
+                        help="compressor directory (one family; default: each family's shipped compressor)")
     args = parser.parse_args(argv)
+    if args.compressor and len(args.families) != 1:
+        parser.error("--compressor is for one family at a time")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     options = dict(batch_size=args.batch_size, scorers=args.scorers, ratios=args.ratios, auto_scorers=args.auto,
-                   targets=args.targets)
+                   targets=args.targets, compressor=args.compressor)
     kinds = tuple(args.kinds)
     settings = {}
     for family in args.families:
