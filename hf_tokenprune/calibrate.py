@@ -34,8 +34,9 @@ BISECTION_STEPS = 60
 
 @dataclass(frozen=True)
 class Calibration:
-    """A calibrated ``budget="auto"`` threshold: ``mass``, the clamp and scope it was chosen for, the ``target``
-    mean retention and the ``retention`` it achieves on the ``samples`` calibration samples."""
+    """A calibrated ``budget="auto"`` threshold: ``mass``, the clamp, scope and distribution ``temperature`` it was
+    chosen for, the ``target`` mean retention and the ``retention`` it achieves on the ``samples`` calibration
+    samples."""
 
     mass: float
     min_ratio: float
@@ -45,6 +46,7 @@ class Calibration:
     target: float
     retention: float
     samples: int
+    temperature: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,16 +64,16 @@ def _scorer(model: nn.Module, config: TokenPruneConfig) -> Scorer:
 
 def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], target: float = 0.25, *,
               scorer: str | Scorer = "compressor", compressor: str | os.PathLike | Compressor | None = None,
-              scope: str = "sample", min_ratio: float = 0.0, max_ratio: float = 1.0,
-              min_tokens: int = 1) -> Calibration:
+              scope: str = "sample", min_ratio: float = 0.0, max_ratio: float = 1.0, min_tokens: int = 1,
+              temperature: float = 1.0) -> Calibration:
     """The relevance-mass threshold whose mean retention on ``batches`` is nearest ``target``.
 
     Args:
         model: a supported MLLM, wrapped or not (a wrapped one's compressor is used when ``compressor`` is None).
         batches: processor outputs (one or more samples each), as passed to ``generate``.
         target: the mean fraction of visual tokens to keep, in (0, 1].
-        scorer, compressor, scope, min_ratio, max_ratio, min_tokens: as in :class:`TokenPruneConfig` with
-            ``budget="auto"``.
+        scorer, compressor, scope, min_ratio, max_ratio, min_tokens, temperature: as in :class:`TokenPruneConfig`
+            with ``budget="auto"``.
 
     Returns:
         The :class:`Calibration`; its ``retention`` may miss ``target`` by the size of a step (few samples or
@@ -83,7 +85,7 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], target: fl
     """
     target = check_fraction("target", target)
     config = TokenPruneConfig(budget="auto", scorer=scorer, compressor=compressor, scope=scope, min_ratio=min_ratio,
-                              max_ratio=max_ratio, min_tokens=min_tokens)
+                              max_ratio=max_ratio, min_tokens=min_tokens, temperature=temperature)
     built = _scorer(model, config)
     samples: list[tuple[list[torch.Tensor], int]] = []
     for batch in batches:
@@ -92,7 +94,8 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], target: fl
             continue
         with torch.no_grad():
             scores = built.score(inputs).to(inputs.valid.device)
-        cumulative = cumulative_mass(unit_distribution(scores, inputs.units, built.distribution), inputs.units)
+        distribution = unit_distribution(scores, inputs.units, built.distribution, config.temperature)
+        cumulative = cumulative_mass(distribution, inputs.units)
         samples += [(c, n) for c, n in zip(cumulative, inputs.layout.counts, strict=True) if n]
     if not samples:
         raise ValueError("the calibration batches hold no visual tokens")
@@ -111,7 +114,8 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], target: fl
     candidates = [high] + ([low] if low > 0 else [])
     mass = min(candidates, key=lambda m: (abs(retention(m) - target), candidates.index(m)))
     return Calibration(mass=mass, min_ratio=float(min_ratio), max_ratio=float(max_ratio), min_tokens=min_tokens,
-                       scope=scope, target=target, retention=retention(mass), samples=len(samples))
+                       scope=scope, temperature=config.temperature, target=target, retention=retention(mass),
+                       samples=len(samples))
 
 
 def save_calibration(directory: str | os.PathLike, calibration: Calibration | Mapping[str, Any]) -> Path:

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("--min-ratio", type=float, default=0.0, help="clamp: least fraction kept per unit")
     calibrate.add_argument("--max-ratio", type=float, default=1.0, help="clamp: most fraction kept per unit")
     calibrate.add_argument("--min-tokens", type=int, default=1)
+    calibrate.add_argument("--temperature", type=float, default=1.0,
+                           help="of the relevance distribution: below 1 sharpens it, so questions whose relevance "
+                                "is spread keep more tokens and focused ones fewer")
     push = sub.add_parser("push", help="upload a trained compressor directory to the Hugging Face Hub")
     push.add_argument("directory")
     push.add_argument("--repo", required=True, help="Hub repo id, e.g. <user>/Qwen2-VL-2B-Instruct-compressor")
@@ -158,7 +161,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     processor = AutoProcessor.from_pretrained(args.model)
     batches = (build_prompt(processor, s) for s in islice(load_samples(args.data), args.limit))
     result = calibrate(model, batches, args.target, compressor=args.compressor, scope=args.scope,
-                       min_ratio=args.min_ratio, max_ratio=args.max_ratio, min_tokens=args.min_tokens)
+                       min_ratio=args.min_ratio, max_ratio=args.max_ratio, min_tokens=args.min_tokens,
+                       temperature=args.temperature)
     path = save_calibration(args.compressor, result)
     print(json.dumps({"config": str(path), "calibration": result.to_dict()}))
     return 0

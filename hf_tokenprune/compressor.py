@@ -51,8 +51,11 @@ MAX_LAYERS = 16
 MAX_KERNEL_SIZE = 63
 _INPUT_EPS = 1e-6
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-# the ``calibration`` field of config.json: the threshold, the clamp and scope it was chosen for, and how
-CALIBRATION_FIELDS = ("mass", "min_ratio", "max_ratio", "min_tokens", "scope", "target", "retention", "samples")
+# the ``calibration`` field of config.json: the threshold, the clamp, scope and temperature it was chosen for, and
+# the target, the retention it achieved and on how many samples
+CALIBRATION_FIELDS = ("mass", "min_ratio", "max_ratio", "min_tokens", "scope", "temperature", "target", "retention",
+                      "samples")
+CALIBRATION_DEFAULTS = {"temperature": 1.0}  # fields that calibrations saved before them lack
 
 
 class CompressorMismatchError(ValueError):
@@ -140,13 +143,15 @@ def _validate_config(channels: object, kernel_size: object, base_model_type: obj
 def validate_calibration(calibration: object) -> dict:
     """``calibration`` as a plain dict of :data:`CALIBRATION_FIELDS`, or a ValueError naming the field.
 
-    ``mass``, ``min_ratio``, ``max_ratio``, ``min_tokens`` and ``scope`` are checked as :class:`TokenPruneConfig`
-    checks them; ``target`` and ``retention`` (the target and the achieved mean retention) are fractions in (0, 1],
+    ``mass``, ``min_ratio``, ``max_ratio``, ``min_tokens``, ``scope`` and ``temperature`` (1 when absent, as in
+    calibrations saved before it existed) are checked as :class:`TokenPruneConfig` checks them; ``target`` and
+    ``retention`` (the target and the achieved mean retention) are fractions in (0, 1],
     ``samples`` (calibration samples) an int >= 1.
     """
     if not isinstance(calibration, Mapping):
         raise ValueError(f"calibration must be an object with fields {', '.join(CALIBRATION_FIELDS)}, "
                         f"got {type(calibration).__name__}")
+    calibration = {**CALIBRATION_DEFAULTS, **calibration}
     missing = [k for k in CALIBRATION_FIELDS if k not in calibration]
     unknown = sorted(str(k) for k in calibration if k not in CALIBRATION_FIELDS)
     if missing or unknown:
@@ -154,14 +159,15 @@ def validate_calibration(calibration: object) -> dict:
     out = {k: calibration[k] for k in CALIBRATION_FIELDS}
     try:
         TokenPruneConfig(budget="auto", scorer="compressor", mass=out["mass"], min_ratio=out["min_ratio"],
-                         max_ratio=out["max_ratio"], min_tokens=out["min_tokens"], scope=out["scope"])
+                         max_ratio=out["max_ratio"], min_tokens=out["min_tokens"], scope=out["scope"],
+                         temperature=out["temperature"])
         out["target"], out["retention"] = check_fraction("target", out["target"]), check_fraction(
             "retention", out["retention"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"calibration: {err}") from err
     if isinstance(out["samples"], bool) or not isinstance(out["samples"], int) or out["samples"] < 1:
         raise ValueError(f"calibration: samples must be an int >= 1, got {out['samples']!r}")
-    for name in ("mass", "min_ratio", "max_ratio"):
+    for name in ("mass", "min_ratio", "max_ratio", "temperature"):
         out[name] = float(out[name])
     return out
 

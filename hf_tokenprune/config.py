@@ -58,6 +58,11 @@ class TokenPruneConfig:
             in the compressor's config (:func:`hf_tokenprune.calibrate`, ``hf-tokenprune calibrate``).
         min_ratio, max_ratio: the clamp of ``budget="auto"`` (fractions of each unit's tokens). None: the
             calibration's values with a calibrated threshold, else 0 and 1.
+        temperature: of the ``budget="auto"`` distribution, > 0: ``softmax(scores / temperature)`` (``"sum"``
+            scorers: ``scores ** (1 / temperature)``, normalised). Below 1 the distribution sharpens, so a unit
+            whose relevance sits on one token keeps fewer tokens and one whose relevance is spread over many
+            keeps more, at the same mean retention; towards infinity the rule becomes a fixed ratio. The ranking
+            never changes. None: the calibration's value with a calibrated threshold, else 1.
     """
 
     ratio: float = 0.25
@@ -73,6 +78,7 @@ class TokenPruneConfig:
     mass: float | None = None
     min_ratio: float | None = None
     max_ratio: float | None = None
+    temperature: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -117,7 +123,7 @@ class TokenPruneConfig:
     def _check_budget(self) -> None:
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
-        given = [name for name in ("mass", "min_ratio", "max_ratio") if getattr(self, name) is not None]
+        given = [name for name in ("mass", "min_ratio", "max_ratio", "temperature") if getattr(self, name) is not None]
         if self.budget == "fixed":
             if given:
                 raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to budget='auto' only; "
@@ -135,6 +141,13 @@ class TokenPruneConfig:
             self.max_ratio = check_fraction("max_ratio", self.max_ratio)
         if self.min_ratio is not None and self.max_ratio is not None and self.min_ratio > self.max_ratio:
             raise ValueError(f"min_ratio ({self.min_ratio}) must not exceed max_ratio ({self.max_ratio})")
+        if self.temperature is not None:
+            if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+                raise TypeError(f"temperature must be a number > 0, got {type(self.temperature).__name__} "
+                                f"{self.temperature!r}")
+            if not (0.0 < self.temperature < math.inf):
+                raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+            self.temperature = float(self.temperature)
 
     @property
     def prunes(self) -> bool:

@@ -2,9 +2,10 @@
 
 Two budgets: a fixed ``ratio`` of each budget unit (:func:`select_top`), or the relevance-mass rule of
 ``budget="auto"`` (:func:`unit_distribution`, :func:`cumulative_mass`, :func:`mass_counts`): each unit keeps the
-smallest set of its highest-scored tokens whose share of the unit's relevance distribution reaches ``mass``,
-clamped to ``[min_ratio, max_ratio]`` of its tokens. Either way :func:`select_counts` turns per-unit counts into a
-keep mask, and rows keeping different counts are re-padded by :class:`Slicing`.
+smallest set of its highest-scored tokens whose share of the unit's relevance distribution (sharpened or flattened
+by a temperature) reaches ``mass``, clamped to ``[min_ratio, max_ratio]`` of its tokens. Either way
+:func:`select_counts` turns per-unit counts into a keep mask, and rows keeping different counts are re-padded by
+:class:`Slicing`.
 
 Pure tensor code. Sequences are ``[batch, length, ...]``; position ids are ``[rows, batch, length]``. Packed
 per-visual-token tensors are ``[batch, max_visual]`` with the visual tokens of each sample in order of
@@ -62,10 +63,13 @@ def select_counts(scores: torch.Tensor, valid: torch.Tensor, units: list[list[in
     return keep & valid
 
 
-def unit_distribution(scores: torch.Tensor, units: list[list[int]], kind: str) -> torch.Tensor:
+def unit_distribution(scores: torch.Tensor, units: list[list[int]], kind: str,
+                      temperature: float = 1.0) -> torch.Tensor:
     """Each budget unit's scores as a distribution over its tokens: float64 ``[batch, max_count]``, every unit
-    sums to 1, 0 at padding. ``kind``: ``"softmax"`` (scores are logits) or ``"sum"`` (scores are non-negative
-    relevance, negatives clamped to 0, divided by the unit's sum; uniform where that sum is 0)."""
+    sums to 1, 0 at padding. ``kind``: ``"softmax"`` (scores are logits: ``softmax(scores / temperature)``) or
+    ``"sum"`` (scores are non-negative relevance, negatives clamped to 0: ``scores ** (1 / temperature)`` divided
+    by the unit's sum; uniform where that sum is 0). A ``temperature`` below 1 sharpens, above 1 flattens; the
+    order of the tokens never changes."""
     if kind not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {kind!r}")
     out = torch.zeros(scores.shape, dtype=torch.float64, device=scores.device)
@@ -74,9 +78,11 @@ def unit_distribution(scores: torch.Tensor, units: list[list[int]], kind: str) -
         for n in lengths:
             x = scores[b, start:start + n].double()
             if kind == "softmax":
-                out[b, start:start + n] = torch.softmax(x, dim=0)
+                out[b, start:start + n] = torch.softmax(x / temperature, dim=0)
             elif n:
                 x = x.clamp_min(0.0)
+                top = x.max()
+                x = (x / top) ** (1.0 / temperature) if top > 0 else x  # scaled by the max first: no overflow
                 total = x.sum()
                 out[b, start:start + n] = x / total if total > 0 else 1.0 / n
             start += n

@@ -466,7 +466,7 @@ class TokenPruneHandle:
                              "or weights that overflow); refusing to prune by them")
         config, scores = self.config, scores.to(valid.device)
         if config.budget == "auto":
-            distribution = unit_distribution(scores, inputs.units, self.scorer.distribution)
+            distribution = unit_distribution(scores, inputs.units, self.scorer.distribution, config.temperature)
             keep_packed = select_mass(distribution, valid, inputs.units, config.mass, config.min_ratio,
                                       config.max_ratio, config.min_tokens)
         else:
@@ -615,30 +615,34 @@ def _resolve_config(config: TokenPruneConfig | None, overrides: dict[str, Any]) 
 
 
 def resolve_budget(config: TokenPruneConfig, scorer: Scorer | LayerSchedule) -> TokenPruneConfig:
-    """``config`` with the ``budget="auto"`` fields filled in for ``scorer``: ``mass`` (and the clamp left None)
-    from the compressor's saved calibration when ``mass`` is None, else ``min_ratio`` 0 and ``max_ratio`` 1.
+    """``config`` with the ``budget="auto"`` fields filled in for ``scorer``: ``mass``, ``temperature`` (and the
+    clamp left None) from the compressor's saved calibration when ``mass`` is None, else ``min_ratio`` 0,
+    ``max_ratio`` 1 and ``temperature`` 1.
 
     Raises:
         ValueError: the scorer has no relevance distribution; no ``mass`` and no saved calibration; or the
-            calibration was made for another ``scope``.
+            calibration was made for another ``scope`` or ``temperature``.
     """
     if config.budget != "auto":
         return config
     if getattr(scorer, "distribution", None) is None:
         raise ValueError(f"budget='auto' keeps tokens by their share of a relevance distribution, but scorer "
                          f"{config.scorer_name} has none (its `distribution` is None; set it to 'softmax' or 'sum')")
-    filled: dict[str, Any] = {"min_ratio": config.min_ratio, "max_ratio": config.max_ratio}
+    filled: dict[str, Any] = {"min_ratio": config.min_ratio, "max_ratio": config.max_ratio,
+                              "temperature": config.temperature}
     if config.mass is None:
         calibration = getattr(getattr(scorer, "compressor", None), "calibration", None)
         if calibration is None:
             raise ValueError("budget='auto' needs a relevance-mass threshold: pass mass=<0..1>, or calibrate the "
                              "compressor for a target mean retention (hf_tokenprune.calibrate + save_calibration, or "
                              "`hf-tokenprune calibrate`), which saves the threshold in its config.json")
-        if calibration["scope"] != config.scope:
-            raise ValueError(f"the compressor was calibrated with scope={calibration['scope']!r}, not "
-                             f"{config.scope!r}: calibrate it for this scope or pass mass=")
+        for name in ("scope", "temperature"):
+            wanted = getattr(config, name)
+            if wanted is not None and calibration[name] != wanted:
+                raise ValueError(f"the compressor was calibrated with {name}={calibration[name]!r}, not "
+                                 f"{wanted!r}: calibrate it for this {name} or pass mass=")
         filled = {"mass": calibration["mass"], **{k: calibration[k] if v is None else v for k, v in filled.items()}}
-    defaults = {"min_ratio": 0.0, "max_ratio": 1.0}
+    defaults = {"min_ratio": 0.0, "max_ratio": 1.0, "temperature": 1.0}
     return config.replace(**{k: defaults[k] if v is None else v for k, v in filled.items()})
 
 

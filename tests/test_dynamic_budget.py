@@ -102,6 +102,49 @@ def test_mass_budget_of_an_empty_unit_is_zero():
     assert cumulative_mass(torch.zeros(1, 3, dtype=torch.float64), [[0, 3]])[0][0].numel() == 0
 
 
+@pytest.mark.parametrize("temperature", [0.2, 0.5, 1.0, 3.0])
+def test_temperature_scales_the_distribution_and_never_reorders(temperature):
+    torch.manual_seed(0)
+    logits, relevance = torch.randn(2, 9, dtype=torch.float64), torch.rand(2, 9, dtype=torch.float64)
+    units = [[4, 5], [9]]
+    soft = unit_distribution(logits, units, "softmax", temperature)
+    summed = unit_distribution(relevance, units, "sum", temperature)
+    for b, start, n in [(0, 0, 4), (0, 4, 5), (1, 0, 9)]:
+        torch.testing.assert_close(soft[b, start:start + n], torch.softmax(logits[b, start:start + n] / temperature, 0))
+        powered = relevance[b, start:start + n] ** (1 / temperature)
+        torch.testing.assert_close(summed[b, start:start + n], powered / powered.sum())
+        for values, dist in ((logits, soft), (relevance, summed)):
+            assert torch.equal(values[b, start:start + n].argsort(), dist[b, start:start + n].argsort())
+    assert torch.equal(unit_distribution(logits, units, "softmax", 1.0), unit_distribution(logits, units, "softmax"))
+
+
+def test_a_lower_temperature_never_keeps_more_tokens_at_the_same_mass():
+    # the top-k share of softmax(x / T) does not decrease as T falls: focused units shrink first
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(1, 40, (1,), generator=rng))
+        logits = 3 * torch.randn(1, n, generator=rng, dtype=torch.float64)
+        mass = float(torch.rand(1, generator=rng)) * 0.99 + 0.01
+        counts = [mass_budget(cumulative_mass(unit_distribution(logits, [[n]], "softmax", t), [[n]])[0][0], mass,
+                              0.0, 1.0, 1) for t in (4.0, 1.0, 0.5, 0.25)]
+        assert counts == sorted(counts, reverse=True), (logits, mass, counts)
+
+
+def test_a_sharper_distribution_moves_the_budget_to_spread_relevance():
+    # one unit whose relevance sits on one token, one whose relevance is spread over 10 of its 40 tokens
+    focused = torch.cat([torch.tensor([4.0]), torch.zeros(39)])
+    spread = torch.cat([torch.full((10,), 2.0), torch.zeros(30)])
+    scores, units = torch.stack([focused, spread]).double(), [[40], [40]]
+
+    def counts(temperature, mass):
+        cumulative = cumulative_mass(unit_distribution(scores, units, "softmax", temperature), units)
+        return [mass_budget(c[0], mass, 0.0, 1.0, 1) for c in cumulative]
+
+    # T=1: the flat tail decides: e^4 + 21 of 39 ones reach 0.8 of e^4 + 39; 10 e^2 + 10 of 30 reach 0.8 of 10 e^2 + 30
+    assert counts(1.0, 0.8) == [22, 20]
+    assert counts(0.25, 0.99) == [1, 10]  # sharpened: each keeps what holds its relevance
+
+
 # -- configuration -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("fields", "error", "message"), [
     (dict(budget="dynamic"), ValueError, "budget must be one of"),
@@ -115,6 +158,10 @@ def test_mass_budget_of_an_empty_unit_is_zero():
     (dict(budget="auto", min_ratio=0.5, max_ratio=0.25), ValueError, "must not exceed max_ratio"),
     (dict(mass=0.5), ValueError, "mass applies to budget='auto' only"),
     (dict(min_ratio=0.1, max_ratio=0.5), ValueError, "min_ratio, max_ratio apply to budget='auto'"),
+    (dict(temperature=0.5), ValueError, "temperature applies to budget='auto' only"),
+    *[(dict(budget="auto", temperature=t), ValueError, "temperature must be a finite number > 0")
+      for t in (0, -1.0, float("inf"), float("nan"))],
+    (dict(budget="auto", temperature="0.5"), TypeError, "temperature must be a number > 0"),
     *[(dict(budget="auto", scorer=s), ValueError, f"scorer '{s}' gives none")
       for s in ("random", "uniform", "tome", "fastv", "pdrop", "dart")],
 ])
@@ -124,7 +171,8 @@ def test_invalid_budget_fields_name_the_problem(fields, error, message):
 
 
 def test_auto_config_round_trips_and_prunes_whatever_the_ratio():
-    config = TokenPruneConfig(budget="auto", scorer="attention", mass=0.8, min_ratio=0.1, max_ratio=0.6, ratio=1.0)
+    config = TokenPruneConfig(budget="auto", scorer="attention", mass=0.8, min_ratio=0.1, max_ratio=0.6, ratio=1.0,
+                              temperature=0.25)
     assert TokenPruneConfig.from_dict(config.to_dict()) == config
     assert config.prunes and not TokenPruneConfig(ratio=1.0).prunes
 
@@ -229,6 +277,32 @@ def test_calibration_hits_the_target_and_prune_wrap_keeps_it(built, family, comp
     assert mean_retention(model, batches) == pytest.approx(result.retention, abs=1e-12)
 
 
+def test_calibration_at_a_temperature_is_saved_with_it_and_prune_wrap_keeps_it(built, compressor_dir):
+    model, processor = built("qwen2_vl")
+    batches = calibration_batches(processor)
+    result = calibrate(model, batches, 0.25, compressor=str(compressor_dir), temperature=0.5)
+    assert result.temperature == 0.5 and abs(result.retention - 0.25) < 0.03
+    plain = calibrate(model, batches, 0.25, compressor=str(compressor_dir))
+    assert plain.temperature == 1.0 and plain.mass != result.mass  # a sharper distribution needs another threshold
+    save_calibration(compressor_dir, result)
+    prune_wrap(model, budget="auto", compressor=str(compressor_dir))
+    assert (model.tokenprune.config.mass, model.tokenprune.config.temperature) == (result.mass, 0.5)
+    assert mean_retention(model, batches) == pytest.approx(result.retention, abs=1e-12)
+    with pytest.raises(ValueError, match="calibrated with temperature=0.5, not 1.0: calibrate it for this"):
+        prune_wrap(model, budget="auto", compressor=str(compressor_dir), temperature=1.0)
+    prune_wrap(model, budget="auto", compressor=str(compressor_dir), temperature=1.0, mass=plain.mass)
+    assert mean_retention(model, batches) == pytest.approx(plain.retention, abs=1e-12)
+
+
+def test_a_calibration_saved_before_temperatures_loads_at_temperature_one(compressor_dir):
+    calibration = Calibration(mass=0.5, min_ratio=0.0, max_ratio=1.0, min_tokens=1, scope="sample", target=0.25,
+                              retention=0.25, samples=8).to_dict()
+    del calibration["temperature"]
+    path = compressor_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "calibration": calibration}))
+    assert Compressor.from_pretrained(compressor_dir).calibration == {**calibration, "temperature": 1.0}
+
+
 def test_calibration_reaches_only_what_the_clamp_allows_and_uses_the_wrapped_compressor(built, compressor_dir):
     model, processor = built("qwen2_vl")
     batches = calibration_batches(processor)
@@ -279,6 +353,7 @@ def test_auto_budget_without_threshold_or_calibration_is_refused(built, compress
     (lambda c: c.update(scope="frame"), "calibration: scope must be one of"),
     (lambda c: c.update(min_ratio=0.9), "calibration: min_ratio .* must not exceed max_ratio"),
     (lambda c: c.update(min_tokens=-1), "calibration: min_tokens"),
+    (lambda c: c.update(temperature=0), "calibration: temperature must be a finite number > 0"),
     (lambda c: c.update(retention=float("inf")), "calibration: retention must be in"),
     (lambda c: c.update(samples=0), "calibration: samples must be an int >= 1"),
     (lambda c: c.update(note=1), r"unknown fields \['note'\]"),
@@ -315,12 +390,14 @@ def test_cli_calibrate_saves_the_threshold(built, compressor_dir, tmp_path, caps
         rows.append({"question": question, "answer": "red", "image": f"{i}.png"})
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = ["calibrate", "--model", str(tmp_path / "model"), "--compressor", str(compressor_dir), "--data",
-            str(tmp_path / "data.jsonl"), "--target", "0.3", "--limit", "5", "--max-ratio", "0.8"]
+            str(tmp_path / "data.jsonl"), "--target", "0.3", "--limit", "5", "--max-ratio", "0.8",
+            "--temperature", "0.5"]
     assert cli.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     saved = Compressor.from_pretrained(compressor_dir).calibration
     assert printed["calibration"] == saved
     assert saved["samples"] == 5 and saved["max_ratio"] == 0.8 and abs(saved["retention"] - 0.3) < 0.05
+    assert saved["temperature"] == 0.5
 
 
 def test_world_results_put_the_calibrated_dynamic_budget_beside_the_fixed_ratio(tmp_path):
