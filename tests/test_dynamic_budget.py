@@ -406,16 +406,22 @@ def test_world_results_put_the_calibrated_dynamic_budget_beside_the_fixed_ratio(
 
     setting = results.evaluate("qwen2_vl", heldout_samples(4, kinds=("colour_of_shape", "left_of")), batch_size=4,
                                scorers=("compressor", "fastv"), ratios=(0.25,), targets=(0.25,),
-                               calibration=heldout_samples(8, start=results.CALIBRATION_START))
+                               temperatures=(1.0, 0.5), calibration=heldout_samples(8, start=results.CALIBRATION_START))
     assert set(setting["accuracy"]) == {"full", "compressor", "fastv", "compressor-auto"}
     assert setting["retention"]["compressor"]["0.25"] == 0.25 and setting["retention"]["fastv"]["0.25"] == 0.25
     calibrated = setting["calibration"]["compressor-auto"]["0.25"]
     assert calibrated["samples"] == 8 and abs(calibrated["retention"] - 0.25) < 0.05
+    selection = calibrated["selection"]  # the temperature is the one answering the calibration questions best
+    assert set(selection) == {"1", "0.5"}
+    eligible = {t: v["accuracy"] for t, v in selection.items() if v["accuracy"] is not None}
+    assert eligible[f"{calibrated['temperature']:g}"] == max(eligible.values())
+    assert selection[f"{calibrated['temperature']:g}"]["mass"] == calibrated["mass"]
     assert 0 < setting["retention"]["compressor-auto"]["0.25"] < 1
     assert set(setting["per_kind"]["compressor-auto"]["0.25"]) <= {"colour_of_shape", "left_of"}
     report = {"settings": {"qwen2_vl images": setting}}
     table = results.markdown(report)
-    assert "| 25% | compressor-auto (mass " in table and "| 25% | fastv (in LLM) | 25.0 |" in table
+    assert "| 25% | compressor-auto (T " in table and "| 25% | fastv (in LLM) | 25.0 |" in table
+    assert "* compressor-auto 25%: T 1 " in table
     kept = setting["retention_per_kind"]["compressor-auto"]["0.25"]
     assert set(kept) == set(setting["per_kind"]["compressor-auto"]["0.25"]) and all(0 < v < 1 for v in kept.values())
     assert f"({100 * kept['colour_of_shape']:.1f})" in table  # per kind: accuracy (mean kept %)

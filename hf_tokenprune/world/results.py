@@ -3,7 +3,9 @@
 On the shipped world models and held-out questions (every question kind by default), for every method
 (compressor, raw first-layer attention, the oracle ``R_v``, random, uniform; the FastV / PDrop / DART / ToMe
 baselines) at every fixed retention (50 / 25 / 12.5 / 6.25%), and for the compressor with the dynamic budget
-(``budget="auto"``) calibrated to a mean retention of 25%, 12.5% and 6.25% on other held-out scenes:
+(``budget="auto"``) calibrated to a mean retention of 25%, 12.5% and 6.25% on other held-out scenes (the threshold
+for each candidate temperature of the relevance distribution, then the temperature with the best accuracy on those
+calibration questions; the evaluated questions choose nothing):
 
 * **accuracy** of the pruned model's greedy answer (through ``generate``, as users run it), overall and per
   question kind;
@@ -43,6 +45,9 @@ SCORERS = ("compressor", "attention", "oracle", "random", "uniform", "fastv", "p
 RATIOS = (1.0, 0.5, 0.25, 0.125, 0.0625)
 AUTO_SCORERS = ("compressor",)  # methods also run with budget="auto", calibrated to each of TARGETS
 TARGETS = (0.25, 0.125, 0.0625)
+TEMPERATURES = (1.0, 0.5, 0.3, 0.2)  # candidates of budget="auto"; the first wins ties
+SELECTION_TOLERANCE = 0.01  # a temperature whose calibrated retention misses the target by more is not a candidate
+SATURATED_MASS = 1 - 1e-6  # nor one whose threshold reaches this: the float64 underflow of the tail sets its budget
 CALIBRATION_START = 100_000  # held-out scenes from this index on calibrate the threshold (evaluation: from 0)
 
 
@@ -99,12 +104,13 @@ def _record(result: dict, name: str, key: str, measured: dict) -> None:
 
 
 def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorers=SCORERS, ratios=RATIOS,
-             auto_scorers=AUTO_SCORERS, targets=TARGETS, calibration: list[Sample] | None = None,
-             compressor: str | None = None) -> dict:
+             auto_scorers=AUTO_SCORERS, targets=TARGETS, temperatures=TEMPERATURES,
+             calibration: list[Sample] | None = None, compressor: str | None = None) -> dict:
     """For one family and one set of samples: accuracy (overall and per question kind), answer region kept and
     achieved mean retention of every scorer at every fixed ratio and, for ``auto_scorers``, of ``budget="auto"``
-    calibrated (:func:`hf_tokenprune.calibrate` on ``calibration``) to each mean retention of ``targets``; and
-    pointing. ``compressor``: its directory (default: the shipped one of ``family``)."""
+    calibrated (:func:`hf_tokenprune.calibrate` on ``calibration``, temperature chosen there:
+    :func:`_select_temperature`) to each mean retention of ``targets``; and pointing. ``compressor``: its
+    directory (default: the shipped one of ``family``)."""
     model, processor = load(family)
     try:
         compressor = compressor or str(compressor_path(family))
@@ -136,16 +142,42 @@ def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorer
                for i in range(0, len(calibration or []), batch_size)]
     for name in auto_scorers if batches else ():
         for target in targets:
-            chosen = calibrate(model, batches, target, scorer=name, compressor=compressor if name == "compressor"
-                               else None)
-            prune_wrap(model, budget="auto", mass=chosen.mass, scorer=name,
+            chosen, selection = _select_temperature(model, processor, name, compressor, calibration, batches, target,
+                                                    temperatures, batch_size)
+            prune_wrap(model, budget="auto", mass=chosen.mass, temperature=chosen.temperature, scorer=name,
                        compressor=compressor if name == "compressor" else None)
             key = str(target)
             _record(result, f"{name}-auto", key, _run(model, processor, samples, rows, batch_size,
                                                       f"{family} {name} auto {target}"))
-            result["calibration"].setdefault(f"{name}-auto", {})[key] = chosen.to_dict()
+            result["calibration"].setdefault(f"{name}-auto", {})[key] = {**chosen.to_dict(), "selection": selection}
             unwrap(model)
     return result
+
+
+def _select_temperature(model, processor, name: str, compressor: str | None, calibration: list[Sample],
+                        batches: list[dict], target: float, temperatures, batch_size: int):
+    """The :class:`~hf_tokenprune.Calibration` of ``budget="auto"`` for ``target`` at the temperature (of
+    ``temperatures``) whose calibrated model answers the ``calibration`` questions best; and, per temperature, its
+    threshold, calibrated retention and that accuracy (None where the retention misses ``target`` by more than
+    :data:`SELECTION_TOLERANCE`, or the threshold is :data:`SATURATED_MASS` or more: a sharp distribution's tail
+    underflows float64, and its count no longer follows the threshold)."""
+    candidates, selection = [], {}
+    for temperature in temperatures:
+        calibrated = calibrate(model, batches, target, scorer=name, temperature=temperature,
+                               compressor=compressor if name == "compressor" else None)
+        accuracy = None
+        if abs(calibrated.retention - target) <= SELECTION_TOLERANCE and calibrated.mass < SATURATED_MASS:
+            prune_wrap(model, budget="auto", mass=calibrated.mass, temperature=temperature, scorer=name,
+                       compressor=compressor if name == "compressor" else None)
+            accuracy = score_answers(calibration, predict(model, processor, calibration, batch_size))["accuracy"]
+            unwrap(model)
+            candidates.append((accuracy, calibrated))
+        selection[f"{temperature:g}"] = {"mass": calibrated.mass, "retention": calibrated.retention,
+                                        "accuracy": accuracy}
+    if not candidates:
+        raise ValueError(f"no temperature of {tuple(temperatures)} calibrates {name} to a mean retention of {target}")
+    best = max(accuracy for accuracy, _ in candidates)
+    return next(c for accuracy, c in candidates if accuracy == best), selection
 
 
 def _pct(value: float | None) -> str:
@@ -191,11 +223,21 @@ def _budget_table(r: dict, fixed: list[str]) -> list[str]:
             if key not in r["accuracy"].get(name, {}):
                 continue
             per_kind, kept = r["per_kind"][name][key], r["retention_per_kind"][name][key]
-            label = f"{name} (mass {r['calibration'][name][key]['mass']:.4g})" if name in dynamic else name
+            calibrated = r["calibration"].get(name, {}).get(key, {})
+            label = (f"{name} (T {calibrated.get('temperature', 1.0):g}, mass {calibrated['mass']:.4g})"
+                     if name in dynamic else name)
             label += " (in LLM)" if name in LAYER_SCORERS else ""
             lines.append(f"| {float(key) * 100:g}% | {label} | {_pct(r['retention'][name][key])} | "
                          f"{_pct(r['accuracy'][name][key])} | "
                          + " | ".join(f"{_pct(per_kind.get(k))} ({_pct(kept.get(k))})" for k in kinds) + " |")
+    lines += ["", "Temperature of each dynamic budget, chosen by accuracy on the calibration questions (accuracy "
+              "there at each candidate; – : the calibrated retention missed the target by more than 1 point, or "
+              "the threshold saturated at 1):", ""]
+    for name in dynamic:
+        for key in targets:
+            selection = r["calibration"][name].get(key, {}).get("selection", {})
+            lines.append(f"* {name} {float(key) * 100:g}%: " + ", ".join(
+                f"T {t} {_pct(v['accuracy'])}" for t, v in selection.items()))
     return [*lines, ""]
 
 
@@ -274,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="scorers also run with budget='auto' (none: skip the dynamic budget)")
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS),
                         help="mean retentions the dynamic budget is calibrated to")
+    parser.add_argument("--temperatures", nargs="+", type=float, default=list(TEMPERATURES),
+                        help="temperatures of the dynamic budget's distribution; the best on the calibration questions "
+                             "is used")
     parser.add_argument("--calibration", type=int, default=100,
                         help="held-out questions (other scenes than the evaluated ones) that calibrate the threshold")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -285,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     options = dict(batch_size=args.batch_size, scorers=args.scorers, ratios=args.ratios, auto_scorers=args.auto,
-                   targets=args.targets, compressor=args.compressor)
+                   targets=args.targets, temperatures=args.temperatures, compressor=args.compressor)
     kinds = tuple(args.kinds)
     settings = {}
     for family in args.families:
