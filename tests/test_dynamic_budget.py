@@ -411,11 +411,15 @@ def test_world_results_put_the_calibrated_dynamic_budget_beside_the_fixed_ratio(
     assert setting["retention"]["compressor"]["0.25"] == 0.25 and setting["retention"]["fastv"]["0.25"] == 0.25
     calibrated = setting["calibration"]["compressor-auto"]["0.25"]
     assert calibrated["samples"] == 8 and abs(calibrated["retention"] - 0.25) < 0.05
-    selection = calibrated["selection"]  # the temperature is the one answering the calibration questions best
+    selection = calibrated["selection"]  # the temperature answering the second calibration half best
     assert set(selection) == {"1", "0.5"}
     eligible = {t: v["accuracy"] for t, v in selection.items() if v["accuracy"] is not None}
-    assert eligible[f"{calibrated['temperature']:g}"] == max(eligible.values())
-    assert selection[f"{calibrated['temperature']:g}"]["mass"] == calibrated["mass"]
+    assert all(abs(selection[t]["retention"] - 0.25) <= results.SELECTION_TOLERANCE for t in eligible)
+    chosen = f"{calibrated['temperature']:g}"
+    if eligible:
+        assert eligible[chosen] == max(eligible.values())
+    else:  # 4 questions per half rarely land within 1 point: the temperature nearest the target
+        assert chosen == min(selection, key=lambda t: abs(selection[t]["retention"] - 0.25))
     assert 0 < setting["retention"]["compressor-auto"]["0.25"] < 1
     assert set(setting["per_kind"]["compressor-auto"]["0.25"]) <= {"colour_of_shape", "left_of"}
     report = {"settings": {"qwen2_vl images": setting}}

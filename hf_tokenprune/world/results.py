@@ -3,9 +3,9 @@
 On the shipped world models and held-out questions (every question kind by default), for every method
 (compressor, raw first-layer attention, the oracle ``R_v``, random, uniform; the FastV / PDrop / DART / ToMe
 baselines) at every fixed retention (50 / 25 / 12.5 / 6.25%), and for the compressor with the dynamic budget
-(``budget="auto"``) calibrated to a mean retention of 25%, 12.5% and 6.25% on other held-out scenes (the threshold
-for each candidate temperature of the relevance distribution, then the temperature with the best accuracy on those
-calibration questions; the evaluated questions choose nothing):
+(``budget="auto"``) calibrated to a mean retention of 25%, 12.5% and 6.25% on other held-out scenes (the
+temperature of the relevance distribution chosen on those calibration questions too, :func:`_select_temperature`;
+the evaluated questions choose nothing):
 
 * **accuracy** of the pruned model's greedy answer (through ``generate``, as users run it), overall and per
   question kind;
@@ -76,9 +76,10 @@ def _per_sample(model, processor, samples: list[Sample], compressor: str | None)
     return out
 
 
-def _run(model, processor, samples: list[Sample], rows: list[dict], batch_size: int, label: str) -> dict:
-    """Answers of the wrapped ``model`` to ``samples``: accuracy (overall, per kind), answer region kept, and the
-    mean of every sample's retention (:attr:`~hf_tokenprune.PruneStats.retention`)."""
+def _run(model, processor, samples: list[Sample], rows: list[dict] | None, batch_size: int, label: str) -> dict:
+    """Answers of the wrapped ``model`` to ``samples``: accuracy (overall, per kind), answer region kept (with the
+    samples' ``rows`` from :func:`_per_sample`, else None), and the mean of every sample's retention
+    (:attr:`~hf_tokenprune.PruneStats.retention`)."""
     answers, kept_region, retention = [], [], []
     for i in tqdm(range(0, len(samples), batch_size), desc=label, leave=False):
         if isinstance(model.tokenprune.scorer, OracleScorer):
@@ -86,15 +87,17 @@ def _run(model, processor, samples: list[Sample], rows: list[dict], batch_size: 
         answers += predict(model, processor, samples[i:i + batch_size], batch_size)
         # stats of the last generate call = this chunk's prefill (predict runs one call per chunk)
         stats = model.tokenprune.last_stats
-        for r, kept in zip(rows[i:i + batch_size], stats.kept_indices, strict=True):
-            kept_region.append(bool(r["answer_tokens"][kept].any()))
+        if rows:
+            for r, kept in zip(rows[i:i + batch_size], stats.kept_indices, strict=True):
+                kept_region.append(bool(r["answer_tokens"][kept].any()))
         retention += stats.retention
     scored = score_answers(samples, answers)
     by_kind: dict[str, list[float]] = {}
     for s, kept in zip(samples, retention, strict=True):
         by_kind.setdefault(s.question.kind, []).append(kept)
     return {"accuracy": scored["accuracy"], "per_kind": scored["per_kind"],
-            "answer_region_kept": sum(kept_region) / len(kept_region), "retention": sum(retention) / len(retention),
+            "answer_region_kept": sum(kept_region) / len(kept_region) if rows else None,
+            "retention": sum(retention) / len(retention),
             "retention_per_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}}
 
 
@@ -138,11 +141,9 @@ def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorer
                 measured["retention_per_kind"] = dict.fromkeys(measured["retention_per_kind"], ratio)
             _record(result, name, str(ratio), measured)
             unwrap(model)
-    batches = [inputs_for(processor, (calibration or [])[i:i + batch_size])
-               for i in range(0, len(calibration or []), batch_size)]
-    for name in auto_scorers if batches else ():
+    for name in auto_scorers if calibration else ():
         for target in targets:
-            chosen, selection = _select_temperature(model, processor, name, compressor, calibration, batches, target,
+            chosen, selection = _select_temperature(model, processor, name, compressor, calibration, target,
                                                     temperatures, batch_size)
             prune_wrap(model, budget="auto", mass=chosen.mass, temperature=chosen.temperature, scorer=name,
                        compressor=compressor if name == "compressor" else None)
@@ -155,29 +156,42 @@ def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorer
 
 
 def _select_temperature(model, processor, name: str, compressor: str | None, calibration: list[Sample],
-                        batches: list[dict], target: float, temperatures, batch_size: int):
-    """The :class:`~hf_tokenprune.Calibration` of ``budget="auto"`` for ``target`` at the temperature (of
-    ``temperatures``) whose calibrated model answers the ``calibration`` questions best; and, per temperature, its
-    threshold, calibrated retention and that accuracy (None where the retention misses ``target`` by more than
-    :data:`SELECTION_TOLERANCE`, or the threshold is :data:`SATURATED_MASS` or more: a sharp distribution's tail
-    underflows float64, and its count no longer follows the threshold)."""
+                        target: float, temperatures, batch_size: int):
+    """``budget="auto"`` for ``target`` at the temperature (of ``temperatures``) that transfers best within the
+    ``calibration`` questions: its threshold calibrated on their first half, it answers their second half best
+    among the temperatures whose retention there is within :data:`SELECTION_TOLERANCE` of ``target`` and whose
+    threshold stays below :data:`SATURATED_MASS` (a sharp distribution's tail underflows float64, and the count
+    no longer follows the threshold; none such: the temperature whose retention there is nearest ``target``).
+    Returns the :class:`~hf_tokenprune.Calibration` of that temperature on all
+    ``calibration`` questions, and per temperature the half-calibrated threshold, the retention and accuracy on the
+    second half (accuracy None: not a candidate)."""
+    half = len(calibration) // 2
+    fit, check = calibration[:half], calibration[half:]
+    compressor = compressor if name == "compressor" else None
     candidates, selection = [], {}
     for temperature in temperatures:
-        calibrated = calibrate(model, batches, target, scorer=name, temperature=temperature,
-                               compressor=compressor if name == "compressor" else None)
-        accuracy = None
-        if abs(calibrated.retention - target) <= SELECTION_TOLERANCE and calibrated.mass < SATURATED_MASS:
-            prune_wrap(model, budget="auto", mass=calibrated.mass, temperature=temperature, scorer=name,
-                       compressor=compressor if name == "compressor" else None)
-            accuracy = score_answers(calibration, predict(model, processor, calibration, batch_size))["accuracy"]
-            unwrap(model)
-            candidates.append((accuracy, calibrated))
-        selection[f"{temperature:g}"] = {"mass": calibrated.mass, "retention": calibrated.retention,
-                                        "accuracy": accuracy}
-    if not candidates:
-        raise ValueError(f"no temperature of {tuple(temperatures)} calibrates {name} to a mean retention of {target}")
-    best = max(accuracy for accuracy, _ in candidates)
-    return next(c for accuracy, c in candidates if accuracy == best), selection
+        calibrated = calibrate(model, _batches(processor, fit, batch_size), target, scorer=name,
+                               temperature=temperature, compressor=compressor)
+        prune_wrap(model, budget="auto", mass=calibrated.mass, temperature=temperature, scorer=name,
+                   compressor=compressor)
+        measured = _run(model, processor, check, None, batch_size, f"{name} auto {target} T {temperature:g}")
+        unwrap(model)
+        eligible = abs(measured["retention"] - target) <= SELECTION_TOLERANCE and calibrated.mass < SATURATED_MASS
+        if eligible:
+            candidates.append((measured["accuracy"], temperature))
+        selection[f"{temperature:g}"] = {"mass": calibrated.mass, "retention": measured["retention"],
+                                        "accuracy": measured["accuracy"] if eligible else None}
+    if candidates:
+        best = max(accuracy for accuracy, _ in candidates)
+        temperature = next(t for accuracy, t in candidates if accuracy == best)
+    else:  # too few calibration questions for the tolerance: the temperature that lands nearest the target
+        temperature = min(temperatures, key=lambda t: abs(selection[f"{t:g}"]["retention"] - target))
+    return calibrate(model, _batches(processor, calibration, batch_size), target, scorer=name,
+                     temperature=temperature, compressor=compressor), selection
+
+
+def _batches(processor, samples: list[Sample], batch_size: int) -> list[dict]:
+    return [inputs_for(processor, samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
 
 
 def _pct(value: float | None) -> str:
@@ -230,14 +244,15 @@ def _budget_table(r: dict, fixed: list[str]) -> list[str]:
             lines.append(f"| {float(key) * 100:g}% | {label} | {_pct(r['retention'][name][key])} | "
                          f"{_pct(r['accuracy'][name][key])} | "
                          + " | ".join(f"{_pct(per_kind.get(k))} ({_pct(kept.get(k))})" for k in kinds) + " |")
-    lines += ["", "Temperature of each dynamic budget, chosen by accuracy on the calibration questions (accuracy "
-              "there at each candidate; – : the calibrated retention missed the target by more than 1 point, or "
-              "the threshold saturated at 1):", ""]
+    lines += ["", "Temperature of each dynamic budget: per candidate, accuracy on the second half of the calibration "
+              "questions with the threshold calibrated on the first half, and the retention it kept there (– : "
+              "not a candidate: retention off the target by more than 1 point, or the threshold saturated at 1); "
+              "the best is recalibrated on all calibration questions.", ""]
     for name in dynamic:
         for key in targets:
             selection = r["calibration"][name].get(key, {}).get("selection", {})
             lines.append(f"* {name} {float(key) * 100:g}%: " + ", ".join(
-                f"T {t} {_pct(v['accuracy'])}" for t, v in selection.items()))
+                f"T {t} {_pct(v['accuracy'])} ({_pct(v['retention'])})" for t, v in selection.items()))
     return [*lines, ""]
 
 
