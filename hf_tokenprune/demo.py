@@ -6,6 +6,8 @@ compressor, and ``demo.png`` shows which visual tokens each question keeps.
 2. Accuracy on held-out questions at each retention, compressor vs random (task-agnostic) selection.
 3. ``demo.png``: per question, the oracle relevance ``R_v`` of its answer and the compressor's prediction
    ``R~_v``, with the tokens kept at 25% outlined: different questions keep different regions.
+4. The dynamic budget (``budget="auto"``, the compressor's saved calibration): a question about one object and
+   one about every object of a shape, on one scene, keep different numbers of tokens.
 
 Everything is local (shipped weights, generated images): no network, under a minute on 2 CPU cores.
 """
@@ -90,6 +92,9 @@ def run(family: str = "qwen2_vl", *, scene: int = 7, eval_questions: int = 64, o
         table.append(row)
     prune_wrap(model, ratio=0.25, scorer="compressor", compressor=compressor)
     _picture(model, processor, samples, Path(out))
+    prune_wrap(model, budget="auto", compressor=compressor)
+    calibration = model.tokenprune.config
+    dynamic = [_ask(model, processor, s)[1] for s in _focused_and_spread(scene)]
     unwrap(model)
     _print(answers, ["ratio", "question", "truth", "answer", "kept", "seq_len", "kv_cache", "prefill_flops",
                      "scoring_ms"])
@@ -98,8 +103,21 @@ def run(family: str = "qwen2_vl", *, scene: int = 7, eval_questions: int = 64, o
     print("(each answer sits in ONE visual token: random selection keeps it about as often as the retention; the "
           "compressor reads\n the first-layer attention, which on these models points at the object the question "
           "names, so the two\n questions keep different tokens: see docs/world.md, 'What this testbed shows')")
+    print(f"\ndynamic budget (budget='auto', the compressor's calibration: temperature {calibration.temperature:g}, "
+          f"mass {calibration.mass:.4g}, 25% kept on average): each question keeps what its relevance needs")
+    _print(dynamic, ["question", "truth", "answer", "visual_tokens", "kept", "prefill_flops"])
     print(f"\nwrote {out}")
-    return {"family": family, "answers": answers, "accuracy": table, "picture": str(out)}
+    return {"family": family, "answers": answers, "accuracy": table, "dynamic": dynamic, "picture": str(out)}
+
+
+def _focused_and_spread(scene: int) -> list:
+    """A question about one object and one about every object of a shape, on the first scene from ``scene`` on
+    that has both."""
+    for index in range(scene, scene + 100):
+        spread = make_samples("test", index, kinds=("majority_colour",))
+        if spread:
+            return [make_samples("test", index, kinds=("colour_of_shape",))[0], spread[0]]
+    raise ValueError(f"no scene from {scene} on asks majority_colour")
 
 
 def _print(rows: list[dict], keys: list[str]) -> None:

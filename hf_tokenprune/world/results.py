@@ -3,9 +3,10 @@
 On the shipped world models and held-out questions (every question kind by default), for every method
 (compressor, raw first-layer attention, the oracle ``R_v``, random, uniform; the FastV / PDrop / DART / ToMe
 baselines) at every fixed retention (50 / 25 / 12.5 / 6.25%), and for the compressor with the dynamic budget
-(``budget="auto"``) calibrated to a mean retention of 25%, 12.5% and 6.25% on other held-out scenes (the
-temperature of the relevance distribution chosen on those calibration questions too, :func:`_select_temperature`;
-the evaluated questions choose nothing):
+(``budget="auto"``) at a mean retention of 25%, 12.5% and 6.25%: the temperature of its relevance distribution
+chosen by accuracy on other held-out scenes (:func:`_select_temperature`), the threshold calibrated on the scores
+of the evaluated questions (no answers: a dataset-level mean retention, so the comparison with the fixed ratio is
+at equal retention), and, as shipped, the threshold of the calibration scenes (its retention and accuracy here):
 
 * **accuracy** of the pruned model's greedy answer (through ``generate``, as users run it), overall and per
   question kind;
@@ -142,52 +143,55 @@ def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorer
             _record(result, name, str(ratio), measured)
             unwrap(model)
     for name in auto_scorers if calibration else ():
+        wrap = dict(budget="auto", scorer=name, compressor=compressor if name == "compressor" else None)
         for target in targets:
-            chosen, selection = _select_temperature(model, processor, name, compressor, calibration, target,
-                                                    temperatures, batch_size)
-            prune_wrap(model, budget="auto", mass=chosen.mass, temperature=chosen.temperature, scorer=name,
-                       compressor=compressor if name == "compressor" else None)
             key = str(target)
+            temperature, selection = _select_temperature(model, processor, calibration, target, temperatures,
+                                                         batch_size, wrap)
+            # the threshold for a mean of `target` over the evaluated questions, from their scores alone
+            own = calibrate(model, _batches(processor, samples, batch_size), target, temperature=temperature,
+                            **_calibrate_args(wrap))
+            prune_wrap(model, mass=own.mass, temperature=temperature, **wrap)
             _record(result, f"{name}-auto", key, _run(model, processor, samples, rows, batch_size,
                                                       f"{family} {name} auto {target}"))
-            result["calibration"].setdefault(f"{name}-auto", {})[key] = {**chosen.to_dict(), "selection": selection}
+            # the threshold of the calibration questions, as a user ships it: what it keeps here
+            prune_wrap(model, mass=selection[f"{temperature:g}"]["mass"], temperature=temperature, **wrap)
+            shipped = _run(model, processor, samples, None, batch_size, f"{family} {name} auto {target} transfer")
             unwrap(model)
+            result["calibration"].setdefault(f"{name}-auto", {})[key] = {
+                **own.to_dict(), "selection": selection,
+                "transfer": {k: shipped[k] for k in ("accuracy", "retention", "retention_per_kind")}}
     return result
 
 
-def _select_temperature(model, processor, name: str, compressor: str | None, calibration: list[Sample],
-                        target: float, temperatures, batch_size: int):
-    """``budget="auto"`` for ``target`` at the temperature (of ``temperatures``) that transfers best within the
-    ``calibration`` questions: its threshold calibrated on their first half, it answers their second half best
-    among the temperatures whose retention there is within :data:`SELECTION_TOLERANCE` of ``target`` and whose
-    threshold stays below :data:`SATURATED_MASS` (a sharp distribution's tail underflows float64, and the count
-    no longer follows the threshold; none such: the temperature whose retention there is nearest ``target``).
-    Returns the :class:`~hf_tokenprune.Calibration` of that temperature on all
-    ``calibration`` questions, and per temperature the half-calibrated threshold, the retention and accuracy on the
-    second half (accuracy None: not a candidate)."""
-    half = len(calibration) // 2
-    fit, check = calibration[:half], calibration[half:]
-    compressor = compressor if name == "compressor" else None
+def _calibrate_args(wrap: dict) -> dict:
+    return {k: v for k, v in wrap.items() if k != "budget"}
+
+
+def _select_temperature(model, processor, calibration: list[Sample], target: float, temperatures, batch_size: int,
+                        wrap: dict) -> tuple[float, dict]:
+    """The temperature (of ``temperatures``) of ``budget="auto"`` (``wrap``: its scorer) whose threshold, calibrated
+    to ``target`` on the ``calibration`` questions, answers them best, among those whose threshold stays below
+    :data:`SATURATED_MASS` (a sharp distribution's tail underflows float64, and the count no longer follows the
+    threshold) and whose retention is within :data:`SELECTION_TOLERANCE` of ``target`` (none such: the one
+    nearest ``target``); and per temperature that threshold, retention and accuracy (None: not a candidate)."""
     candidates, selection = [], {}
     for temperature in temperatures:
-        calibrated = calibrate(model, _batches(processor, fit, batch_size), target, scorer=name,
-                               temperature=temperature, compressor=compressor)
-        prune_wrap(model, budget="auto", mass=calibrated.mass, temperature=temperature, scorer=name,
-                   compressor=compressor)
-        measured = _run(model, processor, check, None, batch_size, f"{name} auto {target} T {temperature:g}")
-        unwrap(model)
-        eligible = abs(measured["retention"] - target) <= SELECTION_TOLERANCE and calibrated.mass < SATURATED_MASS
+        calibrated = calibrate(model, _batches(processor, calibration, batch_size), target, temperature=temperature,
+                               **_calibrate_args(wrap))
+        eligible = abs(calibrated.retention - target) <= SELECTION_TOLERANCE and calibrated.mass < SATURATED_MASS
+        accuracy = None
         if eligible:
-            candidates.append((measured["accuracy"], temperature))
-        selection[f"{temperature:g}"] = {"mass": calibrated.mass, "retention": measured["retention"],
-                                        "accuracy": measured["accuracy"] if eligible else None}
-    if candidates:
-        best = max(accuracy for accuracy, _ in candidates)
-        temperature = next(t for accuracy, t in candidates if accuracy == best)
-    else:  # too few calibration questions for the tolerance: the temperature that lands nearest the target
-        temperature = min(temperatures, key=lambda t: abs(selection[f"{t:g}"]["retention"] - target))
-    return calibrate(model, _batches(processor, calibration, batch_size), target, scorer=name,
-                     temperature=temperature, compressor=compressor), selection
+            prune_wrap(model, mass=calibrated.mass, temperature=temperature, **wrap)
+            accuracy = _run(model, processor, calibration, None, batch_size, f"T {temperature:g}")["accuracy"]
+            unwrap(model)
+            candidates.append((accuracy, temperature))
+        selection[f"{temperature:g}"] = {"mass": calibrated.mass, "retention": calibrated.retention,
+                                        "accuracy": accuracy}
+    if not candidates:
+        return min(temperatures, key=lambda t: abs(selection[f"{t:g}"]["retention"] - target)), selection
+    best = max(accuracy for accuracy, _ in candidates)
+    return next(t for accuracy, t in candidates if accuracy == best), selection
 
 
 def _batches(processor, samples: list[Sample], batch_size: int) -> list[dict]:
@@ -224,9 +228,10 @@ def _budget_table(r: dict, fixed: list[str]) -> list[str]:
     if not dynamic:
         return []
     kinds = sorted(r["per_kind"]["full"]["1.0"])
-    lines = ["Dynamic budget (`budget=\"auto\"`, threshold calibrated on separate held-out questions to the target "
-             "mean retention) beside every fixed-ratio method at that ratio; kept = achieved mean retention on "
-             "these questions (in-LLM methods: the configured ratio); per question kind: accuracy (mean kept %).",
+    lines = ["Dynamic budget (`budget=\"auto\"`: temperature T chosen on other scenes, threshold calibrated on these "
+             "questions' scores to the target mean retention) beside every fixed-ratio method at that ratio; kept = "
+             "achieved mean retention on these questions (in-LLM methods: the configured ratio); per question "
+             "kind: accuracy (mean kept %).",
              "",
              "| target | method | kept | acc | " + " | ".join(kinds) + " |", "|---" * (4 + len(kinds)) + "|",
              f"| – | full | 100.0 | {_pct(r['accuracy']['full']['1.0'])} | "
@@ -238,21 +243,24 @@ def _budget_table(r: dict, fixed: list[str]) -> list[str]:
                 continue
             per_kind, kept = r["per_kind"][name][key], r["retention_per_kind"][name][key]
             calibrated = r["calibration"].get(name, {}).get(key, {})
-            label = (f"{name} (T {calibrated.get('temperature', 1.0):g}, mass {calibrated['mass']:.4g})"
+            label = (f"{name} (T {calibrated.get('temperature', 1.0):g}, mass {calibrated['mass']:.6g})"
                      if name in dynamic else name)
             label += " (in LLM)" if name in LAYER_SCORERS else ""
             lines.append(f"| {float(key) * 100:g}% | {label} | {_pct(r['retention'][name][key])} | "
                          f"{_pct(r['accuracy'][name][key])} | "
                          + " | ".join(f"{_pct(per_kind.get(k))} ({_pct(kept.get(k))})" for k in kinds) + " |")
-    lines += ["", "Temperature of each dynamic budget: per candidate, accuracy on the second half of the calibration "
-              "questions with the threshold calibrated on the first half, and the retention it kept there (– : "
-              "not a candidate: retention off the target by more than 1 point, or the threshold saturated at 1); "
-              "the best is recalibrated on all calibration questions.", ""]
+    lines += ["", "Temperature T of each dynamic budget, chosen by accuracy on the calibration questions (other "
+              "scenes) with the threshold calibrated there (– : not a candidate: threshold saturated at 1, or "
+              "retention off the target by more than 1 point); transfer: that threshold on these questions, kept % "
+              "and accuracy.", ""]
     for name in dynamic:
         for key in targets:
-            selection = r["calibration"][name].get(key, {}).get("selection", {})
+            calibrated = r["calibration"][name].get(key, {})
+            transfer = calibrated.get("transfer")
             lines.append(f"* {name} {float(key) * 100:g}%: " + ", ".join(
-                f"T {t} {_pct(v['accuracy'])} ({_pct(v['retention'])})" for t, v in selection.items()))
+                f"T {t} {_pct(v['accuracy'])}" for t, v in calibrated.get("selection", {}).items())
+                + (f"; transfer: kept {_pct(transfer['retention'])}, acc {_pct(transfer['accuracy'])}"
+                   if transfer else ""))
     return [*lines, ""]
 
 
