@@ -93,7 +93,7 @@ def run(family: str = "qwen2_vl", *, scene: int = 7, eval_questions: int = 64, o
     prune_wrap(model, ratio=0.25, scorer="compressor", compressor=compressor)
     _picture(model, processor, samples, Path(out))
     prune_wrap(model, budget="auto", compressor=compressor)
-    calibration = model.tokenprune.config
+    calibration = model.tokenprune.scorer.compressor.calibration
     dynamic = [_ask(model, processor, s)[1] for s in _focused_and_spread(scene)]
     unwrap(model)
     _print(answers, ["ratio", "question", "truth", "answer", "kept", "seq_len", "kv_cache", "prefill_flops",
@@ -103,8 +103,9 @@ def run(family: str = "qwen2_vl", *, scene: int = 7, eval_questions: int = 64, o
     print("(each answer sits in ONE visual token: random selection keeps it about as often as the retention; the "
           "compressor reads\n the first-layer attention, which on these models points at the object the question "
           "names, so the two\n questions keep different tokens: see docs/world.md, 'What this testbed shows')")
-    print(f"\ndynamic budget (budget='auto', the compressor's calibration: temperature {calibration.temperature:g}, "
-          f"mass {calibration.mass:.4g}, 25% kept on average): each question keeps what its relevance needs")
+    print(f"\ndynamic budget (budget='auto' with the compressor's calibration: temperature "
+          f"{calibration['temperature']:g}, mass {calibration['mass']:.4g}, {calibration['target']:.0%} kept on "
+          "average): each question keeps what its relevance needs")
     _print(dynamic, ["question", "truth", "answer", "visual_tokens", "kept", "prefill_flops"])
     print(f"\nwrote {out}")
     return {"family": family, "answers": answers, "accuracy": table, "dynamic": dynamic, "picture": str(out)}

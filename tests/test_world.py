@@ -332,3 +332,12 @@ def test_majority_colour_needs_most_of_the_objects_of_its_shape():
             right[share] += top == s.question.answer and (not rest or n > rest[0][1])
     assert len(asked) == 279
     assert right[1.0] == len(asked) and right[0.5] / len(asked) < 0.8 and right[0.25] < right[0.5]
+
+
+def test_demo_asks_a_one_object_and_an_every_object_question_about_one_scene():
+    from hf_tokenprune.demo import _focused_and_spread
+
+    focused, spread = _focused_and_spread(7)
+    assert (focused.question.kind, spread.question.kind) == ("colour_of_shape", "majority_colour")
+    assert focused.scene == spread.scene
+    assert len(focused.question.boxes) == 1 and len(spread.question.boxes) >= 3 * len(focused.question.boxes)
