@@ -9,7 +9,7 @@ from hf_tokenprune.scorers import build_scorer
 from hf_tokenprune.world import compressor_path, load
 from hf_tokenprune.world.evaluate import accuracy, heldout_samples, inputs_for
 from hf_tokenprune.world.evidence import answer_tokens
-from hf_tokenprune.world.scenes import LOOKUP, make_samples
+from hf_tokenprune.world.scenes import KINDS, LOOKUP, make_samples
 from hf_tokenprune.wrap import score_inputs
 
 
@@ -50,19 +50,29 @@ def test_shipped_compressor_keeps_a_quarter_and_beats_content_blind_selection(sh
 
 
 def test_shipped_compressor_carries_a_dynamic_budget_calibration(shipped):
-    """``budget="auto"`` works out of the box: the shipped compressor's saved threshold (calibrated to 25% mean
-    retention on other held-out scenes) keeps about a quarter on average, a different count per question."""
+    """``budget="auto"`` works out of the box: the shipped compressor's saved threshold and temperature (calibrated
+    to 25% mean retention on other held-out scenes with every question kind, as ``python -m
+    hf_tokenprune.world.export`` writes them) keep about a quarter on average over such questions, and spend it
+    where the relevance is spread: a question about every object of a shape keeps several times what a question
+    about one object keeps. Measured on these 64 questions: mean 26.3%, majority_colour 80.0% vs colour_of_shape
+    4.1% (Qwen2-VL, temperature 0.3); mean 20.7%, 34.0% vs 10.3% (LLaVA-OneVision, temperature 0.5)."""
     family, model, processor = shipped
-    samples = heldout_samples(32, start=700)
+    samples = heldout_samples(64, start=700, kinds=KINDS)
     prune_wrap(model, budget="auto", compressor=str(compressor_path(family)))
+    retention = []
     try:
-        with torch.no_grad():
-            model(**inputs_for(processor, samples))
-        retention = model.tokenprune.last_stats.retention
+        for i in range(0, len(samples), 32):
+            with torch.no_grad():
+                model(**inputs_for(processor, samples[i:i + 32]))
+            retention += model.tokenprune.last_stats.retention
     finally:
         unwrap(model)
     assert 0.15 <= sum(retention) / len(retention) <= 0.35, retention
-    assert len(set(retention)) > 1
+    by_kind: dict[str, list[float]] = {}
+    for sample, kept in zip(samples, retention, strict=True):
+        by_kind.setdefault(sample.question.kind, []).append(kept)
+    mean = {kind: sum(v) / len(v) for kind, v in by_kind.items()}
+    assert mean["majority_colour"] >= 2 * mean["colour_of_shape"], mean
 
 
 def pointing(model, processor, compressor: str, scenes: int = 16) -> float:
