@@ -111,10 +111,11 @@ def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorer
              auto_scorers=AUTO_SCORERS, targets=TARGETS, temperatures=TEMPERATURES,
              calibration: list[Sample] | None = None, compressor: str | None = None) -> dict:
     """For one family and one set of samples: accuracy (overall and per question kind), answer region kept and
-    achieved mean retention of every scorer at every fixed ratio and, for ``auto_scorers``, of ``budget="auto"``
-    calibrated (:func:`hf_tokenprune.calibrate` on ``calibration``, temperature chosen there:
-    :func:`_select_temperature`) to each mean retention of ``targets``; and pointing. ``compressor``: its
-    directory (default: the shipped one of ``family``)."""
+    achieved mean retention of every scorer at every fixed ratio and, for ``auto_scorers``, of ``budget="auto"`` at
+    each mean retention of ``targets`` (temperature chosen on the ``calibration`` questions,
+    :func:`_select_temperature`; threshold calibrated on the scores of ``samples``; and the transfer of the
+    ``calibration`` threshold); and pointing. ``compressor``: its directory (default: the shipped one of
+    ``family``)."""
     model, processor = load(family)
     try:
         compressor = compressor or str(compressor_path(family))
@@ -143,19 +144,20 @@ def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorer
             _record(result, name, str(ratio), measured)
             unwrap(model)
     for name in auto_scorers if calibration else ():
-        wrap = dict(budget="auto", scorer=name, compressor=compressor if name == "compressor" else None)
+        scoring = dict(scorer=name, compressor=compressor if name == "compressor" else None)
         for target in targets:
             key = str(target)
             temperature, selection = _select_temperature(model, processor, calibration, target, temperatures,
-                                                         batch_size, wrap)
+                                                         batch_size, scoring)
             # the threshold for a mean of `target` over the evaluated questions, from their scores alone
             own = calibrate(model, _batches(processor, samples, batch_size), target, temperature=temperature,
-                            **_calibrate_args(wrap))
-            prune_wrap(model, mass=own.mass, temperature=temperature, **wrap)
+                            **scoring)
+            prune_wrap(model, budget="auto", mass=own.mass, temperature=temperature, **scoring)
             _record(result, f"{name}-auto", key, _run(model, processor, samples, rows, batch_size,
                                                       f"{family} {name} auto {target}"))
             # the threshold of the calibration questions, as a user ships it: what it keeps here
-            prune_wrap(model, mass=selection[f"{temperature:g}"]["mass"], temperature=temperature, **wrap)
+            prune_wrap(model, budget="auto", mass=selection[f"{temperature:g}"]["mass"], temperature=temperature,
+                       **scoring)
             shipped = _run(model, processor, samples, None, batch_size, f"{family} {name} auto {target} transfer")
             unwrap(model)
             result["calibration"].setdefault(f"{name}-auto", {})[key] = {
@@ -164,13 +166,9 @@ def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorer
     return result
 
 
-def _calibrate_args(wrap: dict) -> dict:
-    return {k: v for k, v in wrap.items() if k != "budget"}
-
-
 def _select_temperature(model, processor, calibration: list[Sample], target: float, temperatures, batch_size: int,
-                        wrap: dict) -> tuple[float, dict]:
-    """The temperature (of ``temperatures``) of ``budget="auto"`` (``wrap``: its scorer) whose threshold, calibrated
+                        scoring: dict) -> tuple[float, dict]:
+    """The temperature (of ``temperatures``) of ``budget="auto"`` (``scoring``: its scorer) whose threshold, calibrated
     to ``target`` on the ``calibration`` questions, answers them best, among those whose threshold stays below
     :data:`SATURATED_MASS` (a sharp distribution's tail underflows float64, and the count no longer follows the
     threshold) and whose retention is within :data:`SELECTION_TOLERANCE` of ``target`` (none such: the one
@@ -178,11 +176,11 @@ def _select_temperature(model, processor, calibration: list[Sample], target: flo
     candidates, selection = [], {}
     for temperature in temperatures:
         calibrated = calibrate(model, _batches(processor, calibration, batch_size), target, temperature=temperature,
-                               **_calibrate_args(wrap))
+                               **scoring)
         eligible = abs(calibrated.retention - target) <= SELECTION_TOLERANCE and calibrated.mass < SATURATED_MASS
         accuracy = None
         if eligible:
-            prune_wrap(model, mass=calibrated.mass, temperature=temperature, **wrap)
+            prune_wrap(model, budget="auto", mass=calibrated.mass, temperature=temperature, **scoring)
             accuracy = _run(model, processor, calibration, None, batch_size, f"T {temperature:g}")["accuracy"]
             unwrap(model)
             candidates.append((accuracy, temperature))
