@@ -28,7 +28,8 @@ class PruneStats:
     KV-cache bytes and FLOPs are for the whole batch. ``stages`` lists the pruning steps in layer order (one at
     layer 0 for input-stage pruning, one or more inside the LLM for FastV / PDrop / DART); ``kept_indices`` and
     ``seq_len_after`` are those of the last. ``ratio`` is the configured fraction of the fixed budget (None with
-    ``budget="auto"``, where ``mass`` is the relevance-mass threshold); :attr:`retention` is what each sample kept.
+    ``budget="auto"``, where ``mass`` is the relevance-mass threshold and ``temperature`` that of its distribution);
+    :attr:`retention` is what each sample kept.
     """
 
     scorer: str
@@ -46,6 +47,7 @@ class PruneStats:
     stages: list[PruneStage] = field(default_factory=list)
     budget: str = "fixed"
     mass: float | None = None
+    temperature: float | None = None
 
     @property
     def retention(self) -> list[float]:
@@ -68,7 +70,8 @@ class PruneStats:
         return self.kv_cache_bytes_after / self.kv_cache_bytes_before if self.kv_cache_bytes_before else 1.0
 
     def __str__(self) -> str:
-        budget = f"ratio={self.ratio:g}" if self.ratio is not None else f"budget=auto mass={self.mass:g}"
+        budget = (f"ratio={self.ratio:g}" if self.ratio is not None
+                  else f"budget=auto mass={self.mass:g} temperature={self.temperature:g}")
         retention = ", ".join(f"{r:.3f}" for r in self.retention)
         return (f"PruneStats(scorer={self.scorer}, {budget}, visual tokens {self.visual_tokens_before}"
                 f" -> {self.visual_tokens_after} (retention {retention}), "

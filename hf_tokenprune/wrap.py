@@ -530,6 +530,7 @@ class TokenPruneHandle:
             prefill_flops_before=prefill_flops(text_config, batch, length),
             prefill_flops_after=prefill_flops(text_config, batch, lengths),
             scoring_time_s=scoring_time, stages=stages, budget=self.config.budget, mass=self.config.mass,
+            temperature=self.config.temperature,
         )
 
     # -- decode steps and text-only turns --------------------------------------------------------------------

@@ -220,16 +220,17 @@ def test_batch_with_very_different_counts_equals_each_sample_alone(built, family
     counts = score_inputs(model, batch).layout.counts
     if scorer == "peaked":
         prune_wrap(model, budget="auto", mass=0.6, scorer=PeakedBelow(sum(counts) / 2))
-    else:
-        prune_wrap(model, budget="auto", mass=0.6, compressor=str(compressor_dir))
+    else:  # a sharpened distribution: counts set by the head of each sample's relevance
+        prune_wrap(model, budget="auto", mass=0.6, compressor=str(compressor_dir), temperature=0.3)
     stats = check_batch_equals_each_sample_alone(model, processor, family, steps=6, logits_atol=1e-4)
     assert stats.budget == "auto" and stats.ratio is None and stats.mass == 0.6
+    assert stats.temperature == (1.0 if scorer == "peaked" else 0.3)
     assert stats.retention == [a / b for a, b in zip(stats.visual_tokens_after, stats.visual_tokens_before)]
     if scorer == "peaked":
         small = counts.index(min(counts))
         assert stats.visual_tokens_after[small] == 1
         assert stats.retention[1 - small] >= 0.6
-        assert "budget=auto mass=0.6" in str(stats)
+        assert "budget=auto mass=0.6 temperature=1" in str(stats)
 
 
 @pytest.mark.parametrize(("family", "kind"), CASES)
