@@ -143,15 +143,17 @@ def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorer
                 measured["retention_per_kind"] = dict.fromkeys(measured["retention_per_kind"], ratio)
             _record(result, name, str(ratio), measured)
             unwrap(model)
+    # processor outputs built once: every scorer, target and temperature calibrates on the same batches
+    evaluated = _batches(processor, samples, batch_size)
+    calibrating = _batches(processor, calibration or [], batch_size)
     for name in auto_scorers if calibration else ():
         scoring = dict(scorer=name, compressor=compressor if name == "compressor" else None)
         for target in targets:
             key = str(target)
-            temperature, selection = _select_temperature(model, processor, calibration, target, temperatures,
-                                                         batch_size, scoring)
+            temperature, selection = _select_temperature(model, processor, calibration, calibrating, target,
+                                                         temperatures, batch_size, scoring)
             # the threshold for a mean of `target` over the evaluated questions, from their scores alone
-            own = calibrate(model, _batches(processor, samples, batch_size), target, temperature=temperature,
-                            **scoring)
+            own = calibrate(model, evaluated, target, temperature=temperature, **scoring)
             prune_wrap(model, budget="auto", mass=own.mass, temperature=temperature, **scoring)
             _record(result, f"{name}-auto", key, _run(model, processor, samples, rows, batch_size,
                                                       f"{family} {name} auto {target}"))
@@ -166,17 +168,17 @@ def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorer
     return result
 
 
-def _select_temperature(model, processor, calibration: list[Sample], target: float, temperatures, batch_size: int,
-                        scoring: dict) -> tuple[float, dict]:
-    """The temperature (of ``temperatures``) of ``budget="auto"`` (``scoring``: its scorer) whose threshold, calibrated
-    to ``target`` on the ``calibration`` questions, answers them best, among those whose threshold stays below
-    :data:`SATURATED_MASS` (a sharp distribution's tail underflows float64, and the count no longer follows the
-    threshold) and whose retention is within :data:`SELECTION_TOLERANCE` of ``target`` (none such: the one
-    nearest ``target``); and per temperature that threshold, retention and accuracy (None: not a candidate)."""
+def _select_temperature(model, processor, calibration: list[Sample], batches: list[dict], target: float,
+                        temperatures, batch_size: int, scoring: dict) -> tuple[float, dict]:
+    """The temperature (of ``temperatures``) of ``budget="auto"`` (``scoring``: its scorer) whose threshold,
+    calibrated to ``target`` on the ``calibration`` questions (``batches``: their processor outputs), answers them
+    best, among those whose threshold stays below :data:`SATURATED_MASS` (a sharp distribution's tail underflows
+    float64, and the count no longer follows the threshold) and whose retention is within
+    :data:`SELECTION_TOLERANCE` of ``target`` (none such: the one nearest ``target``); and per temperature that
+    threshold, retention and accuracy (None: not a candidate)."""
     candidates, selection = [], {}
     for temperature in temperatures:
-        calibrated = calibrate(model, _batches(processor, calibration, batch_size), target, temperature=temperature,
-                               **scoring)
+        calibrated = calibrate(model, batches, target, temperature=temperature, **scoring)
         eligible = abs(calibrated.retention - target) <= SELECTION_TOLERANCE and calibrated.mass < SATURATED_MASS
         accuracy = None
         if eligible:
