@@ -4,18 +4,29 @@ Builds each family's tiny random-weight model with its real transformers process
 ``generate`` on a left-padded batch of two images of different sizes with a question each (and on a batch of
 two videos, for the families that take videos: ``tiny.MODALITIES``), pruned to
 ``ratio`` by the chosen scorer, and checks the answer against the unpruned model with the dropped tokens
-masked out of attention. Random weights answer gibberish; the demo shows the mechanics and their cost.
+masked out of attention. A case passes when the tokens are identical and the logits within
+:data:`LOGIT_TOLERANCE` of the reference (exactly equal when nothing is pruned, e.g. ``ratio=1.0``: the reference is
+then the unpruned model). Prints the transformers and torch versions first and a pass/fail summary last. Random
+weights answer gibberish; the demo shows the mechanics and their cost.
 """
 
 from __future__ import annotations
 
 import torch
+import transformers
 
 from . import tiny
+from .adapters import get_adapter
 from .verify import generate_masked_reference
 from .wrap import prune_wrap
 
 QUESTIONS = ("what colour is the circle ?", "what shape is left of the red square ?")
+LOGIT_TOLERANCE = 1e-4  # max |Δlogit| against the masked reference, as in tests/test_invariants.py
+
+
+def versions() -> str:
+    """``"transformers X, torch Y"``: what the check runs on."""
+    return f"transformers {transformers.__version__}, torch {torch.__version__}"
 
 
 def _inputs(processor, kind: str):
@@ -31,7 +42,9 @@ def _inputs(processor, kind: str):
 
 
 def run(ratio: float = 0.25, scorer: str = "attention", max_new_tokens: int = 16) -> list[dict]:
-    """One row per family and input kind it supports; prints a table."""
+    """One row per family and input kind it supports (``passed``: see the module doc); prints the versions, a
+    table and a summary line."""
+    print(f"hf-tokenprune check: {versions()}, ratio {ratio}, scorer {scorer}")
     rows = []
     for family in tiny.FAMILIES:
         model, processor = tiny.build(family)
@@ -41,21 +54,33 @@ def run(ratio: float = 0.25, scorer: str = "attention", max_new_tokens: int = 16
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      output_logits=True, return_dict_in_generate=True)
-            stats = model.tokenprune.last_stats
+            stats = model.tokenprune.last_stats  # None: nothing was pruned
             ref = generate_masked_reference(model, inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                             output_logits=True, return_dict_in_generate=True)
+            same = bool(torch.equal(out.sequences, ref.sequences))
             diff = max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits))
             answer = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:],
                                             skip_special_tokens=True)[0]
+            if stats is None:
+                visual = torch.isin(inputs["input_ids"], torch.tensor(get_adapter(model).visual_token_ids))
+                length = inputs["input_ids"].shape[1]
+                cost = {"visual_tokens": visual.sum(dim=1).tolist(), "kept": visual.sum(dim=1).tolist(),
+                        "seq_len": f"{length}->{length}", "kv_cache_ratio": 1.0, "prefill_flops_ratio": 1.0,
+                        "scoring_ms": 0.0}
+            else:
+                cost = {"visual_tokens": stats.visual_tokens_before, "kept": stats.visual_tokens_after,
+                        "seq_len": f"{stats.seq_len_before}->{stats.seq_len_after}",
+                        "kv_cache_ratio": round(stats.kv_cache_ratio, 3),
+                        "prefill_flops_ratio": round(stats.prefill_flops_ratio, 3),
+                        "scoring_ms": round(1e3 * stats.scoring_time_s, 2)}
             rows.append({
-                "family": family, "input": kind, "visual_tokens": stats.visual_tokens_before,
-                "kept": stats.visual_tokens_after, "seq_len": f"{stats.seq_len_before}->{stats.seq_len_after}",
-                "kv_cache_ratio": round(stats.kv_cache_ratio, 3), "prefill_flops_ratio":
-                round(stats.prefill_flops_ratio, 3), "scoring_ms": round(1e3 * stats.scoring_time_s, 2),
-                "same_tokens_as_masked_reference": bool(torch.equal(out.sequences, ref.sequences)),
-                "max_logit_diff": diff, "answer[0]": answer[:40],
+                "family": family, "input": kind, **cost, "same_tokens_as_masked_reference": same,
+                "max_logit_diff": diff, "passed": same and diff <= (LOGIT_TOLERANCE if stats is not None else 0.0),
+                "answer[0]": answer[:40],
             })
     _print(rows)
+    failed = sum(not r["passed"] for r in rows)
+    print(f"check: {len(rows) - failed} passed, {failed} failed ({versions()})")
     return rows
 
 

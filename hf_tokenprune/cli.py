@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=2)
-        return 0 if all(r["same_tokens_as_masked_reference"] for r in rows) else 1
+        return 0 if all(r["passed"] for r in rows) else 1
     if args.command == "label":
         from .training.labels import label_from_paths
         from .training.processes import process_state

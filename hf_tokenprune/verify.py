@@ -60,8 +60,12 @@ def masked_reference(model: nn.Module, drop: torch.Tensor) -> Iterator[None]:
 
 def generate_masked_reference(model: nn.Module, inputs: dict, **generate_kwargs) -> Any:
     """``model.generate(**inputs, **generate_kwargs)`` unpruned, with the tokens the last pruned call dropped
-    masked out (rows of ``last_stats`` beyond the batch, e.g. beams, repeat their sample's ids)."""
+    masked out (rows of ``last_stats`` beyond the batch, e.g. beams, repeat their sample's ids). When the last call
+    pruned nothing (``last_stats`` is None, e.g. ``ratio=1.0``) this is the unpruned model as it is."""
     stats = model.tokenprune.last_stats
+    if stats is None:
+        with model.tokenprune.disabled(), torch.no_grad():
+            return model.generate(**inputs, **generate_kwargs)
     input_ids = inputs["input_ids"]
     input_ids = input_ids.repeat_interleave(len(stats.kept_indices) // input_ids.shape[0], dim=0)
     drop = drop_mask(input_ids, get_adapter(model).visual_token_ids, stats)
