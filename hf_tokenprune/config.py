@@ -31,7 +31,8 @@ class TokenPruneConfig:
     baselines.
 
     Args:
-        ratio: fraction of visual tokens KEPT, in (0, 1], with ``budget="fixed"``. ``1.0`` disables pruning.
+        ratio: fraction of visual tokens KEPT, in (0, 1], with ``budget="fixed"``. ``1.0`` disables pruning: no
+            scorer is built, so no compressor is needed.
         scorer: a built-in scorer name or a :class:`~hf_tokenprune.scorers.Scorer` instance. Input stage:
             ``"compressor"`` (the paper's method), ``"attention"``, ``"random"``, ``"uniform"``, ``"tome"``
             (token merging). Inside the LLM (:mod:`hf_tokenprune.baselines`): ``"fastv"``, ``"pdrop"``, ``"dart"``.

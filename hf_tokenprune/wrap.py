@@ -107,11 +107,12 @@ class TokenPruneHandle:
 
     ``last_stats`` is reset on every prefill and stays ``None`` when the call had nothing to prune (no visual
     tokens, pruning disabled or ``ratio=1`` with the fixed budget). For a turn that continues a cache it describes
-    that turn's new tokens only (``None`` for a text-only turn).
+    that turn's new tokens only (``None`` for a text-only turn). ``scorer`` is None when the configuration prunes
+    nothing (``ratio=1`` with the fixed budget): no scorer or compressor is built then.
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, config: TokenPruneConfig,
-                 scorer: Scorer | LayerSchedule) -> None:
+                 scorer: Scorer | LayerSchedule | None) -> None:
         self._model_ref = weakref.ref(model)
         self.adapter = adapter
         self._layers: LayerPruner | None = None
@@ -132,7 +133,8 @@ class TokenPruneHandle:
         self._guard_generate(model)
 
     def __repr__(self) -> str:
-        return f"TokenPruneHandle({self.config}, scorer={type(self.scorer).__name__})"
+        scorer = type(self.scorer).__name__ if self.scorer is not None else None
+        return f"TokenPruneHandle({self.config}, scorer={scorer})"
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -143,7 +145,7 @@ class TokenPruneHandle:
         finally:
             self._enabled = previous
 
-    def configure(self, config: TokenPruneConfig, scorer: Scorer | LayerSchedule) -> None:
+    def configure(self, config: TokenPruneConfig, scorer: Scorer | LayerSchedule | None) -> None:
         """Switch to another configuration (installs / removes the decoder-layer hooks of in-LLM methods)."""
         if self._layers is not None:
             self._layers.remove()
@@ -615,7 +617,7 @@ def _resolve_config(config: TokenPruneConfig | None, overrides: dict[str, Any]) 
     return config.replace(**overrides) if overrides else config
 
 
-def resolve_budget(config: TokenPruneConfig, scorer: Scorer | LayerSchedule) -> TokenPruneConfig:
+def resolve_budget(config: TokenPruneConfig, scorer: Scorer | LayerSchedule | None) -> TokenPruneConfig:
     """``config`` with the ``budget="auto"`` fields filled in for ``scorer``: ``mass``, ``temperature`` (and the
     clamp left None) from the compressor's saved calibration when ``mass`` is None, else ``min_ratio`` 0,
     ``max_ratio`` 1 and ``temperature`` 1.
@@ -652,11 +654,12 @@ def prune_wrap(model: nn.Module, config: TokenPruneConfig | None = None, **overr
 
     Wrapping an already wrapped model re-configures it. ``overrides`` are :class:`TokenPruneConfig` fields,
     applied on top of ``config``. With ``budget="auto"``, ``model.tokenprune.config`` holds the threshold and
-    clamp in use (:func:`resolve_budget`).
+    clamp in use (:func:`resolve_budget`). A configuration that prunes nothing (``ratio=1.0``, fixed budget) builds
+    no scorer: it needs no compressor, and the model runs exactly as unwrapped.
     """
     config = _resolve_config(config, overrides)
     adapter = get_adapter(model)
-    scorer = build_scorer(config, adapter)
+    scorer = build_scorer(config, adapter) if config.prunes else None
     config = resolve_budget(config, scorer)
     handle = model.__dict__.get("tokenprune")
     if isinstance(handle, TokenPruneHandle):

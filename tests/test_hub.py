@@ -79,6 +79,27 @@ def test_missing_default_compressor_names_the_repo_and_the_way_out(built, hub_ca
     assert isinstance(info.value, ValueError) and "tokenprune" not in model.__dict__
 
 
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_ratio_one_needs_no_compressor_and_equals_the_unwrapped_model(built, hub_cache: Path, kind: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """At ``ratio=1.0`` (fixed budget) nothing is scored: no compressor is looked up (the default repo is not in the
+    offline cache) and ``generate`` is the unwrapped model's, tokens and logits bit-equal."""
+    from conftest import greedy, make_inputs
+
+    model, processor = built("qwen2_vl")
+    monkeypatch.setattr(model.config, "_name_or_path", QWEN)
+    inputs = make_inputs(processor, kind)
+    reference = greedy(model, inputs, steps=4)
+    prune_wrap(model, ratio=1.0)  # scorer="compressor", no compressor=
+    assert model.tokenprune.scorer is None
+    out = greedy(model, inputs, steps=4)
+    assert model.tokenprune.last_stats is None
+    assert torch.equal(out.sequences, reference.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, reference.logits, strict=True))
+    with pytest.raises(CompressorNotFoundError):  # pruning needs the compressor again
+        prune_wrap(model, ratio=0.5)
+
+
 class FakeApi:
     calls: list = []
 
