@@ -135,22 +135,35 @@ def panel(rows: Sequence[Sequence[tuple[str, PIL.Image.Image]]], *, pad: int = 6
     return out
 
 
+IMAGE_OVERLAY_OPTIONS = ("alpha", "cmap", "vmin", "vmax", "outline", "size")  # of relevance_overlay
+VIDEO_OVERLAY_OPTIONS = (*IMAGE_OVERLAY_OPTIONS, "gap")  # of video_overlay
+
+
 def explain_image(model: nn.Module, processor: Any, image: PIL.Image.Image | Sequence[PIL.Image.Image],
                   question: str, *, scorer: str | Scorer = "attention", ratio: float = 0.25,
-                  values: Values | None = None, scope: str = "sample", **overlay: Any) -> PIL.Image.Image:
+                  values: Values | None = None, scope: str = "sample", compressor: Any = None, min_tokens: int = 1,
+                  seed: int = 0, allow_compressor_mismatch: bool = False, **overlay: Any) -> PIL.Image.Image:
     """Overlay of one image (or video: a list of frames) asked ``question``: the scorer's scores (or ``values``,
     one per visual token) and the tokens pruning to ``ratio`` keeps (top scores, as ``prune_wrap`` selects).
 
-    ``scorer``/``scope``: as in :class:`~hf_tokenprune.TokenPruneConfig` (e.g. ``model.tokenprune.scorer``).
-    ``overlay``: :func:`relevance_overlay` options.
+    ``scorer``, ``ratio``, ``scope``, ``compressor``, ``min_tokens``, ``seed``, ``allow_compressor_mismatch``: as in
+    :class:`~hf_tokenprune.TokenPruneConfig` (e.g. ``model.tokenprune.scorer``). ``overlay``: the options of
+    :func:`relevance_overlay` (:data:`IMAGE_OVERLAY_OPTIONS`; a video also takes :func:`video_overlay`'s ``gap``);
+    any other keyword raises ``TypeError`` before anything runs.
     """
     video = not isinstance(image, PIL.Image.Image)
+    unknown = sorted(set(overlay) - set(VIDEO_OVERLAY_OPTIONS if video else IMAGE_OVERLAY_OPTIONS))
+    if unknown:
+        raise TypeError(f"explain_image() got unexpected keyword argument(s) {', '.join(unknown)}: it takes scorer, "
+                        "ratio, values, scope, compressor, min_tokens, seed, allow_compressor_mismatch and the overlay "
+                        f"options {', '.join(VIDEO_OVERLAY_OPTIONS if video else IMAGE_OVERLAY_OPTIONS)}")
+    config = TokenPruneConfig(ratio=ratio, scorer=scorer, scope=scope, compressor=compressor, min_tokens=min_tokens,
+                              seed=seed, allow_compressor_mismatch=allow_compressor_mismatch)
     messages = [{"role": "user", "content": [{"type": "video" if video else "image"},
                                              {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     media = {"videos": [list(image)]} if video else {"images": [image]}
     inputs = processor(text=[text], return_tensors="pt", **media).to(next(model.parameters()).device)
-    config = TokenPruneConfig(ratio=ratio, scorer=scorer, scope=scope)
     adapter = get_adapter(model)
     found = score_inputs(model, inputs, scope=scope)
     scores = build_scorer(config, adapter).score(found) if values is None else torch.as_tensor(values)[None]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import CASES, chat
 
-from hf_tokenprune import prune_wrap, score_inputs, tiny
+from hf_tokenprune import Compressor, prune_wrap, score_inputs, tiny, viz
 from hf_tokenprune.adapters import get_adapter
 from hf_tokenprune.viz import colormap, explain_image, panel, relevance_overlay, video_overlay
 
@@ -133,3 +133,38 @@ def test_explain_image_matches_prune_wrap(built, family, kind):
     regions = get_adapter(model).token_regions(inputs, 0, original_sizes=[SIZE])
     draw = video_overlay if kind == "video" else relevance_overlay
     assert np.array_equal(np.asarray(out), np.asarray(draw(media, regions, attention, kept)))
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_explain_image_takes_the_compressor_and_draws_what_prune_wrap_keeps(built, tmp_path, kind):
+    model, processor = built("qwen2_vl")
+    torch.manual_seed(0)
+    Compressor(channels=(4, 8), kernel_size=3, base_model_type="qwen2_vl").save_pretrained(tmp_path / "c")
+    media = tiny.make_image(3, size=SIZE) if kind == "image" else tiny.make_video(3, frames=4, size=SIZE)
+    question = "what colour is the circle"
+    out = explain_image(model, processor, media, question, scorer="compressor", compressor=str(tmp_path / "c"),
+                        ratio=0.25, alpha=0.8)
+    inputs = processor(text=[processor.apply_chat_template(chat(question, kind), add_generation_prompt=True,
+                                                           tokenize=False)], return_tensors="pt",
+                       **({"images": [media]} if kind == "image" else {"videos": [media]}))
+    prune_wrap(model, ratio=0.25, compressor=str(tmp_path / "c"))
+    with torch.no_grad():
+        scores = model.tokenprune.scorer.score(score_inputs(model, inputs))[0]
+        model(**inputs)
+    kept = model.tokenprune.last_stats.kept_indices[0]
+    regions = get_adapter(model).token_regions(inputs, 0, original_sizes=[SIZE])
+    draw = video_overlay if kind == "video" else relevance_overlay
+    assert np.array_equal(np.asarray(out), np.asarray(draw(media, regions, scores, kept, alpha=0.8)))
+
+
+def test_explain_image_refuses_unknown_keywords_before_scoring(built, monkeypatch):
+    model, processor = built("qwen2_vl")
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored despite an unknown keyword")
+
+    monkeypatch.setattr(viz, "score_inputs", never)
+    for media, word in ((tiny.make_image(3, size=SIZE), "gap"), (tiny.make_image(3, size=SIZE), "compresor"),
+                        (tiny.make_video(3, frames=4, size=SIZE), "frame")):
+        with pytest.raises(TypeError, match=f"explain_image.*unexpected keyword.*{word}.*overlay options alpha"):
+            explain_image(model, processor, media, "what colour is it", **{word: 1})
