@@ -29,7 +29,8 @@ class PruneStats:
     layer 0 for input-stage pruning, one or more inside the LLM for FastV / PDrop / DART); ``kept_indices`` and
     ``seq_len_after`` are those of the last. ``ratio`` is the configured fraction of the fixed budget (None with
     ``budget="auto"``, where ``mass`` is the relevance-mass threshold and ``temperature`` that of its distribution);
-    :attr:`retention` is what each sample kept.
+    :attr:`retention` is what each sample kept: None for a sample without visual tokens (e.g. a text-only sample of
+    a batch), which :attr:`mean_retention` leaves out and the printout shows as "no visual tokens".
     """
 
     scorer: str
@@ -50,16 +51,16 @@ class PruneStats:
     temperature: float | None = None
 
     @property
-    def retention(self) -> list[float]:
-        """Per sample: the fraction of its visual tokens kept."""
-        return [after / before if before else 1.0
+    def retention(self) -> list[float | None]:
+        """Per sample: the fraction of its visual tokens kept; None if it has none."""
+        return [after / before if before else None
                 for after, before in zip(self.visual_tokens_after, self.visual_tokens_before, strict=True)]
 
     @property
-    def mean_retention(self) -> float:
-        """Mean of :attr:`retention` over the batch."""
-        retention = self.retention
-        return sum(retention) / len(retention) if retention else 1.0
+    def mean_retention(self) -> float | None:
+        """Mean of :attr:`retention` over the samples with visual tokens (None if there are none)."""
+        retention = [r for r in self.retention if r is not None]
+        return sum(retention) / len(retention) if retention else None
 
     @property
     def prefill_flops_ratio(self) -> float:
@@ -72,7 +73,7 @@ class PruneStats:
     def __str__(self) -> str:
         budget = (f"ratio={self.ratio:g}" if self.ratio is not None
                   else f"budget=auto mass={self.mass:g} temperature={self.temperature:g}")
-        retention = ", ".join(f"{r:.3f}" for r in self.retention)
+        retention = ", ".join("no visual tokens" if r is None else f"{r:.3f}" for r in self.retention)
         return (f"PruneStats(scorer={self.scorer}, {budget}, visual tokens {self.visual_tokens_before}"
                 f" -> {self.visual_tokens_after} (retention {retention}), "
                 f"sequence {self.seq_len_before} -> {self.seq_len_after}, "
