@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask
 
 from .baselines import LayerInputs, LayerSchedule
+from .compat import cache_kwarg, with_cache
 from .pruning import Slicing, budget, pack, select_counts
 from .scorers.base import ScoreInputs
 from .stats import PruneStage
@@ -186,7 +187,7 @@ class LayerPruner:
         current = {"position_embeddings": tuple(slicing.sequence(t.expand(batch, -1, -1))
                                                 for t in position_embeddings)}
         current["position_ids"] = None if position_ids is None else slicing.sequence(position_ids.expand(batch, -1))
-        current["attention_mask"] = self._mask(hidden, mask, kwargs.get("cache"), i)
+        current["attention_mask"] = self._mask(hidden, mask, cache_kwarg(kwargs), i)
         prefill.current = current
         return hidden
 
@@ -197,7 +198,7 @@ class LayerPruner:
             return None
         if stage not in self._step_masks:
             hidden = args[0] if args else kwargs["hidden_states"]
-            cache = kwargs.get("cache")
+            cache = cache_kwarg(kwargs)
             stage_mask = prefill.masks[stage]
             tail_length = cache.get_seq_length(stage) - stage_mask.shape[1] + hidden.shape[1]
             step_mask = self._step_mask
@@ -216,4 +217,4 @@ class LayerPruner:
     def _mask(self, hidden: torch.Tensor, mask_2d: torch.Tensor, cache: Any, layer: int) -> Any:
         """The attention mask transformers builds for this 2-D mask, sized against cache layer ``layer``."""
         return create_causal_mask(config=self.text_model.config, inputs_embeds=hidden, attention_mask=mask_2d,
-                                  cache=cache, position_ids=None, layer_idx=layer)
+                                  position_ids=None, layer_idx=layer, **with_cache(cache))

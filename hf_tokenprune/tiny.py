@@ -29,6 +29,7 @@ image processor (the saved type name drops the "Pil" suffix).
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 from typing import Any
@@ -630,34 +631,36 @@ class _TorchFreeVideoProcessorMixin:
         return super().check_argument_for_proper_class(argument_name, argument)
 
     @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        processor_dict = processor_dict or {}
-        args = []
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load the tokenizer with ``AutoTokenizer``, the image processor as its PIL class and the video processor
+        as our numpy class; the rest of the stock loading (processor config, chat template) is unchanged.
+
+        Built from the public ``get_processor_dict`` and the constructor, so it does not depend on how a
+        transformers release resolves sub-processors internally."""
+        processor_dict, kwargs = cls.get_processor_dict(pretrained_model_name_or_path, **kwargs)
+        parts = {}
         for attribute in cls.get_attributes():
             if attribute == "tokenizer":
-                args.append(AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs))
+                parts[attribute] = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
             elif attribute == "image_processor":
                 # Always reload the PIL class: the saved type name drops the "Pil" suffix, so
                 # AutoImageProcessor would pick the torchvision variant whenever torchvision is installed.
-                config = dict(processor_dict.get("image_processor", {}))
+                config = dict(processor_dict.get("image_processor") or {})
                 image_cls = _IMAGE_PROCESSOR_CLASSES.get(config.pop("image_processor_type", None))
-                if image_cls is not None:
-                    args.append(image_cls(**config))
-                else:
-                    args.append(
-                        AutoImageProcessor.from_pretrained(
-                            pretrained_model_name_or_path, backend="pil", **kwargs
-                        )
-                    )
+                parts[attribute] = (image_cls(**config) if image_cls is not None else
+                                    AutoImageProcessor.from_pretrained(pretrained_model_name_or_path,
+                                                                       backend="pil", **kwargs))
             elif attribute == "video_processor":
-                config = dict(processor_dict.get("video_processor", {}))
+                config = dict(processor_dict.get("video_processor") or {})
                 class_name = config.pop("video_processor_type", None)
                 if class_name not in _VIDEO_PROCESSOR_CLASSES:
                     raise ValueError(f"unknown tiny video processor {class_name!r}")
-                args.append(_VIDEO_PROCESSOR_CLASSES[class_name](**config))
-            else:  # pragma: no cover - the three processors only have these attributes
+                parts[attribute] = _VIDEO_PROCESSOR_CLASSES[class_name](**config)
+            else:  # pragma: no cover - the four processors only have these attributes
                 raise ValueError(f"unexpected processor attribute {attribute!r}")
-        return args
+        accepted = inspect.signature(cls.__init__).parameters
+        options = {k: v for k, v in processor_dict.items() if k in accepted and k not in parts}
+        return cls(**parts, **options)
 
 
 class TinyQwen2VLProcessor(_TorchFreeVideoProcessorMixin, Qwen2VLProcessor):

@@ -16,6 +16,7 @@ from conftest import FAMILIES, check_batch_equals_each_sample_alone, greedy, mak
 
 from hf_tokenprune import TokenPruneConfig, prune_wrap, tiny
 from hf_tokenprune.baselines import bipartite_merge, pdrop_stages
+from hf_tokenprune.compat import output_cache
 from hf_tokenprune.scorers import OracleScorer
 
 DEPTH = 4
@@ -242,7 +243,7 @@ def test_kv_cache_is_shortened_from_the_pruning_layer_on(wrapped, family):
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
     stats = model.tokenprune.last_stats
-    lengths = [out.cache.get_seq_length(i) for i in range(DEPTH)]
+    lengths = [output_cache(out).get_seq_length(i) for i in range(DEPTH)]
     assert lengths == [stats.seq_len_before] + [s.seq_len for s in stats.stages]
     assert out.logits.shape[1] == stats.seq_len_after
     assert stats.kv_cache_ratio == pytest.approx(sum(lengths) / (DEPTH * stats.seq_len_before))

@@ -7,6 +7,7 @@ from transformers import AutoModelForImageTextToText, CompileConfig, StaticCache
 
 from hf_tokenprune import UnsupportedGenerationError, prune_wrap, score_inputs, tiny, unwrap
 from hf_tokenprune.adapters import get_adapter
+from hf_tokenprune.compat import with_cache
 from hf_tokenprune.verify import generate_masked_reference
 
 GREEDY = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
@@ -59,7 +60,7 @@ def test_unsupported_cache_options_are_refused_before_compute(built, option, mes
     model, processor = built("qwen2_vl")
     inputs = make_inputs(processor, "image")
     if option == "static cache object":
-        option = dict(past_key_values=StaticCache(config=model.config, max_cache_len=256))
+        option = with_cache(StaticCache(config=model.config, max_cache_len=256))
     prune_wrap(model, ratio=0.25, scorer="attention")
     calls = _forward_calls(model)
     with pytest.raises(UnsupportedGenerationError, match=message):

@@ -8,6 +8,7 @@ from transformers import pipeline
 import hf_tokenprune
 from hf_tokenprune import prune_wrap, tiny
 from hf_tokenprune.adapters import get_adapter
+from hf_tokenprune.compat import output_cache, with_cache
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -56,8 +57,8 @@ def test_contiguous_positions_equal_a_model_that_never_saw_the_dropped_tokens(bu
             n = step_embeds.shape[1]
             positions = torch.arange(start, start + n).view(1, 1, -1).expand(rows, 1, -1)
             positions = positions[0] if rows == 1 else positions
-            hidden = text_model(inputs_embeds=step_embeds, position_ids=positions, cache=cache, use_cache=True)
-            cache, start = hidden.cache, start + n
+            hidden = text_model(inputs_embeds=step_embeds, position_ids=positions, **with_cache(cache), use_cache=True)
+            cache, start = output_cache(hidden), start + n
             logits.append(head(hidden.last_hidden_state[:, -1]))
             step_embeds = model.get_input_embeddings()(generated[:, step:step + 1])
     assert max((a - b).abs().max().item() for a, b in zip(logits, out.logits)) < 1e-4
@@ -73,11 +74,11 @@ def test_forward_decode_without_position_ids_continues_the_original_numbering(bu
     generated = reference.sequences[:, inputs["input_ids"].shape[1]:]
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
-        logits, mask, cache = [out.logits[:, -1]], inputs["attention_mask"], out.cache
+        logits, mask, cache = [out.logits[:, -1]], inputs["attention_mask"], output_cache(out)
         for step in range(3):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = model(input_ids=generated[:, step:step + 1], attention_mask=mask, cache=cache, use_cache=True)
-            cache = out.cache
+            out = model(input_ids=generated[:, step:step + 1], attention_mask=mask, **with_cache(cache), use_cache=True)
+            cache = output_cache(out)
             logits.append(out.logits[:, -1])
     assert max((a - b).abs().max().item() for a, b in zip(logits, reference.logits)) < 1e-4
 

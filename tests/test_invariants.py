@@ -5,6 +5,7 @@ import torch
 from conftest import CASES, FAMILIES, check_batch_equals_each_sample_alone, greedy, make_inputs, masked_greedy
 
 from hf_tokenprune import prune_wrap, tiny, unwrap
+from hf_tokenprune.compat import output_cache
 
 
 def max_logit_diff(a, b):
@@ -48,13 +49,13 @@ def test_kv_cache_holds_exactly_the_kept_length(built, family):
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
     stats = model.tokenprune.last_stats
-    assert out.cache.get_seq_length() == stats.seq_len_after
+    assert output_cache(out).get_seq_length() == stats.seq_len_after
     assert out.logits.shape[1] == stats.seq_len_after
     longest = max(int(m.sum()) - b + a for m, b, a in
                   zip(inputs["attention_mask"], stats.visual_tokens_before, stats.visual_tokens_after))
     assert stats.seq_len_after == longest
     steps = greedy(model, inputs, steps=3)
-    assert steps.past_key_values.get_seq_length() == stats.seq_len_after + 2
+    assert output_cache(steps).get_seq_length() == stats.seq_len_after + 2
 
 
 @pytest.mark.parametrize("family", FAMILIES)

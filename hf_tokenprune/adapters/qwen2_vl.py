@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..compat import MROPE_RENUMBERS_CONTINUED_TURNS, TRANSFORMERS_VERSION
 from .base import Adapter
 from .regions import ItemRegions, grid_boxes, unit_spans
 
@@ -25,6 +26,10 @@ class Qwen2VLAdapter(Adapter):
         "transformers numbers the M-RoPE positions of a new turn's images with get_rope_index over the whole "
         "conversation, which needs the grids of every image while the pixel values may only hold the new ones (the "
         "unpruned model fails too); start a new conversation with all images in its first turn")
+    continued_turns_unsupported = None if MROPE_RENUMBERS_CONTINUED_TURNS else (
+        f"transformers {TRANSFORMERS_VERSION} numbers a continued turn from the previous call's rope_deltas (the "
+        "unpruned model gets the M-RoPE positions of new images wrong too; fixed in transformers 5.23): upgrade "
+        "transformers, or start a new conversation")
 
     def item_lengths(self, call: dict[str, Any], token_id: int) -> list[int] | None:
         lengths = super().item_lengths(call, token_id)

@@ -29,6 +29,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..adapters import get_adapter
+from ..compat import output_cache
 from ..compressor import Compressor
 from ..stats import prefill_flops
 from ..wrap import prune_wrap, unwrap
@@ -81,7 +82,7 @@ class _PrefillProbe:
     def _after(self, module, args, kwargs, output) -> None:
         if self.seconds is None:
             self.seconds = time.perf_counter() - self.start
-            cache = getattr(output, "cache", None)
+            cache = output_cache(output)
             self.kv_bytes = cache_bytes(cache) if cache is not None else 0
 
     def remove(self) -> None:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import get_adapter
 from ..adapters.regions import TokenRegions
+from ..compat import with_cache
 from ..features import query_logits
 from . import models
 from .evaluate import answer_accuracy, chat_prompts
@@ -438,7 +439,7 @@ def answer_loss_of(model: nn.Module, batch: dict[str, torch.Tensor],
         positions = model.model.compute_3d_position_ids(
             input_ids=batch["input_ids"], image_grid_thw=batch.get("image_grid_thw"),
             video_grid_thw=batch.get("video_grid_thw"), attention_mask=mask2d,
-            mm_token_type_ids=batch.get("mm_token_type_ids"), inputs_embeds=None, cache=None)
+            mm_token_type_ids=batch.get("mm_token_type_ids"), inputs_embeds=None, **with_cache(None))
     else:
         positions = torch.arange(blocks.shape[1], device=blocks.device).expand_as(blocks)
     hidden = model.model(**batch, attention_mask=block_attention(blocks, model.dtype, dropped),
