@@ -62,7 +62,7 @@ def run(ratio: float = 0.25, scorer: str = "attention", max_new_tokens: int = 16
             answer = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:],
                                             skip_special_tokens=True)[0]
             if stats is None:
-                visual = torch.isin(inputs["input_ids"], torch.tensor(get_adapter(model).visual_token_ids))
+                visual = torch.isin(inputs["input_ids"], torch.tensor(get_adapter(model).placeholder_ids(inputs)))
                 length = inputs["input_ids"].shape[1]
                 cost = {"visual_tokens": visual.sum(dim=1).tolist(), "kept": visual.sum(dim=1).tolist(),
                         "seq_len": f"{length}->{length}", "kv_cache_ratio": 1.0, "prefill_flops_ratio": 1.0,

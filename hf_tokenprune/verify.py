@@ -19,8 +19,9 @@ from .stats import PruneStats
 
 
 def drop_mask(input_ids: torch.Tensor, visual_token_ids: tuple[int, ...], stats: PruneStats) -> torch.Tensor:
-    """``[batch, length]`` True where a visual token was pruned, from ``stats.kept_indices``."""
-    visual = torch.isin(input_ids, torch.tensor(visual_token_ids, device=input_ids.device))
+    """``[batch, length]`` True where a visual token (one of ``visual_token_ids``: the adapter's
+    :meth:`~hf_tokenprune.adapters.Adapter.placeholder_ids` of the call) was pruned, from ``stats.kept_indices``."""
+    visual = torch.isin(input_ids, torch.tensor(visual_token_ids, dtype=input_ids.dtype, device=input_ids.device))
     drop = torch.zeros_like(visual)
     for b, kept in enumerate(stats.kept_indices):
         positions = visual[b].nonzero().flatten()
@@ -68,6 +69,6 @@ def generate_masked_reference(model: nn.Module, inputs: dict, **generate_kwargs)
             return model.generate(**inputs, **generate_kwargs)
     input_ids = inputs["input_ids"]
     input_ids = input_ids.repeat_interleave(len(stats.kept_indices) // input_ids.shape[0], dim=0)
-    drop = drop_mask(input_ids, get_adapter(model).visual_token_ids, stats)
+    drop = drop_mask(input_ids, get_adapter(model).placeholder_ids(inputs), stats)
     with masked_reference(model, drop), torch.no_grad():
         return model.generate(**inputs, **generate_kwargs)

@@ -271,10 +271,10 @@ class TokenPruneHandle:
         self._check_history(layout, input_ids, mask, start, covered)
         reason = self.adapter.images_after_cached_images
         if reason is not None:
-            visual = torch.tensor(self.adapter.visual_token_ids, device=input_ids.device)
+            new = torch.tensor(self.adapter.placeholder_ids(kwargs), dtype=input_ids.dtype, device=input_ids.device)
             cached = layout.tokens[:, :covered]
-            if bool(torch.isin(input_ids[:, covered - start:], visual).any()) and bool(
-                    torch.isin(cached, visual.to(cached.device)).any()):
+            if bool(torch.isin(input_ids[:, covered - start:], new).any()) and bool(
+                    torch.isin(cached, torch.tensor(self.adapter.visual_token_ids, device=cached.device)).any()):
                 raise PrunedCacheError(f"this turn adds visual tokens after a cache that holds visual tokens, which "
                                        f"is not supported on {self.adapter.model_type}: {reason}")
 

@@ -1,7 +1,7 @@
 """Untrusted input: corrupted compressor directories, and processor outputs that do not match the model.
 
 A compressor directory either loads with exactly the weights its file holds or raises one of the documented
-errors (:class:`InvalidCompressorError`, ``FileNotFoundError`` for a missing file); mismatched visual inputs give
+errors (:class:`InvalidCompressorError`, :class:`CompressorNotFoundError` for a missing file); mismatched visual inputs give
 transformers' own error or one of ours, never an IndexError from our slicing.
 """
 
@@ -12,7 +12,7 @@ import traceback
 
 import pytest
 import torch
-from conftest import FAMILIES, make_inputs
+from conftest import FAMILIES, greedy, make_inputs
 from safetensors.torch import load_file, save_file
 
 from hf_tokenprune import (
@@ -21,7 +21,9 @@ from hf_tokenprune import (
     MalformedVisualInputError,
     PrunedCacheError,
     prune_wrap,
+    tiny,
 )
+from hf_tokenprune.verify import drop_mask, masked_reference
 
 FUZZ_CASES = int(os.environ.get("HF_TOKENPRUNE_FUZZ_CASES", "240"))
 VALUES = [None, True, -1, 0, 3, 2**40, 1e308, float("nan"), "x", "", [], [4], [4, 8], [2**31], ["a"], {}, {"a": 1},
@@ -109,7 +111,7 @@ def test_corrupted_compressor_directories_load_exactly_or_raise_documented_error
     assert {kind for kind, _ in outcomes} == set(CORRUPTIONS)
     for kind in ("garbage json", "truncated weights", "missing tensor", "extra tensor", "renamed tensor", "shape"):
         assert (kind, "loaded") not in outcomes, kind
-    assert outcomes.get(("no weights", "FileNotFoundError"))
+    assert outcomes.get(("no weights", "CompressorNotFoundError"))
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
@@ -220,3 +222,55 @@ def test_a_compressor_whose_weights_overflow_is_refused_at_scoring(built):
     prune_wrap(model, ratio=0.5, compressor=compressor)
     with pytest.raises(ValueError, match="returned NaN scores"), torch.no_grad():
         model(**make_inputs(processor, "image"))
+
+
+VIDEO_FAMILIES = [f for f in FAMILIES if "video" in tiny.MODALITIES[f]]
+
+
+def _with_placeholders(inputs, token: int, count: int = 4) -> dict:
+    """``inputs`` with ``count`` text tokens of every row before the generation prompt replaced by ``token``
+    (processor outputs keep marking them as text: ``mm_token_type_ids`` 0)."""
+    ids = inputs["input_ids"].clone()
+    ids[:, -4 - count:-4] = token
+    return {**inputs, "input_ids": ids}
+
+
+@pytest.mark.parametrize(("family", "token"), [*((f, "video_token_id") for f in VIDEO_FAMILIES),
+                                               *((f, "image_token_id") for f in FAMILIES)])
+def test_placeholders_without_their_visual_inputs_are_text_as_for_the_unwrapped_model(built, family, token):
+    """transformers embeds a placeholder of a modality the call brings no inputs for as an ordinary token (its own
+    LLaVA-OneVision tests build such input_ids): the wrapped model runs exactly as the unwrapped one."""
+    model, processor = built(family)
+    inputs = _with_placeholders(make_inputs(processor, None), getattr(model.config, token))
+    reference = greedy(model, inputs, steps=4)
+    prune_wrap(model, ratio=0.25, scorer="attention")
+    out = greedy(model, inputs, steps=4)
+    assert model.tokenprune.last_stats is None  # no visual tokens: nothing pruned
+    assert torch.equal(out.sequences, reference.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, reference.logits, strict=True))
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_video_placeholders_beside_images_without_videos_are_text(built, family):
+    """Images given, video placeholders but no video: the images are pruned as without the stray tokens, which stay
+    in the sequence as text (== the unpruned model with only dropped image tokens masked out)."""
+    model, processor = built(family)
+    inputs = _with_placeholders(make_inputs(processor, "image"), model.config.video_token_id)
+    images = (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
+    prune_wrap(model, ratio=0.25, scorer="attention")
+    pruned = greedy(model, inputs, steps=4)
+    stats = model.tokenprune.last_stats
+    assert stats.visual_tokens_before == images
+    drop = drop_mask(inputs["input_ids"], (model.config.image_token_id,), stats)
+    with masked_reference(model, drop):
+        reference = greedy(model, inputs, steps=4)
+    assert torch.equal(pruned.sequences, reference.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(pruned.logits, reference.logits, strict=True)) < 1e-4
+    if "mm_token_type_ids" in inputs:  # typed as video tokens, Qwen's get_rope_index needs a video grid: its error
+        types = inputs["mm_token_type_ids"].clone()
+        types[inputs["input_ids"] == model.config.video_token_id] = 2
+        typed = {**inputs, "mm_token_type_ids": types}
+        errors = [_generate_error(model, typed)]
+        with model.tokenprune.disabled():
+            errors.append(_generate_error(model, typed))
+        assert errors[0] is not None and type(errors[0]) is type(errors[1]) and str(errors[0]) == str(errors[1])

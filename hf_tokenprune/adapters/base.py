@@ -82,6 +82,23 @@ class Adapter:
     def _config_token_ids(self, *names: str) -> set[int]:
         ids: set[int] = set()
         for cfg in (self.model.config, self.model.config.get_text_config(), self.model.generation_config):
+    def placeholder_ids(self, call: Mapping[str, Any]) -> tuple[int, ...]:
+        """The :attr:`visual_token_ids` that mark visual tokens in ``call`` (a model call's kwargs or a processor
+        output): those of the modalities it brings pixel values (or ``generate``'s pre-encoded features) for.
+
+        transformers merges features only for the modalities a call brings; a placeholder of another modality is
+        embedded as an ordinary token, so it is text for pruning too. A call given ``inputs_embeds`` may hold
+        features the caller merged: there every placeholder id counts.
+        """
+        if call.get("inputs_embeds") is not None:
+            return self.visual_token_ids
+        encoded = call.get("mm_encoder_outputs") or {}
+        cfg = self.model.config
+        return tuple(token for token, modality, pixels in (
+            (cfg.image_token_id, "image", "pixel_values"),
+            (getattr(cfg, "video_token_id", None), "video", "pixel_values_videos"))
+            if token is not None and (call.get(pixels) is not None or encoded.get(modality) is not None))
+
             for name in names:
                 value = getattr(cfg, name, None)
                 ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
@@ -121,7 +138,7 @@ class Adapter:
                  call: dict[str, Any]) -> list[list[int]]:
         """Per sample, the lengths of its images / video frames in order of appearance. Checks the
         placeholders against the visual inputs and raises :class:`MalformedVisualInputError` on a mismatch."""
-        items = {t: self.item_lengths(call, t) for t in self.visual_token_ids}
+        items = {t: self.item_lengths(call, t) for t in self.placeholder_ids(call)}
         used = dict.fromkeys(items, 0)
         out: list[list[int]] = []
         for b in range(input_ids.shape[0]):
@@ -160,7 +177,8 @@ class Adapter:
 
     def layout(self, call: dict[str, Any], attention_mask: torch.Tensor | None,
                positions: torch.Tensor) -> VisualLayout:
-        """Visual and instruction positions of a prefill call (``call`` holds the multimodal model's kwargs).
+        """Visual and instruction positions of a prefill call (``call`` holds the multimodal model's kwargs; visual:
+        the :meth:`placeholder_ids` of the call).
 
         Instruction tokens of a sample are the tokens after its last visual token up to the last end-of-turn
         token (:attr:`end_of_turn_ids`, i.e. the end of the user's turn; the end of the prompt if there is
@@ -170,7 +188,7 @@ class Adapter:
         """
         input_ids = call["input_ids"]
         device = input_ids.device
-        visual = torch.isin(input_ids, torch.tensor(self.visual_token_ids, device=device))
+        visual = torch.isin(input_ids, torch.tensor(self.placeholder_ids(call), dtype=input_ids.dtype, device=device))
         real = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
         idx = torch.arange(input_ids.shape[1], device=device)
         last_visual = torch.where(visual, idx, -1).amax(dim=1, keepdim=True)
@@ -209,11 +227,14 @@ class Adapter:
         ``inputs``: the processor output for the batch (``input_ids`` and the visual inputs: grids, image
         sizes, pixel values). ``original_sizes``: ``(width, height)`` (PIL's ``Image.size``) of every image
         given to the processor, in that order; needed only where ``inputs`` lack what the geometry depends on
-        (LLaVA-1.5's center crop), ignored elsewhere. Raises :class:`MalformedVisualInputError` if the
-        placeholders do not match the visual inputs.
+        (LLaVA-1.5's center crop), ignored elsewhere. Visual tokens: the :meth:`placeholder_ids` of ``inputs``.
+        Raises :class:`MalformedVisualInputError` if the placeholders do not match the visual inputs.
         """
         input_ids = inputs["input_ids"]
-        kinds = {self.model.config.image_token_id: "image", getattr(self.model.config, "video_token_id", None): "video"}
+        ids = self.placeholder_ids(inputs)
+        kinds = {token: kind for token, kind in ((self.model.config.image_token_id, "image"),
+                                                  (getattr(self.model.config, "video_token_id", None), "video"))
+                 if token in ids}
         used = {"image": 0, "video": 0}
         items: list[VisualItem] = []
         regions: list[ItemRegions] = []
