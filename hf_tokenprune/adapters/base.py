@@ -79,9 +79,6 @@ class Adapter:
         cfg = self.model.config
         return tuple(i for i in (cfg.image_token_id, getattr(cfg, "video_token_id", None)) if i is not None)
 
-    def _config_token_ids(self, *names: str) -> set[int]:
-        ids: set[int] = set()
-        for cfg in (self.model.config, self.model.config.get_text_config(), self.model.generation_config):
     def placeholder_ids(self, call: Mapping[str, Any]) -> tuple[int, ...]:
         """The :attr:`visual_token_ids` that mark visual tokens in ``call`` (a model call's kwargs or a processor
         output): those of the modalities it brings pixel values (or ``generate``'s pre-encoded features) for.
@@ -99,6 +96,9 @@ class Adapter:
             (getattr(cfg, "video_token_id", None), "video", "pixel_values_videos"))
             if token is not None and (call.get(pixels) is not None or encoded.get(modality) is not None))
 
+    def _config_token_ids(self, *names: str) -> set[int]:
+        ids: set[int] = set()
+        for cfg in (self.model.config, self.model.config.get_text_config(), self.model.generation_config):
             for name in names:
                 value = getattr(cfg, name, None)
                 ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
