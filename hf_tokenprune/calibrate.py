@@ -123,12 +123,13 @@ def save_calibration(directory: str | os.PathLike, calibration: Calibration | Ma
     ``prune_wrap(model, budget="auto", compressor=directory)`` uses it; returns the file's path.
 
     Raises:
-        ValueError: an invalid calibration, or ``directory`` is not a loadable compressor.
+        ValueError: an invalid calibration, or ``directory`` is not a loadable compressor
+            (:class:`~hf_tokenprune.CompressorNotFoundError` when it does not exist or lacks a file).
     """
     values = calibration.to_dict() if isinstance(calibration, Calibration) else dict(calibration)
     values = validate_calibration(values)
     path = Path(directory) / "config.json"
-    Compressor.from_pretrained(directory)  # refuses a directory that is not a valid compressor
+    Compressor.from_pretrained(Path(directory))  # a local directory only; refuses one that is no valid compressor
     config = json.loads(path.read_text())
     config["calibration"] = values
     write_atomic(path, json.dumps(config, sort_keys=True, indent=2).encode())

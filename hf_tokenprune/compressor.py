@@ -35,15 +35,29 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
-from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+from huggingface_hub import (
+    PyTorchModelHubMixin,
+    constants,
+    get_hf_file_metadata,
+    hf_hub_download,
+    hf_hub_url,
+    try_to_load_from_cache,
+)
+from huggingface_hub.errors import (
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .config import TokenPruneConfig, check_fraction
 
-__all__ = ["CALIBRATION_FIELDS", "Compressor", "CompressorMismatchError", "DepthwiseSeparableConv1d", "FEATURES",
-           "InvalidCompressorError", "validate_calibration"]
+__all__ = ["CALIBRATION_FIELDS", "Compressor", "CompressorMismatchError", "CompressorNotFoundError",
+           "DepthwiseSeparableConv1d", "FEATURES", "InvalidCompressorError", "validate_calibration"]
 
 FEATURES = ("first_layer_attention", "layer_attention")
 MAX_CHANNELS = 4096
@@ -65,6 +79,64 @@ class CompressorMismatchError(ValueError):
 class InvalidCompressorError(ValueError):
     """A compressor directory or Hub repo whose ``config.json`` or ``model.safetensors`` is invalid (the message
     names the file and the field or tensor)."""
+
+
+class CompressorNotFoundError(ValueError, FileNotFoundError):
+    """No compressor where one was looked for: a directory that does not exist or lacks ``config.json`` /
+    ``model.safetensors``, a Hub repo that does not exist or lacks them, or a Hub that cannot be reached with the repo
+    not in the local cache. The message says what was looked for and where."""
+
+
+def _is_local(name: str | os.PathLike) -> bool:
+    """Whether ``name`` can only mean a local directory: a path object, an existing path, anything that is no valid
+    Hub repo id (``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c``, backslashes, ...), or ``a/b`` where ``a`` is a local
+    directory."""
+    if not isinstance(name, str) or os.path.exists(name):
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return "/" in name and os.path.isdir(name.split("/", 1)[0])
+
+
+def _hub_lookup(repo_id: str, *, revision: str | None, cache_dir: str | Path | None, token: str | bool | None,
+                local_files_only: bool) -> bool:
+    """Ask the Hub for ``repo_id``'s ``config.json`` with one request (timeout ``HF_HUB_ETAG_TIMEOUT``, no retries);
+    return whether to load from the local Hub cache only: offline (``HF_HUB_OFFLINE`` or ``local_files_only``), or the
+    Hub unreachable and the repo cached.
+
+    Raises:
+        CompressorNotFoundError: the Hub has no such repo, revision or ``config.json``, or the repo is not cached and
+            the Hub cannot be asked.
+    """
+    where = f"{repo_id!r} is not a local directory (nothing at {os.path.abspath(repo_id)}) and Hub repo {repo_id!r}"
+    cache = cache_dir or constants.HF_HUB_CACHE
+    cached = isinstance(try_to_load_from_cache(repo_id, constants.CONFIG_NAME, cache_dir=cache_dir, revision=revision),
+                        str)
+    if local_files_only or constants.HF_HUB_OFFLINE:
+        if cached:
+            return True
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "local_files_only=True"
+        raise CompressorNotFoundError(f"{where} is not in the local Hub cache ({cache}); {why}")
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, constants.CONFIG_NAME, revision=revision), token=token,
+                             timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except RepositoryNotFoundError as err:
+        raise CompressorNotFoundError(f"{where} does not exist on the Hub (or is private or gated and you are not "
+                                      "logged in: `hf auth login`)") from err
+    except RevisionNotFoundError as err:
+        raise CompressorNotFoundError(f"Hub repo {repo_id!r} has no revision {revision!r}") from err
+    except RemoteEntryNotFoundError as err:
+        raise CompressorNotFoundError(f"Hub repo {repo_id!r} has no {constants.CONFIG_NAME}: it is not a "
+                                      "compressor") from err
+    except Exception as err:  # no connection, a timeout, a Hub error: the Hub cannot answer now
+        if cached:
+            return True
+        raise CompressorNotFoundError(f"{where} could not be looked up: could not reach the Hugging Face Hub "
+                                      f"({type(err).__name__}: {err}) and the repo is not in the local Hub cache "
+                                      f"({cache})") from err
+    return False
 
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -320,11 +392,28 @@ class Compressor(
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> "Compressor":
         """:meth:`PyTorchModelHubMixin.from_pretrained` (a Hub repo id or a local directory), validated.
 
+        A path object, an existing path or a name that is no valid repo id (``./x``, ``/x``, ``~/x``, ``a/b/c``) is
+        a local directory and never looked up on the Hub. A repo id is looked up with one request and no retries
+        (timeout ``HF_HUB_ETAG_TIMEOUT``); offline (``HF_HUB_OFFLINE=1``) or when the Hub cannot be reached it is
+        loaded from the local Hub cache.
+
         Raises:
             InvalidCompressorError: ``config.json`` is not a JSON object of valid fields, or ``model.safetensors``
                 is unreadable or does not match it.
-            FileNotFoundError: ``config.json`` or ``model.safetensors`` is missing (pickles are never loaded).
+            CompressorNotFoundError: the directory or repo does not exist, ``config.json`` or ``model.safetensors``
+                is missing (pickles are never loaded), or the Hub cannot be reached and the repo is not cached.
         """
+        if _is_local(pretrained_model_name_or_path):
+            path = Path(pretrained_model_name_or_path).expanduser()
+            if not path.is_dir():
+                problem = "is not a directory" if path.exists() else "does not exist"
+                raise CompressorNotFoundError(f"compressor directory {str(pretrained_model_name_or_path)!r} {problem} "
+                                              f"({path.resolve()})")
+            pretrained_model_name_or_path = path
+        else:
+            kwargs["local_files_only"] = _hub_lookup(
+                pretrained_model_name_or_path, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"),
+                token=kwargs.get("token"), local_files_only=kwargs.get("local_files_only", False))
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
@@ -352,8 +441,10 @@ class Compressor(
         Overrides the mixin, which would fall back to ``pytorch_model.bin``, load with ``strict=False`` and
         build a default model when ``config.json`` is missing.
         """
+        source = (f"compressor directory {model_id!r} ({os.path.abspath(model_id)})" if os.path.isdir(model_id)
+                  else f"Hub repo {model_id!r}")
         if config is None:
-            raise FileNotFoundError(f"no {constants.CONFIG_NAME} found for compressor {model_id!r}")
+            raise CompressorNotFoundError(f"{source} has no {constants.CONFIG_NAME}")
         weights_name = constants.SAFETENSORS_SINGLE_FILE
         refusal = (f"hf_tokenprune only loads compressor weights from {weights_name}; pickle checkpoints "
                    "(pytorch_model.bin, *.pt) are refused because unpickling can run arbitrary code. "
@@ -363,7 +454,7 @@ class Compressor(
             if not os.path.isfile(model_file):
                 pickles = sorted(f for f in os.listdir(model_id) if f.endswith(_PICKLE_SUFFIXES))
                 found = f" (found {', '.join(pickles)})" if pickles else ""
-                raise FileNotFoundError(f"{model_id} has no {weights_name}{found}. {refusal}")
+                raise CompressorNotFoundError(f"{source} has no {weights_name}{found}. {refusal}")
         else:
             try:
                 model_file = hf_hub_download(
@@ -376,9 +467,9 @@ class Compressor(
                     local_files_only=local_files_only,
                 )
             except RemoteEntryNotFoundError as err:
-                raise FileNotFoundError(f"Hub repo {model_id!r} has no {weights_name}. {refusal}") from err
+                raise CompressorNotFoundError(f"{source} has no {weights_name}. {refusal}") from err
             except LocalEntryNotFoundError as err:
-                raise FileNotFoundError(
+                raise CompressorNotFoundError(
                     f"{weights_name} of {model_id!r} is not in the local Hub cache and the Hub was not "
                     "reached (offline mode or no connection). Pickle checkpoints are never used as a "
                     f"fallback. ({err})"

@@ -17,7 +17,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
-from .compressor import _PICKLE_SUFFIXES, Compressor
+from .compressor import _PICKLE_SUFFIXES, Compressor, CompressorNotFoundError
 
 __all__ = ["DEFAULT_ORG", "PUSHED_FILES", "CompressorNotFoundError", "default_compressor_repo", "load_compressor",
            "push_compressor"]
@@ -28,10 +28,6 @@ PUSHED_FILES = (constants.CONFIG_NAME, constants.SAFETENSORS_SINGLE_FILE, "READM
 _HOW_TO = ("pass compressor=<Hub repo id | local directory | Compressor>, train one (`hf-tokenprune label --model "
            "<model> --data <data> --out labels/`, then `hf-tokenprune train --labels labels/ --out compressor/`), "
            "or choose a training-free scorer such as scorer='attention'")
-
-
-class CompressorNotFoundError(ValueError):
-    """``scorer="compressor"`` without ``compressor=`` and no compressor for the model under the default name."""
 
 
 def _model_name(model: nn.Module | str) -> str:
@@ -70,8 +66,9 @@ def load_compressor(compressor: str | os.PathLike | Compressor | None, model: nn
     :meth:`Compressor.from_pretrained`, None as :func:`default_compressor_repo`, a :class:`Compressor` as is.
 
     Raises:
-        CompressorNotFoundError: ``compressor`` is None and the default repo cannot be loaded (not on the Hub,
-            not in the cache when offline, no network). The message names the repo id tried.
+        CompressorNotFoundError: the named directory or repo cannot be loaded (see
+            :meth:`Compressor.from_pretrained`), or ``compressor`` is None and the default repo cannot be (not on the
+            Hub, not in the cache when offline, no network). The message names what was looked for and where.
     """
     if isinstance(compressor, (str, os.PathLike)):
         return Compressor.from_pretrained(compressor)
@@ -80,7 +77,7 @@ def load_compressor(compressor: str | os.PathLike | Compressor | None, model: nn
     repo_id = default_compressor_repo(model)
     try:
         return Compressor.from_pretrained(repo_id)
-    except OSError as err:  # Hub HTTP errors, missing cache entries and missing files are all OSErrors
+    except OSError as err:  # CompressorNotFoundError, and any other I/O error on the way
         raise CompressorNotFoundError(
             f"scorer='compressor' without compressor=: no compressor found for model {_model_name(model)!r} at "
             f"its default Hub repo {repo_id!r} ({type(err).__name__}: {err}). To use one, {_HOW_TO}; publish a "

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -10,6 +11,7 @@ from huggingface_hub import constants
 from hf_tokenprune.compressor import (
     Compressor,
     CompressorMismatchError,
+    CompressorNotFoundError,
     DepthwiseSeparableConv1d,
     InvalidCompressorError,
 )
@@ -206,7 +208,7 @@ def test_pickle_only_hub_cache_is_refused_offline(tmp_path: Path, offline: None,
 def test_missing_config_and_mismatched_weights_are_refused(tmp_path: Path) -> None:
     Compressor(**SMALL).save_pretrained(tmp_path / "a")
     (tmp_path / "a" / "config.json").unlink()
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(CompressorNotFoundError, match=re.escape(f"({tmp_path / 'a'}) has no config.json")):
         Compressor.from_pretrained(tmp_path / "a")
 
     Compressor(channels=(8, 16), kernel_size=3).save_pretrained(tmp_path / "b")
@@ -214,6 +216,41 @@ def test_missing_config_and_mismatched_weights_are_refused(tmp_path: Path) -> No
     (tmp_path / "b" / "config.json").write_text(json.dumps({**config, "channels": [8, 16, 16]}))
     with pytest.raises(InvalidCompressorError, match=r"missing tensors \[.*blocks\.2"):  # checked before loading
         Compressor.from_pretrained(tmp_path / "b")
+
+
+@pytest.fixture
+def no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any request to the Hub (ours or the mixin's) fails the test."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"the Hub was asked: {args} {kwargs}")
+
+    for target in ("hf_tokenprune.compressor.get_hf_file_metadata", "hf_tokenprune.compressor.hf_hub_download",
+                   "huggingface_hub.hub_mixin.hf_hub_download"):
+        monkeypatch.setattr(target, refuse, raising=False)
+
+
+@pytest.mark.parametrize(("name", "resolved"), [
+    ("./my-compresor", "my-compresor"),
+    ("../missing-compressor", "../missing-compressor"),
+    ("missing/dir/deeper", "missing/dir/deeper"),
+    ("~/no-compressor", "home/no-compressor"),
+    ("sub/missing", "sub/missing"),  # sub/ exists here: a path, not a Hub repo id
+    ("weights.bin", "weights.bin"),  # exists, but is not a directory
+    (Path("missing"), "missing"),
+])
+def test_a_path_that_is_not_a_compressor_directory_says_so_without_asking_the_hub(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_hub: None, name: str | Path, resolved: str) -> None:
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "weights.bin").write_bytes(b"")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(work / "home"))
+    problem = "is not a directory" if resolved == "weights.bin" else "does not exist"
+    with pytest.raises(CompressorNotFoundError) as info:
+        Compressor.from_pretrained(name)
+    message = str(info.value)
+    assert message.startswith(f"compressor directory {str(name)!r} {problem}")
+    assert str((work / resolved).resolve()) in message
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ calibration of the threshold (saved in the compressor's config)."""
 
 import json
 import random
+import re
 from fractions import Fraction
 
 import pytest
@@ -370,6 +371,20 @@ def test_invalid_saved_calibration_is_refused_on_load(compressor_dir, edit, mess
         Compressor.from_pretrained(compressor_dir)
     with pytest.raises(ValueError, match=message):
         save_calibration(compressor_dir, calibration)
+
+
+def test_saving_a_calibration_into_a_missing_directory_names_it_without_asking_the_hub(tmp_path, monkeypatch):
+    from hf_tokenprune import CompressorNotFoundError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.hub_mixin.hf_hub_download",
+                        lambda *a, **k: pytest.fail("save_calibration asked the Hub"))
+    calibration = Calibration(mass=0.5, min_ratio=0.0, max_ratio=1.0, min_tokens=1, scope="sample", target=0.25,
+                              retention=0.25, samples=8)
+    with pytest.raises(CompressorNotFoundError,
+                       match=re.escape(f"compressor directory 'missing/dir' does not exist ({tmp_path}/missing/dir)")):
+        save_calibration("missing/dir", calibration)
+    assert not (tmp_path / "missing").exists()
 
 
 def test_calibration_that_is_not_an_object_is_refused(compressor_dir):

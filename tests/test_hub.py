@@ -1,6 +1,12 @@
 """Hub integration without network: the naming convention, lookup from an offline cache, push against a fake API."""
 
+import re
 import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -10,7 +16,7 @@ from huggingface_hub.utils import filter_repo_objects
 
 from hf_tokenprune import CompressorNotFoundError, cli, prune_wrap
 from hf_tokenprune.compressor import Compressor
-from hf_tokenprune.hub import default_compressor_repo, push_compressor
+from hf_tokenprune.hub import default_compressor_repo, load_compressor, push_compressor
 
 SMALL = {"channels": (4, 8), "kernel_size": 3}
 QWEN = "Qwen/Qwen2-VL-2B-Instruct"
@@ -98,6 +104,94 @@ def test_ratio_one_needs_no_compressor_and_equals_the_unwrapped_model(built, hub
     assert all(torch.equal(a, b) for a, b in zip(out.logits, reference.logits, strict=True))
     with pytest.raises(CompressorNotFoundError):  # pruning needs the compressor again
         prune_wrap(model, ratio=0.5)
+
+
+@pytest.fixture
+def online_cache(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """:func:`hub_cache`, online."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return hub_cache
+
+
+def use_endpoint(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """Send the Hub's file requests to ``endpoint`` (huggingface_hub builds their URL template at import)."""
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """Answers every file request 404: repo ``*/missing-*`` does not exist, any other repo lacks the file."""
+
+    requests: list[str] = []
+
+    def do_HEAD(self) -> None:  # noqa: N802 - the http.server name
+        self.requests.append(f"{self.command} {self.path}")
+        missing_repo = self.path.split("/")[2].startswith("missing-")
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound" if missing_repo else "EntryNotFound")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_hub(online_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """A local Hub that answers 404; yields the requests it got."""
+    FakeHub.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    use_endpoint(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}")
+    yield FakeHub.requests
+    server.shutdown()
+    thread.join()
+
+
+@pytest.mark.parametrize(("repo_id", "problem"), [
+    ("me/missing-compressor", "'me/missing-compressor' is not a local directory .* does not exist on the Hub"),
+    ("me/not-a-compressor", "Hub repo 'me/not-a-compressor' has no config.json"),
+])
+def test_a_repo_the_hub_does_not_have_fails_after_one_request(fake_hub: list[str], repo_id: str,
+                                                               problem: str) -> None:
+    start = time.perf_counter()
+    with pytest.raises(CompressorNotFoundError, match=problem):
+        Compressor.from_pretrained(repo_id)
+    assert time.perf_counter() - start < 3
+    assert fake_hub == [f"HEAD /{repo_id}/resolve/main/config.json"]
+
+
+def test_a_repo_id_fails_fast_when_the_hub_cannot_be_reached_and_loads_from_the_cache_if_there(
+        online_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as sock:  # a port nobody listens on: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    use_endpoint(monkeypatch, f"http://127.0.0.1:{port}")
+    start = time.perf_counter()
+    with pytest.raises(CompressorNotFoundError) as info:
+        load_compressor("my-compressor", None)
+    assert time.perf_counter() - start < 3  # no retries
+    message = str(info.value)
+    for part in ("'my-compressor' is not a local directory", "could not reach the Hugging Face Hub",
+                 "not in the local Hub cache", str(online_cache)):
+        assert part in message
+
+    compressor = Compressor(**SMALL, base_model_type="qwen2_vl")
+    cache_compressor(online_cache, "me/cached-compressor", compressor, tmp_path)
+    loaded = Compressor.from_pretrained("me/cached-compressor")
+    features = torch.rand(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(features), compressor(features), rtol=0, atol=0)
+
+
+def test_offline_a_repo_that_is_not_cached_names_the_cache(hub_cache: Path) -> None:
+    with pytest.raises(CompressorNotFoundError,
+                       match=re.escape(f"'my-compressor' is not in the local Hub cache ({hub_cache}); HF_HUB_OFFLINE")):
+        Compressor.from_pretrained("my-compressor")
 
 
 class FakeApi:

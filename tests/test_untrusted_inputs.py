@@ -1,8 +1,8 @@
 """Untrusted input: corrupted compressor directories, and processor outputs that do not match the model.
 
 A compressor directory either loads with exactly the weights its file holds or raises one of the documented
-errors (:class:`InvalidCompressorError`, :class:`CompressorNotFoundError` for a missing file); mismatched visual inputs give
-transformers' own error or one of ours, never an IndexError from our slicing.
+errors (:class:`InvalidCompressorError`, :class:`CompressorNotFoundError` for a missing file); mismatched visual
+inputs give transformers' own error or one of ours, never an IndexError from our slicing.
 """
 
 import json
