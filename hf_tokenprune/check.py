@@ -13,20 +13,15 @@ weights answer gibberish; the demo shows the mechanics and their cost.
 from __future__ import annotations
 
 import torch
-import transformers
 
 from . import tiny
 from .adapters import get_adapter
+from .compat import versions
 from .verify import generate_masked_reference
 from .wrap import prune_wrap
 
 QUESTIONS = ("what colour is the circle ?", "what shape is left of the red square ?")
 LOGIT_TOLERANCE = 1e-4  # max |Δlogit| against the masked reference, as in tests/test_invariants.py
-
-
-def versions() -> str:
-    """``"transformers X, torch Y"``: what the check runs on."""
-    return f"transformers {transformers.__version__}, torch {torch.__version__}"
 
 
 def _inputs(processor, kind: str):
