@@ -93,6 +93,9 @@ class TokenPruneConfig:
             if self.scorer not in SCORER_NAMES:
                 raise ValueError(f"unknown scorer {self.scorer!r}; built-in scorers are {', '.join(SCORER_NAMES)}"
                                  " (or pass a Scorer instance)")
+        elif isinstance(self.scorer, type):
+            raise TypeError(f"scorer must be a name or a scorer instance, got the class {self.scorer.__name__}; pass "
+                            f"{self.scorer.__name__}()")
         elif not callable(getattr(self.scorer, "score", None)):
             raise TypeError(f"scorer must be a name or an object with a score() method, got {self.scorer!r}")
         if self.compressor is not None and not isinstance(self.compressor, str) and not callable(

@@ -126,6 +126,24 @@ def test_uniform_scorer_spreads_over_adjacent_llava_images(built):
     assert all(torch.equal(a, b) for a, b in zip(generated.kept_indices, forward.kept_indices, strict=True))
 
 
+def test_a_scorer_without_score_or_a_scorer_class_is_refused_before_generate(built):
+    class Saliency(Scorer):
+        def merge(self, inputs, keep):
+            return None
+
+    with pytest.raises(TypeError, match="Can't instantiate abstract class Saliency .*score"):
+        Saliency()
+
+    class Norm(Scorer):
+        def score(self, inputs):
+            return inputs.visual_embeds.norm(dim=-1)
+
+    model = built("qwen2_vl")[0]
+    with pytest.raises(TypeError, match=r"got the class Norm; pass Norm\(\)"):
+        prune_wrap(model, ratio=0.5, scorer=Norm)
+    assert "tokenprune" not in model.__dict__
+
+
 def test_custom_scorer_with_a_wrong_shape_gets_a_clear_error(built):
     model, processor = built("qwen2_vl")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
@@ -51,10 +52,11 @@ class ScoreInputs:
         return out
 
 
-class Scorer:
+class Scorer(ABC):
     """Scores visual tokens; the pruner keeps the top ``ratio`` of each budget unit.
 
-    Subclasses implement :meth:`score`. ``name`` is how ``TokenPruneConfig(scorer=...)`` refers to built-ins.
+    Subclasses implement :meth:`score` (a subclass without it cannot be instantiated: TypeError). ``name`` is how
+    ``TokenPruneConfig(scorer=...)`` refers to built-ins.
     ``distribution`` says how ``budget="auto"`` reads the scores as a relevance distribution over each budget
     unit (:func:`~hf_tokenprune.pruning.unit_distribution`): ``"softmax"`` (logits), ``"sum"`` (non-negative
     relevance, normalised by its sum), or None (no relevance mass: ``budget="auto"`` is refused).
@@ -63,9 +65,9 @@ class Scorer:
     name: ClassVar[str] = "custom"
     distribution: ClassVar[str | None] = None
 
+    @abstractmethod
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """Return ``[batch, max_visual]`` scores (entries where ``inputs.valid`` is False are ignored)."""
-        raise NotImplementedError
 
     def merge(self, inputs: ScoreInputs, keep: torch.Tensor) -> torch.Tensor | None:
         """Optional, for merging methods (ToMe): the ``[batch, max_visual, hidden]`` visual embeddings that replace
