@@ -388,6 +388,14 @@ class Compressor(
                 stacklevel=2,
             )
 
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The mixin's ``model.safetensors``, with the permissions of any new file (``0o666`` less the umask): the
+        safetensors writer creates it ``0o600``."""
+        super()._save_pretrained(save_directory)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(Path(save_directory) / constants.SAFETENSORS_SINGLE_FILE, 0o666 & ~umask)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> "Compressor":
         """:meth:`PyTorchModelHubMixin.from_pretrained` (a Hub repo id or a local directory), validated.

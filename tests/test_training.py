@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,18 @@ def test_saved_directory_is_a_compressor_with_a_card(trained) -> None:
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(directory / CHECKPOINT).items() if not k.startswith("rng/")}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_every_file_of_a_trained_compressor_gets_the_umask_permissions(tmp_path: Path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        train_compressor(synthetic(16), tmp_path / "c", epochs=1, **TINY)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "c").iterdir() if p.is_file()}
+    assert modes == dict.fromkeys(["config.json", "model.safetensors", "README.md", "training_log.json"],
+                                  0o666 & ~umask)
 
 
 def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
