@@ -4,11 +4,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
+import traceback
+
+# errors whose message says what went wrong without their type's name
+_PLAIN_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+def _int_list(text: str) -> list[int]:
+    """``"32,64,128"`` -> ``[32, 64, 128]`` (an argparse ``type``)."""
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 32,64,128; got {text!r}") from None
+
+
+def _is_network_error(error: BaseException) -> bool:
+    """A failed connection: DNS, refused, timed out, offline mode, or an HTTP client's transport error."""
+    return (isinstance(error, (ConnectionError, TimeoutError, socket.gaierror))
+            or any(cls.__name__ == "TransportError" for cls in type(error).__mro__))
+
+
+def _error_line(error: BaseException) -> str:
+    """``error`` as one line for ``hf-tokenprune: error: ...``."""
+    message = " ".join(str(error).split())
+    if _is_network_error(error):
+        return f"could not reach the Hugging Face Hub: {message or type(error).__name__}"
+    if isinstance(error, _PLAIN_ERRORS) and message:
+        return message
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``hf-tokenprune``. An error is one line on stderr and exit code 1 (usage errors: 2); ``--debug`` prints
+    its traceback."""
     parser = argparse.ArgumentParser(prog="hf-tokenprune", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="ask the shipped world model about a generated image, with all visual "
                                        "tokens and pruned by its compressor; writes demo.png (no download)")
@@ -45,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     depth = train.add_mutually_exclusive_group()
     depth.add_argument("--depth", type=int, choices=[3, 5, 7, 10], default=5,
                        help="conv layers, channel schedule from training.DEPTH_CHANNELS (default 5: 32..512)")
-    depth.add_argument("--channels", help="explicit channels, comma-separated, e.g. 32,64,128")
+    depth.add_argument("--channels", type=_int_list, help="explicit channels, comma-separated, e.g. 32,64,128")
     train.add_argument("--kernel-size", type=int, default=5)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--val-fraction", type=float, default=0.1)
@@ -91,8 +123,19 @@ def main(argv: list[str] | None = None) -> int:
                        metavar=("IMAGE", "QUESTION", "ANSWER"), help="the dataset's columns")
     bench.add_argument("--limit", type=int, default=200, help="rows of --hf-dataset to evaluate")
     bench.add_argument("--compressor", help="compressor (Hub id or directory) for --hf-model")
+    for command in sub.choices.values():  # --debug after the command too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except Exception as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{parser.prog}: error: {_error_line(error)}", file=sys.stderr)
+        return 1
 
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import run
 
@@ -128,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         from .training.processes import process_state
         from .training.train import DEPTH_CHANNELS, train_compressor
 
-        channels = [int(c) for c in args.channels.split(",")] if args.channels else DEPTH_CHANNELS[args.depth]
+        channels = args.channels or DEPTH_CHANNELS[args.depth]
         result = train_compressor(args.labels, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   channels=channels, kernel_size=args.kernel_size, val_fraction=args.val_fraction,
                                   seed=args.seed, resume=args.resume, progress=not args.quiet)

@@ -210,8 +210,8 @@ def train_compressor(
     out_dir = Path(out_dir)
     checkpoint = out_dir / CHECKPOINT
     if checkpoint.exists() and not resume:
-        raise FileExistsError(f"{out_dir} already holds a training checkpoint; pass resume=True to continue it or "
-                              "choose another output directory")
+        raise FileExistsError(f"{out_dir} already holds a training checkpoint; pass resume=True (`hf-tokenprune "
+                              "train --resume`) to continue it or choose another output directory")
     accelerator = accelerator or _default_accelerator()
     torch.manual_seed(seed)
     model = Compressor(channels=tuple(channels), kernel_size=kernel_size, base_model_type=base_model_type,
