@@ -12,6 +12,8 @@ from typing import Any
 from torch import nn
 from transformers import DynamicCache
 
+from .compat import generate_cache
+
 # cache_implementation values whose caches are not plain DynamicCaches over the pruned prefill
 _REFUSED_CACHES = {
     "static": "a static cache is pre-allocated for the unpruned length and its compiled decode step gets a 4-D mask",
@@ -48,7 +50,7 @@ def check_generate(model: nn.Module, kwargs: dict[str, Any]) -> None:
         raise UnsupportedGenerationError(
             f"cache_implementation={cache_implementation!r} is not supported with pruning: "
             f"{_REFUSED_CACHES[cache_implementation]}. Use the default DynamicCache{refuse}")
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    cache = generate_cache(kwargs)
     if cache is not None and not isinstance(cache, DynamicCache):
         raise UnsupportedGenerationError(
             f"a {type(cache).__name__} passed to generate() is not supported with pruning: the pruned prefill "

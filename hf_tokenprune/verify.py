@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
+from .compat import cache_kwarg
 from .stats import PruneStats
 
 
@@ -40,7 +41,7 @@ def masked_reference(model: nn.Module, drop: torch.Tensor) -> Iterator[None]:
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
         embeds = kwargs["inputs_embeds"]
-        cache = kwargs.get("cache")
+        cache = cache_kwarg(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         total = past + embeds.shape[1]
         mask = kwargs.get("attention_mask")

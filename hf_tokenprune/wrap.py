@@ -38,6 +38,7 @@ from torch import nn
 
 from .adapters import Adapter, get_adapter
 from .baselines import LayerSchedule
+from .compat import cache_kwarg, generate_cache, output_cache
 from .config import TokenPruneConfig
 from .guards import check_generate
 from .inllm import LayerPruner
@@ -257,7 +258,7 @@ class TokenPruneHandle:
     def _check_generate_continuation(self, args: tuple, kwargs: dict) -> None:
         """Before any compute: a ``generate`` call that continues a pruned cache must extend the sequence it holds,
         and (on families that cannot number them) add no visual tokens after cached ones."""
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = generate_cache(kwargs)
         layout = self._layout_of(cache) if cache is not None else None
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         self._turn = None
@@ -277,6 +278,15 @@ class TokenPruneHandle:
                     torch.isin(cached, torch.tensor(self.adapter.visual_token_ids, device=cached.device)).any()):
                 raise PrunedCacheError(f"this turn adds visual tokens after a cache that holds visual tokens, which "
                                        f"is not supported on {self.adapter.model_type}: {reason}")
+        reason = self.adapter.continued_turns_unsupported
+        if reason is not None:
+            placeholders = torch.tensor(self.adapter.placeholder_ids(kwargs), dtype=input_ids.dtype,
+                                        device=input_ids.device)
+            adds_visual = bool(torch.isin(input_ids[:, covered - start:], placeholders).any())
+            if adds_visual or layout.positions == "contiguous":
+                what = "adds visual tokens" if adds_visual else 'renumbers positions (positions="contiguous")'
+                raise PrunedCacheError(f"this turn continues a pruned cache and {what}, which is not supported on "
+                                       f"{self.adapter.model_type}: {reason}")
 
     def _has_visual_inputs(self, call: dict[str, Any]) -> bool:
         return any(call.get(key) is not None for key in ("pixel_values", "pixel_values_videos")) or any(
@@ -308,7 +318,7 @@ class TokenPruneHandle:
         if args:
             call.setdefault("input_ids", args[0])
         self._call = call
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = cache_kwarg(kwargs)
         layout = self._layout_of(cache) if cache is not None else None
         if layout is None:
             return None
@@ -350,7 +360,7 @@ class TokenPruneHandle:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             return None
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = cache_kwarg(kwargs)
         layers = self._layers
         if layers is not None:
             layers.reset()
@@ -383,14 +393,14 @@ class TokenPruneHandle:
 
     def _after_text_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._layers is not None:
-            done = self._layers.finish(getattr(output, "cache", None))
+            done = self._layers.finish(output_cache(output))
             if done is not None and done.stages:
                 embeds = kwargs["inputs_embeds"]
                 self.last_stats = self._stats([sum(u) for u in done.units], done.stages, embeds.shape[0], done.length,
                                               embeds.dtype, done.scoring_time_s)
         layout, self._pending = self._pending, None
-        if layout is not None and getattr(output, "cache", None) is not None:
-            setattr(output.cache, _RECORD, layout)
+        if layout is not None and output_cache(output) is not None:
+            setattr(output_cache(output), _RECORD, layout)
 
     # -- prefill ---------------------------------------------------------------------------------------------
     def _score_inputs(self, kwargs: dict, call: dict[str, Any] | None) -> tuple[ScoreInputs, torch.Tensor] | None:

@@ -54,6 +54,9 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     # why a turn that continues a cache holding visual tokens cannot add new ones, where the family cannot (else None)
     images_after_cached_images: ClassVar[str | None] = None
+    # why a turn that continues a cache cannot add visual tokens or renumber positions ("contiguous") with the
+    # installed transformers, where it cannot (else None)
+    continued_turns_unsupported: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
