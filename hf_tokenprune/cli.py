@@ -20,6 +20,29 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 32,64,128; got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    """An int >= 1 (an argparse ``type``)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch's CPU threads: ``threads``; by default ``OMP_NUM_THREADS`` when set (torch follows it), else half the
+    CPUs this process may use, at least 1 (torch's default of all of them is several times slower, per sample, on a
+    machine that is busy with other work)."""
+    import os
+
+    import torch
+
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cpus // 2)
+    torch.set_num_threads(threads)
+
+
 def _is_network_error(error: BaseException) -> bool:
     """A failed connection: DNS, refused, timed out, offline mode, or an HTTP client's transport error."""
     return (isinstance(error, (ConnectionError, TimeoutError, socket.gaierror))
@@ -123,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                        metavar=("IMAGE", "QUESTION", "ANSWER"), help="the dataset's columns")
     bench.add_argument("--limit", type=int, default=200, help="rows of --hf-dataset to evaluate")
     bench.add_argument("--compressor", help="compressor (Hub id or directory) for --hf-model")
+    for command in (label, train, calibrate):
+        command.add_argument("--threads", type=_positive_int,
+                             help="torch CPU threads (default: OMP_NUM_THREADS if set, else half the CPUs)")
     for command in sub.choices.values():  # --debug after the command too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -136,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command in ("label", "train", "calibrate"):
+        _set_threads(args.threads)
     if args.command == "demo":
         from .demo import run
 

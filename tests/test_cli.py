@@ -1,9 +1,12 @@
 """The command line's errors: one line on stderr and a non-zero exit code; ``--debug`` adds the traceback."""
 
+import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import constants
 from test_training import TINY, synthetic
 
@@ -51,13 +54,10 @@ def test_a_bad_channel_list_is_a_usage_error(tmp_path: Path, capsys: pytest.Capt
     assert "Traceback" not in err
 
 
-def test_training_into_a_checkpoint_names_the_resume_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    with LabelWriter(tmp_path / "labels") as writer:
-        for record in synthetic(16):
-            writer.add(record)
-    merge_index(tmp_path / "labels")
-    train_compressor(tmp_path / "labels", tmp_path / "c", epochs=1, **TINY)
-    argv = ["train", "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "c"), "--epochs", "1"]
+def test_training_into_a_checkpoint_names_the_resume_flag(labels: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    train_compressor(labels, tmp_path / "c", epochs=1, **TINY)
+    argv = ["train", "--labels", str(labels), "--out", str(tmp_path / "c"), "--epochs", "1"]
     assert cli.main(argv) == 1
     line = one_error_line(capsys)
     assert "already holds a training checkpoint" in line and "--resume" in line
@@ -65,6 +65,47 @@ def test_training_into_a_checkpoint_names_the_resume_flag(tmp_path: Path, capsys
     assert cli.main([*argv, "--debug"]) == 1  # --debug after the command works too
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "FileExistsError" in err
+
+
+@pytest.fixture
+def labels(tmp_path: Path) -> Path:
+    with LabelWriter(tmp_path / "labels") as writer:
+        for record in synthetic(16):
+            writer.add(record)
+    merge_index(tmp_path / "labels")
+    return tmp_path / "labels"
+
+
+@pytest.fixture
+def torch_threads() -> Iterator[None]:
+    """Restore torch's thread count after the test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("option", "omp", "expected"), [
+    (["--threads", "3"], "2", 3),  # given
+    ([], None, 4),  # half the 8 usable CPUs
+    ([], "2", 5),  # OMP_NUM_THREADS set: torch's own setting (5 here) is left alone
+])
+def test_threads_of_the_cpu_commands(labels: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     torch_threads: None, option: list[str], omp: str | None, expected: int) -> None:
+    torch.set_num_threads(5)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    argv = ["train", "--labels", str(labels), "--out", str(tmp_path / "c"), "--epochs", "1", "--quiet", *option]
+    assert cli.main(argv) == 0
+    assert torch.get_num_threads() == expected
+
+
+def test_threads_must_be_positive(labels: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--labels", str(labels), "--out", str(tmp_path / "c"), "--threads", "0"])
+    assert info.value.code == 2 and "argument --threads: expected an integer >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_a_compressor_of_another_family_is_one_line(built, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
