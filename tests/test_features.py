@@ -27,7 +27,7 @@ def test_matches_eager_layer0_attention(family, kind):
     embeds, mask = seen["inputs_embeds"], inputs["attention_mask"]
     batch, length = embeds.shape[:2]
     positions = adapter.expand_positions(seen.get("position_ids"), batch, length, embeds.device)
-    layout = adapter.layout({"input_ids": inputs["input_ids"]}, mask, positions)
+    layout = adapter.layout(dict(inputs), mask, positions)
     ours = first_layer_attention(adapter.text_model, embeds, adapter.rotary_positions(positions), mask,
                                  layout.instruction_mask)
     eager = out.attentions[0].mean(dim=1)  # [batch, query, key]
@@ -43,7 +43,7 @@ def test_instruction_tokens_exclude_template_specials_and_padding():
     adapter = get_adapter(model)
     ids = inputs["input_ids"]
     positions = adapter.expand_positions(None, *ids.shape, ids.device)
-    layout = adapter.layout({"input_ids": ids}, inputs["attention_mask"], positions)
+    layout = adapter.layout(dict(inputs), inputs["attention_mask"], positions)
     tokenizer = processor.tokenizer
     for b in range(ids.shape[0]):
         words = tokenizer.convert_ids_to_tokens(ids[b][layout.instruction_mask[b]].tolist())
