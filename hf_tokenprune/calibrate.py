@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .adapters import get_adapter
 from .compressor import Compressor, validate_calibration
@@ -65,7 +66,7 @@ def _scorer(model: nn.Module, config: TokenPruneConfig) -> Scorer:
 def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], target: float = 0.25, *,
               scorer: str | Scorer = "compressor", compressor: str | os.PathLike | Compressor | None = None,
               scope: str = "sample", min_ratio: float = 0.0, max_ratio: float = 1.0, min_tokens: int = 1,
-              temperature: float = 1.0) -> Calibration:
+              temperature: float = 1.0, progress: bool = False) -> Calibration:
     """The relevance-mass threshold whose mean retention on ``batches`` is nearest ``target``.
 
     Args:
@@ -74,6 +75,7 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], target: fl
         target: the mean fraction of visual tokens to keep, in (0, 1].
         scorer, compressor, scope, min_ratio, max_ratio, min_tokens, temperature: as in :class:`TokenPruneConfig`
             with ``budget="auto"``.
+        progress: show a tqdm bar over the batches (with a total when ``batches`` has a length).
 
     Returns:
         The :class:`Calibration`; its ``retention`` may miss ``target`` by the size of a step (few samples or
@@ -88,7 +90,7 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], target: fl
                               max_ratio=max_ratio, min_tokens=min_tokens, temperature=temperature)
     built = _scorer(model, config)
     samples: list[tuple[list[torch.Tensor], int]] = []
-    for batch in batches:
+    for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
         inputs = score_inputs(model, dict(batch), scope=scope)
         if inputs is None:
             continue

@@ -7,6 +7,8 @@ import json
 import socket
 import sys
 import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
 
 # errors whose message says what went wrong without their type's name
 _PLAIN_ERRORS = (ValueError, OSError, RuntimeError)
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("--temperature", type=float, default=1.0,
                            help="of the relevance distribution: below 1 sharpens it, so questions whose relevance "
                                 "is spread keep more tokens and focused ones fewer")
+    calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
     push = sub.add_parser("push", help="upload a trained compressor directory to the Hugging Face Hub")
     push.add_argument("directory")
     push.add_argument("--repo", required=True, help="Hub repo id, e.g. <user>/Qwen2-VL-2B-Instruct-compressor")
@@ -219,9 +222,21 @@ def _run(args: argparse.Namespace) -> int:
     return 2
 
 
-def _calibrate(args: argparse.Namespace) -> int:
-    from itertools import islice
+class _LazyMap(Sequence):
+    """``[function(item) for item in items]``, each computed when read: a sized iterable, so a progress bar over it
+    knows its total."""
 
+    def __init__(self, function: Callable[[Any], Any], items: Sequence) -> None:
+        self.function, self.items = function, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.function(self.items[index])
+
+
+def _calibrate(args: argparse.Namespace) -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from . import tiny  # noqa: F401 - registers the offline tiny processors with AutoProcessor
@@ -230,10 +245,11 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype="auto").eval()
     processor = AutoProcessor.from_pretrained(args.model)
-    batches = (build_prompt(processor, s) for s in islice(load_samples(args.data), args.limit))
+    samples = load_samples(args.data)
+    batches = _LazyMap(lambda i: build_prompt(processor, samples[i]), range(min(args.limit, len(samples))))
     result = calibrate(model, batches, args.target, compressor=args.compressor, scope=args.scope,
                        min_ratio=args.min_ratio, max_ratio=args.max_ratio, min_tokens=args.min_tokens,
-                       temperature=args.temperature)
+                       temperature=args.temperature, progress=not args.quiet)
     path = save_calibration(args.compressor, result)
     print(json.dumps({"config": str(path), "calibration": result.to_dict()}))
     return 0

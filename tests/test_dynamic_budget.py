@@ -409,11 +409,15 @@ def test_cli_calibrate_saves_the_threshold(built, compressor_dir, tmp_path, caps
             str(tmp_path / "data.jsonl"), "--target", "0.3", "--limit", "5", "--max-ratio", "0.8",
             "--temperature", "0.5"]
     assert cli.main(argv) == 0
-    printed = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
     saved = Compressor.from_pretrained(compressor_dir).calibration
     assert printed["calibration"] == saved
     assert saved["samples"] == 5 and saved["max_ratio"] == 0.8 and abs(saved["retention"] - 0.3) < 0.05
     assert saved["temperature"] == 0.5
+    assert "calibrate: 100%" in captured.err and "5/5" in captured.err  # a progress bar that knows the total
+    assert cli.main([*argv, "--quiet"]) == 0
+    assert "calibrate:" not in capsys.readouterr().err
 
 
 def test_world_results_put_the_calibrated_dynamic_budget_beside_the_fixed_ratio(tmp_path):

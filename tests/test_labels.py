@@ -100,7 +100,7 @@ def reference(qwen, data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
     summary = generate_labels(*qwen, load_jsonl(data), out, judge=not_wrong, max_new_tokens=STEPS, shard_size=2,
                               progress=False)
-    assert (summary.kept, summary.dropped, summary.failed) == (5, 2, 0)
+    assert (summary.labels_added, summary.dropped, summary.failed, summary.labels_total) == (5, 2, 0, 5)
     return out
 
 
@@ -127,8 +127,10 @@ def test_resume_after_kill(qwen, data, reference, tmp_path, monkeypatch, flush_o
     summary = generate_labels(*qwen, load_jsonl(data), tmp_path, judge=not_wrong, max_new_tokens=STEPS,
                               shard_size=2, progress=False)
     # committed before the stop: the shard of the first 2 kept samples, + the dropped 3rd when flushed on exit
-    resumed = 3 if flush_on_exit else 2
-    assert (summary.resumed, summary.kept + summary.dropped) == (resumed, 7 - resumed)
+    done = 3 if flush_on_exit else 2
+    # the first 2 samples (kept) were committed before the stop: the rerun adds the other 3 labels, 5 are there
+    assert {k: v for k, v in summary.to_dict().items() if "seconds" not in k} == {
+        "labels_added": 3, "dropped": 7 - done - 3, "failed": 0, "already_done": done, "labels_total": 5}
     assert_same_labels(reference, tmp_path)
 
 
@@ -151,7 +153,7 @@ def test_accelerate_launch_equals_single_process(qwen, tmp_path, launcher):
                                   shard_size=2, progress=False)
     finally:
         torch.set_num_threads(threads)
-    assert (single.kept, single.dropped) == (5, 2)
+    assert (single.labels_added, single.dropped) == (5, 2)
     with socket.socket() as free:  # not accelerate's default port 29500: other launches may run beside this one
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
@@ -164,7 +166,7 @@ def test_accelerate_launch_equals_single_process(qwen, tmp_path, launcher):
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert (summary["kept"], summary["dropped"], summary["failed"]) == (5, 2, 0)
+    assert (summary["labels_added"], summary["dropped"], summary["failed"], summary["labels_total"]) == (5, 2, 0, 5)
     ranks = {p.name.split("-")[1] for p in (tmp_path / "launched").glob("labels-*.safetensors")}
     assert ranks == ({"r000", "r001"} if "--multi_gpu" in launcher else {"r000"})
     assert_same_labels(tmp_path / "single", tmp_path / "launched")
@@ -178,7 +180,7 @@ def test_judges_counts_and_failures(qwen, tmp_path):
         row["answer"] = prediction.upper() + " !" if i % 2 == 0 else "wrong"  # case/punctuation differ
     rows.insert(2, {"question": "what is it ?", "answer": "x", "image": "no/such/file.png"})
     summary = generate_labels(model, processor, iter(rows), tmp_path, max_new_tokens=STEPS, progress=False)
-    assert (summary.kept, summary.dropped, summary.failed, summary.resumed) == (3, 2, 1, 0)
+    assert (summary.labels_added, summary.dropped, summary.failed, summary.already_done) == (3, 2, 1, 0)
     assert summary.seconds > 0 and summary.seconds_per_label == pytest.approx(summary.seconds / 3)
     counts = read_index(tmp_path)["counts"]
     assert counts["kept"] == 3 and counts["skip_reasons"] == {"incorrect": 2, "failed: FileNotFoundError": 1}
@@ -189,7 +191,7 @@ def test_judges_counts_and_failures(qwen, tmp_path):
 
     exact = generate_labels(model, processor, rows, tmp_path / "exact", judge=exact_match, max_new_tokens=STEPS,
                             progress=False)
-    assert (exact.kept, exact.dropped, exact.failed) == (0, 5, 1) and exact.seconds_per_label is None
+    assert (exact.labels_added, exact.dropped, exact.failed) == (0, 5, 1) and exact.seconds_per_label is None
 
 
 def test_judges():
@@ -220,7 +222,7 @@ def test_fail_fast_on_a_broken_setup(qwen, tmp_path):
 
     summary = generate_labels(*qwen, samples, tmp_path, judge=flaky, max_new_tokens=STEPS, fail_fast=2,
                               progress=False)
-    assert (summary.kept, summary.failed) == (2, 2)
+    assert (summary.labels_added, summary.failed) == (2, 2)
     assert read_index(tmp_path)["counts"]["skip_reasons"] == {"failed: AttributeError": 2}
 
 
@@ -237,7 +239,7 @@ def test_box_labels_need_boxes_that_hit_a_token(qwen, tmp_path):
         generate_labels(*qwen, samples, tmp_path, relevance="box", progress=False)
     summary = generate_labels(*qwen, samples, tmp_path, judge=not_wrong, max_new_tokens=STEPS, relevance="boxes",
                               progress=False)
-    assert (summary.kept, summary.failed) == (1, 2)
+    assert (summary.labels_added, summary.failed) == (1, 2)
     (shard,) = tmp_path.glob("labels-*.safetensors")
     errors = {sample_id: meta["error"] for sample_id, _, meta in _shard_info(shard)["skips"]}
     assert "no evidence boxes" in errors["none"] and "no visual token overlaps" in errors["outside"]
@@ -254,7 +256,7 @@ def test_stored_tensors_equal_direct_computation(built, family, data, tmp_path):
     samples = load_jsonl(data)
     summary = generate_labels(model, processor, samples, tmp_path, judge=not_wrong, max_new_tokens=STEPS,
                               progress=False, limit=5)
-    assert (summary.kept, summary.dropped) == (4, 1)
+    assert (summary.labels_added, summary.dropped) == (4, 1)
     records = {r.sample_id: r for r in read_labels(tmp_path)}
     assert sorted(records) == ["00000001", "s00", "s03", "s04"]
     for index, sample_id in [(0, "s00"), (4, "s04")]:  # an image, a video

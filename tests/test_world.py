@@ -299,7 +299,7 @@ def test_box_labels_are_uniform_over_the_tokens_of_the_evidence(family, video, t
     summary = generate_labels(model, processor, load_jsonl(path), tmp_path / "labels", judge=lambda p, r: True,
                               max_new_tokens=1, relevance="boxes", progress=False)
     samples = {s.sample_id: s for i in range(2) for s in make_samples("test", i, video=video, per_scene=3)}
-    assert summary.kept == len(samples) >= 4
+    assert summary.labels_added == len(samples) >= 4
     for record in read_labels(tmp_path / "labels"):
         s = samples[record.sample_id]
         expected = set()

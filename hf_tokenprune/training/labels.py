@@ -239,19 +239,21 @@ def _label_one(model: nn.Module, processor: Any, sample: LabelSample, judge: Jud
 # -- the run ----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class LabelSummary:
-    """Counts of one run (all processes): samples labelled, dropped (wrong answer), failed, and already done by
-    an earlier run; ``seconds`` is the run's wall-clock time."""
+    """One run (all processes): ``labels_added`` (samples labelled now), ``dropped`` (wrong answer) and ``failed``
+    samples, ``already_done`` (samples an earlier run processed, skipped now), ``labels_total`` (labels in the
+    directory after the run, earlier runs' included); ``seconds`` is the run's wall-clock time."""
 
-    kept: int = 0
+    labels_added: int = 0
     dropped: int = 0
     failed: int = 0
-    resumed: int = 0
+    already_done: int = 0
+    labels_total: int = 0
     seconds: float = 0.0
 
     @property
     def seconds_per_label(self) -> float | None:
-        """Wall-clock seconds per kept sample (None when none was kept)."""
-        return self.seconds / self.kept if self.kept else None
+        """Wall-clock seconds per label added (None when none was)."""
+        return self.seconds / self.labels_added if self.labels_added else None
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "seconds_per_label": self.seconds_per_label}
@@ -321,7 +323,7 @@ def generate_labels(model: nn.Module, processor: Any, samples: Iterable[LabelSam
     try:
         for sample_id, load in bar:
             if sample_id in done:
-                summary.resumed += 1
+                summary.already_done += 1
                 continue
             if sample_id in seen:
                 raise ValueError(f"duplicate sample id {sample_id!r}")
@@ -343,18 +345,20 @@ def generate_labels(model: nn.Module, processor: Any, samples: Iterable[LabelSam
                     summary.dropped += 1
                     writer.skip(sample_id, "incorrect", meta)
                 else:
-                    summary.kept += 1
+                    summary.labels_added += 1
                     writer.add(record)
             if succeeded:  # failures are held back until a sample succeeds (see fail_fast)
                 for failure in failures:
                     writer.skip(*failure)
                 failures.clear()
-            bar.set_postfix(kept=summary.kept, dropped=summary.dropped, failed=summary.failed, refresh=False)
+            bar.set_postfix(labelled=summary.labels_added, dropped=summary.dropped, failed=summary.failed,
+                            refresh=False)
         for failure in failures:  # fewer than fail_fast samples, all failed
             writer.skip(*failure)
     finally:
         writer.close()
         bar.close()
+    summary.labels_total = writer.label_count
     summary.seconds = time.perf_counter() - start
     if state is None:
         if world_size == 1:
@@ -367,7 +371,8 @@ def generate_labels(model: nn.Module, processor: Any, samples: Iterable[LabelSam
     if state.is_main_process:
         merge_index(out_dir)
     state.wait_for_everyone()
-    return LabelSummary(*(sum(getattr(p, f) for p in parts) for f in ("kept", "dropped", "failed", "resumed")),
+    counts = [f.name for f in dataclasses.fields(LabelSummary) if f.name != "seconds"]
+    return LabelSummary(**{f: sum(getattr(p, f) for p in parts) for f in counts},
                         seconds=max(p.seconds for p in parts))
 
 

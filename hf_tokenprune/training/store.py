@@ -116,7 +116,8 @@ class LabelWriter:
     """Buffers records and skips of one rank and commits them as shards of at most ``shard_size`` records.
 
     Re-opening a directory resumes: :meth:`processed_ids` lists what this rank already committed, and new shards
-    continue its numbering. ``header`` must equal the header of the rank's committed shards.
+    continue its numbering. ``header`` must equal the header of the rank's committed shards. ``label_count``: the
+    records (labels) this rank has committed, earlier runs' included.
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, rank: int = 0, shard_size: int = 256,
@@ -131,6 +132,7 @@ class LabelWriter:
         self.header = dict(header or {})
         self._header_json = json.dumps(self.header, sort_keys=True)
         self._done: set[str] = set()
+        self.label_count = 0
         shards = _shards(self.out_dir, rank)
         for path in shards:
             info = _shard_info(path)
@@ -139,6 +141,7 @@ class LabelWriter:
                                  f"{self.header!r}; use a new directory for a different run")
             self._done.update(r[0] for r in info["records"])
             self._done.update(s[0] for s in info["skips"])
+            self.label_count += len(info["records"])
         self._next = int(_SHARD_RE.match(shards[-1].name).group(2)) + 1 if shards else 0
         self._records: list[LabelRecord] = []
         self._skips: list[list[Any]] = []
@@ -181,6 +184,7 @@ class LabelWriter:
         write_atomic(self.out_dir / f"labels-r{self.rank:03d}-{self._next:06d}.safetensors",
                       save(tensors, metadata=metadata))
         self._next += 1
+        self.label_count += len(self._records)
         self._done |= self._pending
         self._records, self._skips, self._pending = [], [], set()
 
