@@ -1,0 +1,112 @@
+"""Tiny random-weight VLMs of the real architectures with their real processors, built fully offline.
+
+Nothing is downloaded: a shared word-level tokenizer (:mod:`.tokenizer`), torch(vision)-free processor plumbing
+(:mod:`.processors`), one module per family (:mod:`.qwen2_vl`, :mod:`.llava_onevision`, :mod:`.llava`) and the
+registry :func:`build` reads (:mod:`.registry`; the shared invariant tests run over :data:`FAMILIES`). Tests and
+demos run ``processor(...) -> model.generate(...)`` and ``pipeline("image-text-to-text", ...)`` on CPU in well
+under a second per call. Adding a family: a module defining its :class:`TinyFamily`, registered below.
+"""
+
+from __future__ import annotations
+
+from .images import draw_shape, make_image, make_video
+from .llava import LLAVA, LLAVA15_DEFAULT_IMAGE_SIZE, LLAVA15_PATCH_SIZE, TinyLlavaProcessor
+from .llava_onevision import (
+    LLAVA_DEFAULT_IMAGE_SIZE,
+    LLAVA_MAX_GRID,
+    LLAVA_ONEVISION,
+    LLAVA_PATCH_SIZE,
+    TinyLlavaOnevisionProcessor,
+    TinyLlavaOnevisionVideoProcessor,
+    llava_onevision_config,
+)
+from .qwen2_vl import (
+    MROPE_SECTION,
+    QWEN2_5_VL,
+    QWEN2_VL,
+    QWEN_DEFAULT_IMAGE_SIZE,
+    QWEN_MERGE_SIZE,
+    QWEN_MIN_PIXELS,
+    QWEN_PATCH_SIZE,
+    QWEN_TEMPORAL_PATCH_SIZE,
+    TinyQwen2_5_VLProcessor,
+    TinyQwen2VLProcessor,
+    TinyQwen2VLVideoProcessor,
+    qwen_config,
+)
+from .registry import (
+    FAMILIES,
+    MODALITIES,
+    TinyFamily,
+    build,
+    build_model,
+    build_processor,
+    get_family,
+    register_family,
+)
+from .sizes import TEXT_HEAD_DIM, TEXT_HEADS, TEXT_HIDDEN_SIZE, TEXT_KV_HEADS, VISION_HEADS, VISION_HIDDEN_SIZE
+from .tokenizer import (
+    LLAVA_CHAT_TEMPLATE,
+    LLAVA_ONEVISION_CHAT_TEMPLATE,
+    QWEN_CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    WORDS,
+    build_tokenizer,
+    special_token_ids,
+    text_token_ids,
+)
+
+for _family in (QWEN2_VL, QWEN2_5_VL, LLAVA_ONEVISION, LLAVA):
+    register_family(_family)
+del _family
+
+__all__ = [
+    "FAMILIES",
+    "MODALITIES",
+    "SPECIAL_TOKENS",
+    "WORDS",
+    "QWEN_CHAT_TEMPLATE",
+    "LLAVA_ONEVISION_CHAT_TEMPLATE",
+    "LLAVA_CHAT_TEMPLATE",
+    "TinyFamily",
+    "register_family",
+    "get_family",
+    "QWEN2_VL",
+    "QWEN2_5_VL",
+    "LLAVA_ONEVISION",
+    "LLAVA",
+    "TinyQwen2VLVideoProcessor",
+    "TinyLlavaOnevisionVideoProcessor",
+    "TinyQwen2VLProcessor",
+    "TinyQwen2_5_VLProcessor",
+    "TinyLlavaOnevisionProcessor",
+    "TinyLlavaProcessor",
+    "build_tokenizer",
+    "build_processor",
+    "build_model",
+    "build",
+    "make_image",
+    "make_video",
+    "draw_shape",
+    "special_token_ids",
+    "text_token_ids",
+    "qwen_config",
+    "llava_onevision_config",
+    "TEXT_HIDDEN_SIZE",
+    "TEXT_HEADS",
+    "TEXT_KV_HEADS",
+    "TEXT_HEAD_DIM",
+    "VISION_HIDDEN_SIZE",
+    "VISION_HEADS",
+    "MROPE_SECTION",
+    "QWEN_PATCH_SIZE",
+    "QWEN_MERGE_SIZE",
+    "QWEN_TEMPORAL_PATCH_SIZE",
+    "QWEN_MIN_PIXELS",
+    "QWEN_DEFAULT_IMAGE_SIZE",
+    "LLAVA_PATCH_SIZE",
+    "LLAVA_DEFAULT_IMAGE_SIZE",
+    "LLAVA_MAX_GRID",
+    "LLAVA15_PATCH_SIZE",
+    "LLAVA15_DEFAULT_IMAGE_SIZE",
+]

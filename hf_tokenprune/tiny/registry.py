@@ -1,0 +1,130 @@
+"""The registry of tiny families: what :func:`build` builds and what the shared invariant tests run over."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers.processing_utils import ProcessorMixin
+
+from .tokenizer import SPECIAL_TOKENS, build_tokenizer, special_token_ids
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """A tiny model family: its real ``...ForConditionalGeneration`` class and how to build it small.
+
+    ``config(config_class, num_hidden_layers, image_size)``: the tiny config, an instance of ``config_class``
+    (``model_class.config_class``); ``processor(tokenizer, image_size)``: the real processor around the shared
+    tokenizer. ``image_size`` is ``None`` for the family's default; where it matters both must get the same value.
+    ``modalities``: the input kinds the model and processor take.
+    """
+
+    name: str
+    model_class: type[PreTrainedModel]
+    config: Callable[[type[PreTrainedConfig], int, int | None], PreTrainedConfig]
+    processor: Callable[[PreTrainedTokenizerFast, int | None], ProcessorMixin]
+    modalities: tuple[str, ...] = ("image", "video")
+
+
+_REGISTRY: dict[str, TinyFamily] = {}
+
+
+def register_family(family: TinyFamily) -> TinyFamily:
+    """Add ``family`` to :data:`FAMILIES` (after the families registered before it); returns it."""
+    if family.name in _REGISTRY:
+        raise ValueError(f"tiny family {family.name!r} is already registered")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def get_family(name: str) -> TinyFamily:
+    """The registered family ``name``; ``ValueError`` for an unknown name."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown family {name!r}; expected one of {tuple(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+class _Names(Sequence[str]):
+    """The registered family names in registration order, live; equal to the tuple of them."""
+
+    def __getitem__(self, index):
+        return tuple(_REGISTRY)[index]
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __eq__(self, other: object) -> bool:
+        return tuple(self) == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
+class _Modalities(Mapping[str, tuple[str, ...]]):
+    """Family name -> the input kinds it takes, live."""
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        return _REGISTRY[name].modalities
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(_REGISTRY))
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+FAMILIES: Sequence[str] = _Names()
+MODALITIES: Mapping[str, tuple[str, ...]] = _Modalities()
+
+
+def build_processor(family: str, *, image_size: int | None = None) -> ProcessorMixin:
+    """The family's real transformers processor (PIL image processor) around :func:`build_tokenizer`; for
+    ``image_size`` see the family's module."""
+    return get_family(family).processor(build_tokenizer(), image_size)
+
+
+def build_model(
+    family: str,
+    *,
+    seed: int = 0,
+    num_hidden_layers: int = 2,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    image_size: int | None = None,
+) -> PreTrainedModel:
+    """Tiny random-weight model of the real architecture, deterministic for ``seed``, in ``.eval()`` mode.
+
+    ``image_size`` must match :func:`build_processor` (see the family's module). The global torch RNG state is left
+    untouched.
+    """
+    spec = get_family(family)
+    config = spec.config(spec.model_class.config_class, num_hidden_layers, image_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = spec.model_class._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    ids = special_token_ids()
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["[PAD]"],
+        do_sample=False,
+        max_new_tokens=16,
+        # a random model must never emit placeholders / padding (real models don't either)
+        suppress_tokens=[ids[t] for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
+    )
+    return model.eval()
+
+
+def build(family: str, **kw) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """``(build_model(family, **kw), build_processor(family, image_size=kw.get("image_size")))``."""
+    processor = build_processor(family, image_size=kw.get("image_size"))
+    model = build_model(family, **kw)
+    return model, processor
