@@ -21,11 +21,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import get_adapter
+from .atomic import write_atomic
 from .compressor import Compressor, validate_calibration
 from .config import TokenPruneConfig, check_fraction
+from .methods import build_scorer
 from .pruning import cumulative_mass, mass_counts, unit_distribution
-from .scorers import CompressorScorer, Scorer, build_scorer
-from .training.store import write_atomic
+from .scorers import CompressorScorer, Scorer
 from .wrap import resolve_budget, score_inputs
 
 __all__ = ["Calibration", "calibrate", "save_calibration"]

@@ -12,14 +12,25 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
+from .adapters import Adapter
 from .compat import generate_cache
+from .config import TokenPruneConfig
 
-if TYPE_CHECKING:
-    from .wrap import TokenPruneHandle
+
+class Owner(Protocol):
+    """What the prefill pruner and the continuation read of a wrapped model's handle (``model.tokenprune``)."""
+
+    adapter: Adapter
+    config: TokenPruneConfig
+    scorer: Any
+    continuation: Continuation
+
+    @property
+    def active(self) -> bool: ...
 
 
 class PrunedCacheError(RuntimeError):
@@ -50,7 +61,7 @@ class PrunedCache:
     @classmethod
     def first(cls, mask: torch.Tensor, original_length: int, last_positions: torch.Tensor,
               shift: torch.Tensor | None, input_ids: torch.Tensor | None, original_mask: torch.Tensor | None,
-              owner: TokenPruneHandle) -> PrunedCache:
+              owner: Owner) -> PrunedCache:
         """The layout of a first prefill's cache (``mask``: as pruned; ``original_mask``: as given, or None)."""
         batch = mask.shape[0]
         tokens = input_ids if input_ids is not None else mask.new_full((batch, original_length), -1, dtype=torch.long)
@@ -157,12 +168,12 @@ def has_visual_inputs(call: dict[str, Any]) -> bool:
 class Continuation:
     """The calls of one wrapped model over the pruned caches it filled (``owner``: its handle)."""
 
-    def __init__(self, owner: TokenPruneHandle) -> None:
+    def __init__(self, owner: Owner) -> None:
         self._owner = weakref.ref(owner)
         self._turn: tuple[weakref.ref, int] | None = None  # a generate() call's cache and sequence length
 
     @property
-    def owner(self) -> TokenPruneHandle:
+    def owner(self) -> Owner:
         return self._owner()
 
     def layout_of(self, cache: Any) -> PrunedCache | None:

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .continuation import PrunedCache, PrunedCacheError
+from .continuation import Owner, PrunedCache, PrunedCacheError
 from .pruning import Slicing, contiguous_positions, select_mass, select_top, unit_distribution
 from .scorers import ScoreInputs
 from .stats import PruneStage, PruneStats, kv_cache_bytes, layer_lengths, prefill_flops
-
-if TYPE_CHECKING:
-    from .wrap import TokenPruneHandle
 
 
 @dataclass
@@ -36,7 +33,7 @@ class PrunedPrefill:
 class PrefillPruner:
     """Prunes the prefills of one wrapped model (``owner``: its handle, for the adapter, config and scorer)."""
 
-    def __init__(self, owner: TokenPruneHandle) -> None:
+    def __init__(self, owner: Owner) -> None:
         self.owner = owner
 
     def score_inputs(self, kwargs: dict, call: dict[str, Any] | None) -> tuple[ScoreInputs, torch.Tensor] | None:
@@ -155,10 +152,11 @@ class PrefillPruner:
         kwargs["inputs_embeds"] = slicing.sequence(embeds)
         kwargs["attention_mask"] = full_mask
         kwargs["position_ids"] = adapter.text_model_positions(new_positions)
+        kwargs = adapter.slice_extra(kwargs, call or {}, slicing)  # the family's other per-token inputs
         return PrunedPrefill(kwargs, recorded, stats)
 
 
-def prune_stats(owner: TokenPruneHandle, counts: list[int], stages: list[PruneStage], batch: int, length: int,
+def prune_stats(owner: Owner, counts: list[int], stages: list[PruneStage], batch: int, length: int,
                 dtype: torch.dtype, scoring_time: float) -> PruneStats:
     """The :class:`PruneStats` of a pruned call (``stages``: where its tokens were dropped) under the owner's
     configuration."""

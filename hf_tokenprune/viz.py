@@ -18,8 +18,9 @@ from torch import nn
 
 from .adapters import TokenRegions, get_adapter
 from .config import TokenPruneConfig
+from .methods import build_scorer
 from .pruning import select_top
-from .scorers import Scorer, build_scorer
+from .scorers import Scorer
 from .wrap import score_inputs
 
 # 11 evenly spaced samples of matplotlib's perceptually uniform maps, interpolated linearly.

@@ -35,8 +35,9 @@ from .config import TokenPruneConfig
 from .continuation import Continuation, PrunedCache, PrunedCacheError, has_visual_inputs
 from .guards import check_generate
 from .inllm import LayerPruner
+from .methods import build_scorer
 from .prefill import PrefillPruner, PrunedPrefill, prune_stats
-from .scorers import ScoreInputs, Scorer, build_scorer
+from .scorers import ScoreInputs, Scorer
 from .stats import PruneStats
 
 

@@ -5,7 +5,7 @@ import torch
 
 from hf_tokenprune import TokenPruneConfig, prune_wrap, unwrap
 from hf_tokenprune.adapters import get_adapter
-from hf_tokenprune.scorers import build_scorer
+from hf_tokenprune.methods import build_scorer
 from hf_tokenprune.world import compressor_path, load
 from hf_tokenprune.world.evaluate import accuracy, heldout_samples, inputs_for
 from hf_tokenprune.world.evidence import answer_tokens

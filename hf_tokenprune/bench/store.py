@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..training.store import write_atomic
+from ..atomic import write_atomic
 
 Key = tuple[str, str, str, float]
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .attention import AttentionScorer
 from .base import ScoreInputs, Scorer
 from .compressor import CompressorScorer
@@ -11,36 +9,5 @@ from .oracle import OracleScorer
 from .random import RandomScorer
 from .uniform import UniformScorer
 
-if TYPE_CHECKING:
-    from ..adapters.base import Adapter
-    from ..baselines import LayerSchedule
-    from ..config import TokenPruneConfig
-
 __all__ = ["AttentionScorer", "CompressorScorer", "OracleScorer", "RandomScorer", "ScoreInputs", "Scorer",
-           "UniformScorer", "build_scorer"]
-
-
-def build_scorer(config: TokenPruneConfig, adapter: Adapter) -> Scorer | LayerSchedule:
-    """The scorer a config asks for; loads (:func:`~hf_tokenprune.hub.load_compressor`: without ``compressor=``
-    from the model's default Hub repo) and checks the compressor for ``scorer="compressor"``. The baselines come
-    from :func:`~hf_tokenprune.baselines.build_baseline`: a :class:`LayerSchedule` for in-LLM pruning."""
-    if not isinstance(config.scorer, str):
-        return config.scorer
-    if config.scorer in ("fastv", "pdrop", "dart", "tome"):
-        from ..baselines import build_baseline
-
-        return build_baseline(config, adapter)
-    if config.scorer == "attention":
-        return AttentionScorer()
-    if config.scorer == "random":
-        return RandomScorer(config.seed)
-    if config.scorer == "uniform":
-        return UniformScorer()
-    from ..hub import load_compressor
-
-    compressor = load_compressor(config.compressor, adapter.model)
-    compressor.check_compatible(adapter.model_type, getattr(adapter.model.config, "_name_or_path", None) or None,
-                                allow_mismatch=config.allow_compressor_mismatch)
-    param = next(adapter.text_model.parameters())
-    compressor.to(param.device).eval()
-    return CompressorScorer(compressor)
+           "UniformScorer"]

@@ -1,8 +1,9 @@
 """Compressor training: the label store (:mod:`.store`), padded batches (:mod:`.data`) and the training loop
 (:mod:`.train`)."""
 
+from .result import TrainResult
 from .store import LabelRecord, LabelWriter, merge_index, read_index, read_labels
-from .train import DEPTH_CHANNELS, TrainResult, train_compressor
+from .train import DEPTH_CHANNELS, train_compressor
 
 __all__ = ["DEPTH_CHANNELS", "LabelRecord", "LabelWriter", "TrainResult", "merge_index", "read_index", "read_labels",
            "train_compressor"]

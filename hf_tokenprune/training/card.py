@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from huggingface_hub import ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-if TYPE_CHECKING:
-    from .train import TrainResult
+from .result import TrainResult
 
 __all__ = ["model_card"]
 

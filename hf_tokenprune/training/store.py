@@ -31,6 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from ..atomic import write_atomic
+
 __all__ = ["FORMAT", "LabelRecord", "LabelWriter", "merge_index", "read_index", "read_labels"]
 
 FORMAT = "hf_tokenprune.labels/1"
@@ -95,21 +97,6 @@ def _shard_info(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not a label shard of format {FORMAT} (format={metadata.get('format')!r})")
     return {"header": json.loads(metadata["header"]), "records": json.loads(metadata["records"]),
             "skips": json.loads(metadata["skips"])}
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if hasattr(os, "O_DIRECTORY"):  # persist the rename itself (POSIX)
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class LabelWriter:

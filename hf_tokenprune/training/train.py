@@ -16,7 +16,6 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,14 @@ from safetensors.torch import save
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..atomic import write_atomic
 from ..compressor import Compressor
 from .card import model_card
 from .data import EpochShuffle, LabelDataset, collate, feature_layers, is_validation
 from .metrics import METRICS, kl_divergence, ranking_metrics
 from .processes import cpu_only
-from .store import LabelRecord, read_index, read_labels, write_atomic
+from .result import TrainResult
+from .store import LabelRecord, read_index, read_labels
 
 __all__ = ["DEPTH_CHANNELS", "TrainResult", "train_compressor"]
 
@@ -47,25 +48,6 @@ CHECKPOINT = Path("checkpoint") / "training_state.safetensors"
 # settings that must match for resume=True (epochs may grow)
 _RESUME_KEYS = ("channels", "kernel_size", "feature", "in_channels", "batch_size", "lr", "val_fraction", "seed",
                 "base_model_type", "base_model_name", "data")
-
-
-@dataclass
-class TrainResult:
-    """Outcome of :func:`train_compressor`.
-
-    Attributes:
-        directory: the compressor directory (loadable with ``Compressor.from_pretrained``).
-        best_epoch: 1-based epoch whose weights were kept (lowest validation KL).
-        metrics: validation metrics of that epoch (``kl``, ``recall@25``, ``recall@50``, ``pointing``).
-        baseline: the same metrics for ranking by the raw feature ``A^0_v`` (the ``"attention"`` scorer).
-        history: per-epoch ``{"epoch", "train_kl", "kl", "recall@25", "recall@50", "pointing"}``.
-    """
-
-    directory: Path
-    best_epoch: int
-    metrics: dict[str, float]
-    baseline: dict[str, float]
-    history: list[dict[str, float]]
 
 
 def _log_q(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

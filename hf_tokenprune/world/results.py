@@ -58,7 +58,7 @@ def _per_sample(model, processor, samples: list[Sample], compressor: str | None)
     scorer = None
     if compressor is not None:
         from ..config import TokenPruneConfig
-        from ..scorers import build_scorer
+        from ..methods import build_scorer
 
         scorer = build_scorer(TokenPruneConfig(scorer="compressor", compressor=compressor), adapter)
     out = []
