@@ -1,22 +1,72 @@
 """The adapter contract: everything model-specific that input-stage pruning needs to know.
 
-An adapter answers, for one model family: which module merges the visual features into the text embeddings
-(its forward receives ``input_ids``), which module is the text model (pruning happens in a pre-hook on it),
-which positions of a call are visual and to which image / video frame they belong, and how the text model
-numbers positions (1-D, or Qwen2-VL's multi-row M-RoPE ids), and which region of the original image / video
-frame each visual token encodes (:meth:`Adapter.token_regions`).
+Pruning runs in a forward pre-hook on a family's text model: it finds the visual tokens of the multimodal call that
+produced the text model's ``inputs_embeds``, scores them and slices the text model's inputs. The core (``prefill``,
+``continuation``, ``wrap``, ``verify``, ``viz``) asks everything family-specific of the model's adapter:
+
+* :class:`Adapter`, the contract the core calls. A family unlike the placeholder models implements it whole.
+* :class:`PlaceholderAdapter`, the generic placeholder model: an image (and video) token id repeated once per visual
+  token in ``input_ids``, the visual features scattered into ``inputs_embeds`` at those positions, 1-D position
+  ids, the text model at ``model.model.get_decoder()``. LLaVA-1.5, LLaVA-OneVision and Qwen2-VL derive from it and
+  state only what differs.
+
+A new placeholder family is one adapter file deriving from :class:`PlaceholderAdapter`, its entry in
+``adapters.ADAPTERS`` (or ``register_adapter``) and its tiny-model builder. It must provide:
+
+* ``model_types``: the ``config.model_type`` values it serves;
+* :meth:`~PlaceholderAdapter.input_item_lengths`: the token count of each image / video of a plain forward call,
+  from the call's raw visual inputs (grids, sizes, pixel shapes); None where unknown (each run of placeholders is
+  then one item). Under ``generate`` the counts come from ``mm_encoder_outputs``, which the base reads;
+* :meth:`~PlaceholderAdapter.item_regions`: the token geometry of one image / video (heat maps, ``token_regions``).
+
+It may override, where it differs from the default:
+
+* :attr:`~PlaceholderAdapter.placeholders`: its placeholder token ids, kinds and pixel keywords (the config's
+  ``image_token_id`` with ``pixel_values``, ``video_token_id`` with ``pixel_values_videos``);
+* :meth:`~PlaceholderAdapter.frames`: how a video item splits into frames (default: one piece);
+* :attr:`~PlaceholderAdapter.special_token_ids` / :attr:`~PlaceholderAdapter.end_of_turn_ids`: the chat template's
+  tokens that are not instruction (the configs' bos / eos / pad / vision start and end ids; eos ids);
+* :meth:`~Adapter.expand_positions`, :meth:`~Adapter.text_model_positions`, :meth:`~Adapter.rotary_positions`: 1-D
+  positions; M-RoPE families (Qwen3-VL, GLM-4V) derive from :class:`~.qwen2_vl.Qwen2VLAdapter`;
+* :attr:`~Adapter.token_tensors` / :meth:`~Adapter.slice_extra`: per-token tensors the text model receives besides
+  ``inputs_embeds`` / ``attention_mask`` / ``position_ids``, to slice with the kept tokens (default: none);
+* :attr:`~Adapter.multimodal_model` / :attr:`~Adapter.text_model`: ``model.model`` / ``model.model.get_decoder()``;
+* :attr:`~Adapter.images_after_cached_images` / :attr:`~Adapter.continued_turns_unsupported`: why a continued chat
+  turn is refused on the family (default None: every continuation is supported).
+
+Each item's tokens lie within one run of consecutive placeholders; a run may hold several items (split by the item
+lengths).
+
+The shared invariant tests check, for every registered tiny family, with images and, where it takes them, videos
+(``tests/test_invariants.py``, ``test_generation_paths.py``, ``test_multiturn.py``, ``test_geometry.py``):
+
+* ratio 1.0 reproduces the unwrapped model exactly (tokens and logits);
+* pruned == masked reference: greedy ``generate`` on the pruned model equals the unpruned model with the dropped
+  tokens masked out of attention at their original positions (same tokens, logits within 1e-4; sdpa and eager),
+  and the check is sensitive (unmasked, the logits differ);
+* a left-padded batch equals each sample alone (same kept tokens, same new tokens);
+* the KV cache holds exactly the kept length; the stats describe the cut; text-only calls pass through; unwrap
+  restores the model;
+* the ``image-text-to-text`` pipeline runs on the pruned model;
+* multi-turn: later turns continue the pruned cache like the masked reference over the whole conversation, and
+  equal the unwrapped model at ratio 1.0;
+* ``token_regions`` gives one region per placeholder, items in order, regions tiling each image / frame.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from .regions import ItemRegions, TokenRegions, VisualItem
+
+if TYPE_CHECKING:
+    from ..pruning import Slicing
 
 
 def _runs(row: torch.Tensor) -> list[tuple[int, int]]:
@@ -48,8 +98,35 @@ class VisualLayout:
         return [sum(s) for s in self.segments]
 
 
-class Adapter:
-    """Base class of the model-family adapters. Subclasses set ``model_types`` and implement the hooks below."""
+
+@dataclass(frozen=True)
+class Placeholder:
+    """One visual input of a placeholder model: ``token_id`` marks each of its tokens in ``input_ids``; ``kind``
+    (``"image"`` / ``"video"``) names it in ``generate``'s ``mm_encoder_outputs`` and in :class:`VisualItem`;
+    ``pixels`` is the call's keyword for its pixel values."""
+
+    token_id: int
+    kind: str
+    pixels: str
+
+
+def _encoded_lengths(output: Any) -> list[int] | None:
+    """Token counts of the items of a pre-encoded ``mm_encoder_outputs`` entry: one feature tensor per item, or one
+    ``[items, tokens, hidden]`` tensor of equal items; None for another form."""
+    pooled = output.pooler_output
+    if isinstance(pooled, (list, tuple)):
+        return [int(p.shape[0]) for p in pooled]
+    if isinstance(pooled, torch.Tensor) and pooled.dim() == 3:
+        return [int(pooled.shape[1])] * pooled.shape[0]
+    return None
+
+
+class Adapter(ABC):
+    """The contract between the core and a model family (see the module docstring); subclasses set ``model_types``.
+
+    The abstract methods are what the core calls; :class:`PlaceholderAdapter` implements them for placeholder
+    models. The rest has defaults that suit every family so far.
+    """
 
     model_types: ClassVar[tuple[str, ...]] = ()
     # why a turn that continues a cache holding visual tokens cannot add new ones, where the family cannot (else None)
@@ -57,6 +134,9 @@ class Adapter:
     # why a turn that continues a cache cannot add visual tokens or renumber positions ("contiguous") with the
     # installed transformers, where it cannot (else None)
     continued_turns_unsupported: ClassVar[str | None] = None
+    #: keyword arguments of the text model, ``[batch, length, ...]`` tensors, that the prefill slices like
+    #: ``inputs_embeds`` (see :meth:`slice_extra`)
+    token_tensors: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -78,13 +158,99 @@ class Adapter:
 
     # -- tokens ----------------------------------------------------------------------------------------------
     @property
+    @abstractmethod
     def visual_token_ids(self) -> tuple[int, ...]:
-        cfg = self.model.config
-        return tuple(i for i in (cfg.image_token_id, getattr(cfg, "video_token_id", None)) if i is not None)
+        """Every token id that marks a visual token in ``input_ids``."""
 
+    @abstractmethod
     def placeholder_ids(self, call: Mapping[str, Any]) -> tuple[int, ...]:
         """The :attr:`visual_token_ids` that mark visual tokens in ``call`` (a model call's kwargs or a processor
-        output): those of the modalities it brings pixel values (or ``generate``'s pre-encoded features) for.
+        output)."""
+
+    @abstractmethod
+    def item_lengths(self, call: dict[str, Any], token_id: int) -> list[int] | None:
+        """Token counts of the batch's images (``token_id`` = image token) or videos, in order, if known."""
+
+    @abstractmethod
+    def layout(self, call: dict[str, Any], attention_mask: torch.Tensor | None,
+               positions: torch.Tensor) -> VisualLayout:
+        """Visual and instruction positions of a prefill call (``call``: the multimodal model's kwargs;
+        ``positions``: :meth:`expand_positions`). Raises :class:`MalformedVisualInputError` where the placeholders
+        do not match the visual inputs."""
+
+    # -- positions -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def expand_positions(self, position_ids: torch.Tensor | None, batch: int, length: int,
+                         device: torch.device) -> torch.Tensor:
+        """The position ids the text model would use on a prefill, as a ``[rows, batch, length]`` tensor."""
+
+    @abstractmethod
+    def text_model_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """``[rows, batch, length]`` back into the form the text model's forward takes."""
+
+    @abstractmethod
+    def rotary_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """``[rows, batch, length]`` into the form ``text_model.rotary_emb`` takes."""
+
+    # -- extra per-token inputs ----------------------------------------------------------------------------
+    def slice_extra(self, kwargs: dict[str, Any], call: Mapping[str, Any], slicing: Slicing) -> dict[str, Any]:
+        """The pruned text-model kwargs with the family's extra per-token tensors sliced too.
+
+        The prefill pruner calls it last, with ``inputs_embeds``, ``attention_mask`` and ``position_ids`` already
+        sliced; ``call`` is the multimodal call, ``slicing`` how the ``[batch, length]`` sequence was cut
+        (:class:`~hf_tokenprune.pruning.Slicing`: ``index`` the kept original positions, right-aligned;
+        ``slot_valid`` False on the padding that lines up rows of different lengths). The default slices the
+        :attr:`token_tensors` the call holds, with 0 (False) on that padding. Families whose extra inputs are not
+        ``[batch, length, ...]`` (Qwen3-VL's ``deepstack_visual_embeds``, one row per visual token) override it.
+        """
+        names = [name for name in self.token_tensors if isinstance(kwargs.get(name), torch.Tensor)]
+        if not names:
+            return kwargs
+        kwargs = dict(kwargs)
+        for name in names:
+            sliced = slicing.sequence(kwargs[name])
+            padding = ~slicing.slot_valid.view(*slicing.slot_valid.shape, *([1] * (sliced.dim() - 2)))
+            kwargs[name] = sliced.masked_fill(padding.to(sliced.device), 0)
+        return kwargs
+
+    # -- geometry ------------------------------------------------------------------------------------------
+    @abstractmethod
+    def token_regions(self, inputs: Mapping[str, Any], sample: int = 0, *,
+                      original_sizes: Sequence[tuple[int, int]] | None = None) -> TokenRegions:
+        """The region of its original image / video frame that each visual token of sample ``sample`` encodes.
+
+        ``inputs``: the processor output for the batch (``input_ids`` and the visual inputs: grids, image
+        sizes, pixel values). ``original_sizes``: ``(width, height)`` (PIL's ``Image.size``) of every image
+        given to the processor, in that order; needed only where ``inputs`` lack what the geometry depends on
+        (LLaVA-1.5's center crop), ignored elsewhere. Visual tokens: the :meth:`placeholder_ids` of ``inputs``.
+        Raises :class:`MalformedVisualInputError` if the placeholders do not match the visual inputs.
+        """
+
+
+class PlaceholderAdapter(Adapter):
+    """A placeholder model: each visual token is one :attr:`placeholders` token in ``input_ids`` whose embedding the
+    multimodal model replaces with a visual feature; 1-D position ids. Families override the hooks listed in the
+    module docstring."""
+
+    @property
+    def placeholders(self) -> tuple[Placeholder, ...]:
+        """The family's visual inputs: the config's ``image_token_id`` (``pixel_values``) and ``video_token_id``
+        (``pixel_values_videos``), where set."""
+        cfg = self.model.config
+        return tuple(Placeholder(token, kind, pixels) for token, kind, pixels in (
+            (getattr(cfg, "image_token_id", None), "image", "pixel_values"),
+            (getattr(cfg, "video_token_id", None), "video", "pixel_values_videos")) if token is not None)
+
+    def _placeholder(self, token_id: int) -> Placeholder:
+        return next(p for p in self.placeholders if p.token_id == token_id)
+
+    # -- tokens ----------------------------------------------------------------------------------------------
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        return tuple(p.token_id for p in self.placeholders)
+
+    def placeholder_ids(self, call: Mapping[str, Any]) -> tuple[int, ...]:
+        """Those of the modalities ``call`` brings pixel values (or ``generate``'s pre-encoded features) for.
 
         transformers merges features only for the modalities a call brings; a placeholder of another modality is
         embedded as an ordinary token, so it is text for pruning too. A call given ``inputs_embeds`` may hold
@@ -93,11 +259,8 @@ class Adapter:
         if call.get("inputs_embeds") is not None:
             return self.visual_token_ids
         encoded = call.get("mm_encoder_outputs") or {}
-        cfg = self.model.config
-        return tuple(token for token, modality, pixels in (
-            (cfg.image_token_id, "image", "pixel_values"),
-            (getattr(cfg, "video_token_id", None), "video", "pixel_values_videos"))
-            if token is not None and (call.get(pixels) is not None or encoded.get(modality) is not None))
+        return tuple(p.token_id for p in self.placeholders
+                     if call.get(p.pixels) is not None or encoded.get(p.kind) is not None)
 
     def _config_token_ids(self, *names: str) -> set[int]:
         ids: set[int] = set()
@@ -120,17 +283,18 @@ class Adapter:
                          | set(self.visual_token_ids))
 
     def item_lengths(self, call: dict[str, Any], token_id: int) -> list[int] | None:
-        """Token counts of the batch's images (``token_id`` = image token) or videos, in order, if known.
+        """Under ``generate``, which pre-encodes the visual inputs and passes ``mm_encoder_outputs``, the items'
+        feature lengths; on a plain forward call, :meth:`input_item_lengths`."""
+        placeholder = self._placeholder(token_id)
+        encoded = (call.get("mm_encoder_outputs") or {}).get(placeholder.kind)
+        lengths = _encoded_lengths(encoded) if encoded is not None else None
+        return lengths if lengths is not None else self.input_item_lengths(call, placeholder)
 
-        ``generate`` pre-encodes the visual inputs and passes ``mm_encoder_outputs`` (one feature tensor per
-        item); families override this to read their raw inputs (e.g. grids) on plain forward calls.
-        """
-        modality = "image" if token_id == self.model.config.image_token_id else "video"
-        output = (call.get("mm_encoder_outputs") or {}).get(modality)
-        if output is None:
-            return None
-        pooled = output.pooler_output
-        return [int(p.shape[0]) for p in pooled] if isinstance(pooled, (list, tuple)) else None
+    def input_item_lengths(self, call: Mapping[str, Any], placeholder: Placeholder) -> list[int] | None:
+        """Token counts of the ``placeholder`` items of a call without pre-encoded features, from its raw visual
+        inputs (grids, image sizes, pixel shapes); None where unknown (the default): each run of placeholders is
+        then one item."""
+        return None
 
     def frames(self, length: int, token_id: int, positions: torch.Tensor, call: dict[str, Any]) -> list[int]:
         """Split one image/video item of ``length`` tokens into its frames (``positions``: the item's
@@ -180,8 +344,8 @@ class Adapter:
 
     def layout(self, call: dict[str, Any], attention_mask: torch.Tensor | None,
                positions: torch.Tensor) -> VisualLayout:
-        """Visual and instruction positions of a prefill call (``call`` holds the multimodal model's kwargs; visual:
-        the :meth:`placeholder_ids` of the call).
+        """Visual: the :meth:`placeholder_ids` of the call, split into items by :meth:`item_lengths` and into frames
+        by :meth:`frames`.
 
         Instruction tokens of a sample are the tokens after its last visual token up to the last end-of-turn
         token (:attr:`end_of_turn_ids`, i.e. the end of the user's turn; the end of the prompt if there is
@@ -209,40 +373,29 @@ class Adapter:
     # -- positions -----------------------------------------------------------------------------------------
     def expand_positions(self, position_ids: torch.Tensor | None, batch: int, length: int,
                          device: torch.device) -> torch.Tensor:
-        """The position ids the text model would use on a prefill, as a ``[rows, batch, length]`` tensor."""
+        """1-D: one row, ``0, 1, 2, ...`` where the model was given none."""
         if position_ids is None:
             return torch.arange(length, device=device).view(1, 1, -1).expand(1, batch, -1)
         return position_ids.view(1, *position_ids.shape[-2:]).expand(1, batch, -1)
 
     def text_model_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """``[rows, batch, length]`` back into the form the text model's forward takes."""
         return positions[0]
 
     def rotary_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """``[rows, batch, length]`` into the form ``text_model.rotary_emb`` takes."""
         return positions[0]
 
     # -- geometry ------------------------------------------------------------------------------------------
     def token_regions(self, inputs: Mapping[str, Any], sample: int = 0, *,
                       original_sizes: Sequence[tuple[int, int]] | None = None) -> TokenRegions:
-        """The region of its original image / video frame that each visual token of sample ``sample`` encodes.
-
-        ``inputs``: the processor output for the batch (``input_ids`` and the visual inputs: grids, image
-        sizes, pixel values). ``original_sizes``: ``(width, height)`` (PIL's ``Image.size``) of every image
-        given to the processor, in that order; needed only where ``inputs`` lack what the geometry depends on
-        (LLaVA-1.5's center crop), ignored elsewhere. Visual tokens: the :meth:`placeholder_ids` of ``inputs``.
-        Raises :class:`MalformedVisualInputError` if the placeholders do not match the visual inputs.
-        """
+        """Each item's :meth:`item_regions`, in placeholder order."""
         input_ids = inputs["input_ids"]
         ids = self.placeholder_ids(inputs)
-        kinds = {token: kind for token, kind in ((self.model.config.image_token_id, "image"),
-                                                  (getattr(self.model.config, "video_token_id", None), "video"))
-                 if token in ids}
-        used = {"image": 0, "video": 0}
+        kinds = {p.token_id: p.kind for p in self.placeholders if p.token_id in ids}
+        used = dict.fromkeys(kinds.values(), 0)
         items: list[VisualItem] = []
         regions: list[ItemRegions] = []
         for b in range(sample + 1):
-            runs = sorted((start, length, kind) for token, kind in kinds.items() if token is not None
+            runs = sorted((start, length, kind) for token, kind in kinds.items()
                           for start, length in _runs(input_ids[b] == token))
             offset = 0
             for _, length, kind in runs:
@@ -273,8 +426,9 @@ class Adapter:
                 offset += length
         return TokenRegions.from_items(items, regions)
 
+    @abstractmethod
     def item_regions(self, inputs: Mapping[str, Any], kind: str, index: int,
                      original_size: tuple[int, int] | None) -> ItemRegions:
         """Regions of the tokens of image (``kind="image"``) or video ``index`` of the batch, in placeholder order.
-        ``original_size``: its ``(width, height)`` if the caller gave it. Families implement this."""
-        raise NotImplementedError(f"{type(self).__name__} has no token geometry")
+        ``original_size``: its ``(width, height)`` if the caller gave it. An index past the inputs' items raises
+        ``IndexError``."""

@@ -15,20 +15,19 @@ from typing import Any
 
 import torch
 
-from .base import Adapter
+from .base import Placeholder, PlaceholderAdapter
 from .regions import ItemRegions, clip_boxes, grid_boxes, nan_boxes, spans
 
 
-class LlavaAdapter(Adapter):
+class LlavaAdapter(PlaceholderAdapter):
     model_types = ("llava",)
 
-    def item_lengths(self, call: dict[str, Any], token_id: int) -> list[int] | None:
-        lengths = super().item_lengths(call, token_id)
-        pixels = call.get("pixel_values")
-        if lengths is not None or pixels is None or call.get("image_sizes") is not None:
-            return lengths
+    def input_item_lengths(self, call: Mapping[str, Any], placeholder: Placeholder) -> list[int] | None:
+        pixels = call.get(placeholder.pixels)
+        if pixels is None or call.get("image_sizes") is not None:
+            return None
         images = int(pixels.shape[0])
-        return [int((call["input_ids"] == token_id).sum()) // images] * images
+        return [int((call["input_ids"] == placeholder.token_id).sum()) // images] * images
 
     def item_regions(self, inputs: Mapping[str, Any], kind: str, index: int,
                      original_size: tuple[int, int] | None) -> ItemRegions:

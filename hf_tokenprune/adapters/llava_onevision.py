@@ -24,26 +24,19 @@ from typing import Any
 import torch
 from transformers.image_processing_utils import select_best_resolution
 
-from .base import Adapter, MalformedVisualInputError
+from .base import MalformedVisualInputError, Placeholder, PlaceholderAdapter
 from .regions import ItemRegions, clip_boxes, grid_boxes, nan_boxes, spans
 
 
-class LlavaOnevisionAdapter(Adapter):
+class LlavaOnevisionAdapter(PlaceholderAdapter):
     model_types = ("llava_onevision",)
 
-    def item_lengths(self, call: dict[str, Any], token_id: int) -> list[int] | None:
-        if token_id == self.model.config.image_token_id:
-            lengths, sizes = super().item_lengths(call, token_id), call.get("image_sizes")
-            if lengths is not None or sizes is None:
-                return lengths
-            # a plain forward: each image's token count from its geometry (adjacent images form one run)
-            return [len(self.item_regions(call, "image", i, None)) for i in range(len(sizes))]
-        output = (call.get("mm_encoder_outputs") or {}).get("video")
-        videos = output.pooler_output if output is not None else call.get("pixel_values_videos")
-        if videos is None:
-            return None
-        per_video = videos.shape[1] if output is not None else videos.shape[1] * self._pooled() + 1
-        return [int(per_video)] * videos.shape[0]
+    def input_item_lengths(self, call: Mapping[str, Any], placeholder: Placeholder) -> list[int] | None:
+        if placeholder.kind == "video":
+            videos = call.get(placeholder.pixels)
+            return None if videos is None else [int(videos.shape[1] * self._pooled() + 1)] * videos.shape[0]
+        sizes = call.get("image_sizes")  # each image's token count from its geometry (adjacent images form one run)
+        return None if sizes is None else [len(self.item_regions(call, "image", i, None)) for i in range(len(sizes))]
 
     def _pooled(self) -> int:
         vision = self.model.config.vision_config

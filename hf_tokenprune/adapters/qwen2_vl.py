@@ -16,11 +16,14 @@ from typing import Any
 import torch
 
 from ..compat import MROPE_RENUMBERS_CONTINUED_TURNS, TRANSFORMERS_VERSION
-from .base import Adapter
+from .base import Placeholder, PlaceholderAdapter
 from .regions import ItemRegions, grid_boxes, unit_spans
 
 
-class Qwen2VLAdapter(Adapter):
+class Qwen2VLAdapter(PlaceholderAdapter):
+    """A placeholder model with grid item lengths, M-RoPE positions and grid geometry; M-RoPE families with
+    ``..._grid_thw`` inputs (Qwen3-VL, GLM-4V) derive from it."""
+
     model_types = ("qwen2_vl", "qwen2_5_vl")
     images_after_cached_images = (
         "transformers numbers the M-RoPE positions of a new turn's images with get_rope_index over the whole "
@@ -31,11 +34,10 @@ class Qwen2VLAdapter(Adapter):
         "unpruned model gets the M-RoPE positions of new images wrong too; fixed in transformers 5.23): upgrade "
         "transformers, or start a new conversation")
 
-    def item_lengths(self, call: dict[str, Any], token_id: int) -> list[int] | None:
-        lengths = super().item_lengths(call, token_id)
-        grid = call.get("image_grid_thw" if token_id == self.model.config.image_token_id else "video_grid_thw")
-        if lengths is not None or grid is None:
-            return lengths
+    def input_item_lengths(self, call: Mapping[str, Any], placeholder: Placeholder) -> list[int] | None:
+        grid = call.get(f"{placeholder.kind}_grid_thw")
+        if grid is None:
+            return None
         merge = self.model.config.vision_config.spatial_merge_size ** 2
         return [int(t * h * w) // merge for t, h, w in grid.tolist()]
 
