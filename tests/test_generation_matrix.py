@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import CASES, FAMILIES, chat, make_inputs
+from conftest import CASES, FAMILIES, make_inputs
 from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer, TextStreamer
 
 from hf_tokenprune import UnsupportedGenerationError, prune_wrap, tiny, unwrap
@@ -318,18 +318,3 @@ def test_streamers_stream_the_returned_text(pruned, built, capsys, family, kind)
     streamed = "".join(streamer)
     thread.join()
     assert streamed.strip() == returned.strip()
-
-
-@pytest.mark.parametrize("family", [f for f, k in CASES if k == "video"])
-def test_left_padded_video_batch_equals_each_sample_alone(pruned, built, family):
-    model, inputs = pruned(family, kind="video")
-    assert (inputs["attention_mask"] == 0).any()
-    together = generate(model, inputs)
-    kept_together = model.tokenprune.last_stats.kept_indices
-    processor = built(family)[1]
-    for b, question in enumerate(["what colour is the circle", "what shape is left of the red square ?"]):
-        text = processor.apply_chat_template(chat(question, "video"), add_generation_prompt=True, tokenize=False)
-        alone = processor(text=[text], videos=[tiny.make_video(b, frames=4, size=56)], return_tensors="pt")
-        out = generate(model, alone)
-        assert torch.equal(model.tokenprune.last_stats.kept_indices[0], kept_together[b])
-        assert torch.equal(out[0, alone["input_ids"].shape[1]:], together[b, inputs["input_ids"].shape[1]:])

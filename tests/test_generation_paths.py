@@ -1,29 +1,13 @@
-"""pipeline(), contiguous positions, from_pretrained and decode steps without position ids."""
+"""Contiguous positions, from_pretrained and decode steps without position ids (the pipeline: test_invariants.py)."""
 
 import pytest
 import torch
 from conftest import FAMILIES, greedy, make_inputs
-from transformers import pipeline
 
 import hf_tokenprune
 from hf_tokenprune import prune_wrap, tiny
 from hf_tokenprune.adapters import get_adapter
 from hf_tokenprune.compat import output_cache, with_cache
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_pipeline_runs_on_the_pruned_model(built, family):
-    model, processor = built(family)
-    pipe = pipeline("image-text-to-text", model=model, processor=processor)
-    messages = [{"role": "user", "content": [{"type": "image", "image": tiny.make_image(3, size=84)},
-                                             {"type": "text", "text": "what colour is the circle"}]}]
-    reference = pipe(text=messages, max_new_tokens=16, do_sample=False)
-    prune_wrap(model, ratio=0.25, scorer="attention")
-    out = pipe(text=messages, max_new_tokens=16, do_sample=False)
-    stats = model.tokenprune.last_stats
-    assert stats.visual_tokens_after[0] == -(-stats.visual_tokens_before[0] // 4)
-    assert isinstance(out[0]["generated_text"], list | str)
-    assert type(out[0]["generated_text"]) is type(reference[0]["generated_text"])
 
 
 def _capture_text_model_inputs(model):
@@ -95,4 +79,3 @@ def test_from_pretrained_loads_a_local_directory_offline(tmp_path, monkeypatch):
     assert torch.equal(greedy(wrapped, inputs, steps=3).sequences,
                        greedy(wrapped, inputs, steps=3).sequences)
     assert wrapped.tokenprune.last_stats.visual_tokens_after[0] < wrapped.tokenprune.last_stats.visual_tokens_before[0]
-

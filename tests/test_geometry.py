@@ -49,17 +49,6 @@ def batch_regions(built, family: str, kind: str, images_per_sample: tuple[int, i
     return adapter, inputs, sizes, [adapter.token_regions(inputs, b, original_sizes=sizes) for b in range(2)]
 
 
-@pytest.mark.parametrize(("family", "kind"), CASES)
-def test_one_region_per_placeholder_and_items_in_order(built, family, kind):
-    adapter, inputs, sizes, batch = batch_regions(built, family, kind)
-    for b, regions in enumerate(batch):
-        assert len(regions) == visual_count(adapter, inputs, b)
-        assert [(i.kind, i.index, i.start, i.stop) for i in regions.items] == [(kind, b, 0, len(regions))]
-        assert bool((regions.item == 0).all())
-        valid = regions.boxes[regions.valid]
-        assert bool(((valid >= 0) & (valid <= 1)).all()) and bool((valid[:, 2:] > valid[:, :2]).all())
-
-
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision", "llava"])
 def test_items_of_a_multi_image_batch(built, family):
     adapter, inputs, sizes, (first, second) = batch_regions(built, family, "image", images_per_sample=(2, 1))
@@ -73,24 +62,6 @@ def test_items_of_a_multi_image_batch(built, family):
                       return_tensors="pt")
     single = adapter.token_regions(alone, 0, original_sizes=[sizes[2]])
     assert torch.equal(single.boxes.nan_to_num(-1), second.boxes.nan_to_num(-1))
-
-
-@pytest.mark.parametrize(("family", "kind"), CASES)
-def test_regions_tile_each_image_and_frame(built, family, kind):
-    _, _, sizes, batch = batch_regions(built, family, kind)
-    for b, regions in enumerate(batch):
-        for frame in range(regions.items[0].num_frames):
-            on = regions.on(0, frame)
-            for level in regions.level[on].unique().tolist():
-                cover = coverage(regions.boxes[on & (regions.level == level)])
-                assert cover.max() == 1  # no overlaps within one resolution level
-                if family == "llava":  # the center crop
-                    width, height = sizes[b]
-                    assert cover.mean() == pytest.approx(min(width, height) / max(width, height), abs=0.03)
-                elif level == 1:  # LLaVA-OneVision's unpadding can cut a strip of the image off
-                    assert cover.mean() > 0.85
-                else:
-                    assert cover.min() == 1
 
 
 def test_llava_needs_the_original_sizes(built):

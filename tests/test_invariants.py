@@ -1,11 +1,34 @@
-"""The invariants that define correct input-stage pruning, on every adapter, with images and videos."""
+"""The invariants that define correct input-stage pruning, on every registered tiny family, with images and videos.
+
+The shared matrix: every family of the ``hf_tokenprune.tiny`` registry (the made-up one of ``made_up_family.py``
+too) gets every test here, with every input kind it takes: ratio 1.0 reproduces the unwrapped model, pruned ==
+masked reference, a left-padded batch == each sample alone, the KV cache length, the pipeline, multi-turn
+continuation and ``token_regions`` covering each image.
+"""
 
 import pytest
 import torch
-from conftest import CASES, FAMILIES, check_batch_equals_each_sample_alone, greedy, make_inputs, masked_greedy
+from conftest import REGISTERED_CASES as CASES  # here: every registered family, the made-up ones too
+from conftest import REGISTERED_FAMILIES as FAMILIES
+from conftest import chat, check_batch_equals_each_sample_alone, greedy, make_inputs, masked_greedy
+from test_geometry import batch_regions, coverage, visual_count
+from test_multiturn import (
+    FOLLOW_UPS,
+    QUESTIONS,
+    answers,
+    encode,
+    extend,
+    first_turn,
+    generate,
+    reference,
+    text_only,
+    turn_drop,
+    visual_inputs,
+)
+from transformers import pipeline
 
 from hf_tokenprune import prune_wrap, tiny, unwrap
-from hf_tokenprune.compat import output_cache
+from hf_tokenprune.compat import output_cache, with_cache
 
 
 def max_logit_diff(a, b):
@@ -133,3 +156,110 @@ def test_pruned_equals_masked_reference_with_eager_attention(family):
     reference = masked_greedy(model, inputs, steps=6)
     assert torch.equal(pruned.sequences, reference.sequences)
     assert max_logit_diff(pruned, reference) < 1e-4
+
+
+@pytest.mark.parametrize("family", [f for f, k in CASES if k == "video"])
+def test_left_padded_video_batch_equals_each_sample_alone(built, family):
+    model, processor = built(family)
+    inputs = make_inputs(processor, "video")
+    prune_wrap(model, ratio=0.25, scorer="attention")
+    assert (inputs["attention_mask"] == 0).any()
+    together = greedy(model, inputs, steps=6).sequences
+    kept_together = model.tokenprune.last_stats.kept_indices
+    for b, question in enumerate(["what colour is the circle", "what shape is left of the red square ?"]):
+        text = processor.apply_chat_template(chat(question, "video"), add_generation_prompt=True, tokenize=False)
+        alone = processor(text=[text], videos=[tiny.make_video(b, frames=4, size=56)], return_tensors="pt")
+        out = greedy(model, alone, steps=6).sequences
+        assert torch.equal(model.tokenprune.last_stats.kept_indices[0], kept_together[b])
+        assert torch.equal(out[0, alone["input_ids"].shape[1]:], together[b, inputs["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pipeline_runs_on_the_pruned_model(built, family):
+    model, processor = built(family)
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    messages = [{"role": "user", "content": [{"type": "image", "image": tiny.make_image(3, size=84)},
+                                             {"type": "text", "text": "what colour is the circle"}]}]
+    reference = pipe(text=messages, max_new_tokens=16, do_sample=False)
+    prune_wrap(model, ratio=0.25, scorer="attention")
+    out = pipe(text=messages, max_new_tokens=16, do_sample=False)
+    stats = model.tokenprune.last_stats
+    assert stats.visual_tokens_after[0] == -(-stats.visual_tokens_before[0] // 4)
+    assert isinstance(out[0]["generated_text"], list | str)
+    assert type(out[0]["generated_text"]) is type(reference[0]["generated_text"])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_next_turns_continue_the_pruned_cache_like_the_masked_reference(built, family, kind, batch):
+    """Three turns, the later ones text-only: the first turn's dropped tokens stay out of the cache, and each turn's
+    logits equal the unpruned model over the whole conversation with those tokens masked out."""
+    model, processor, conversations, visual, inputs, out = first_turn(built, family, kind, batch)
+    stats = model.tokenprune.last_stats
+    assert all(a < b for a, b in zip(stats.visual_tokens_after, stats.visual_tokens_before))
+    drop = turn_drop(model, [(0, inputs["input_ids"], stats)])
+    dropped = inputs["input_ids"].shape[1] - stats.seq_len_after
+    for question in FOLLOW_UPS:
+        prompt_length = inputs["input_ids"].shape[1]
+        conversations = extend(conversations, answers(processor, out, prompt_length), question=question)
+        inputs = encode(processor, conversations, visual)
+        assert torch.equal(inputs["input_ids"][:, :out.sequences.shape[1]], out.sequences)  # the chat round trip
+        out = generate(model, text_only(inputs), **with_cache(output_cache(out)))
+        assert model.tokenprune.last_stats is None  # nothing new to prune
+        ref = reference(model, inputs, drop)
+        assert torch.equal(out.sequences, ref.sequences)
+        assert max_logit_diff(out, ref) < 1e-4
+        assert output_cache(ref).get_seq_length() - output_cache(out).get_seq_length() == dropped
+    with model.tokenprune.disabled(), torch.no_grad():  # and the check is sensitive: unmasked, the logits differ
+        unmasked = model(**inputs)
+    assert (unmasked.logits[:, -1] - ref.logits[0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_multi_turn_at_ratio_one_equals_the_unwrapped_model(built, family, batch):
+    model, processor = built(family)
+    conversations = [chat(q, "image") for q in QUESTIONS[:batch]]
+    visual = visual_inputs("image", batch)
+    inputs = encode(processor, conversations, visual)
+    runs = []
+    for wrap in (False, True):
+        if wrap:
+            prune_wrap(model, ratio=1.0, scorer="attention")
+        first = generate(model, inputs)
+        follow = encode(processor, extend(conversations, answers(processor, first, inputs["input_ids"].shape[1])),
+                        visual)
+        runs.append((first, generate(model, text_only(follow), **with_cache(output_cache(first)))))
+    for (unwrapped, wrapped) in zip(*runs, strict=True):
+        assert torch.equal(wrapped.sequences, unwrapped.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(wrapped.logits, unwrapped.logits, strict=True))
+
+
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_one_region_per_placeholder_and_items_in_order(built, family, kind):
+    adapter, inputs, sizes, batch = batch_regions(built, family, kind)
+    for b, regions in enumerate(batch):
+        assert len(regions) == visual_count(adapter, inputs, b)
+        assert [(i.kind, i.index, i.start, i.stop) for i in regions.items] == [(kind, b, 0, len(regions))]
+        assert bool((regions.item == 0).all())
+        valid = regions.boxes[regions.valid]
+        assert bool(((valid >= 0) & (valid <= 1)).all()) and bool((valid[:, 2:] > valid[:, :2]).all())
+
+
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_regions_tile_each_image_and_frame(built, family, kind):
+    _, _, sizes, batch = batch_regions(built, family, kind)
+    center_crop = getattr(built(family)[1].image_processor, "do_center_crop", False)  # LLaVA-1.5
+    for b, regions in enumerate(batch):
+        for frame in range(regions.items[0].num_frames):
+            on = regions.on(0, frame)
+            for level in regions.level[on].unique().tolist():
+                cover = coverage(regions.boxes[on & (regions.level == level)])
+                assert cover.max() == 1  # no overlaps within one resolution level
+                if center_crop:
+                    width, height = sizes[b]
+                    assert cover.mean() == pytest.approx(min(width, height) / max(width, height), abs=0.03)
+                elif level == 1:  # LLaVA-OneVision's unpadding can cut a strip of the image off
+                    assert cover.mean() > 0.85
+                else:
+                    assert cover.min() == 1

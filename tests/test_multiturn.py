@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import CASES, FAMILIES, chat
+from conftest import FAMILIES, chat
 
 from hf_tokenprune import PrunedCacheError, prune_wrap, tiny, unwrap
 from hf_tokenprune.adapters import get_adapter
@@ -102,52 +102,6 @@ def reference(model, inputs, drop: torch.Tensor):
     """The unpruned model over the whole conversation with the dropped tokens masked out (original positions)."""
     with masked_reference(model, drop), torch.no_grad():
         return model.generate(**inputs, **GREEDY)
-
-
-@pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize(("family", "kind"), CASES)
-def test_next_turns_continue_the_pruned_cache_like_the_masked_reference(built, family, kind, batch):
-    """Three turns, the later ones text-only: the first turn's dropped tokens stay out of the cache, and each turn's
-    logits equal the unpruned model over the whole conversation with those tokens masked out."""
-    model, processor, conversations, visual, inputs, out = first_turn(built, family, kind, batch)
-    stats = model.tokenprune.last_stats
-    assert all(a < b for a, b in zip(stats.visual_tokens_after, stats.visual_tokens_before))
-    drop = turn_drop(model, [(0, inputs["input_ids"], stats)])
-    dropped = inputs["input_ids"].shape[1] - stats.seq_len_after
-    for question in FOLLOW_UPS:
-        prompt_length = inputs["input_ids"].shape[1]
-        conversations = extend(conversations, answers(processor, out, prompt_length), question=question)
-        inputs = encode(processor, conversations, visual)
-        assert torch.equal(inputs["input_ids"][:, :out.sequences.shape[1]], out.sequences)  # the chat round trip
-        out = generate(model, text_only(inputs), **with_cache(output_cache(out)))
-        assert model.tokenprune.last_stats is None  # nothing new to prune
-        ref = reference(model, inputs, drop)
-        assert torch.equal(out.sequences, ref.sequences)
-        assert max_logit_diff(out, ref) < 1e-4
-        assert output_cache(ref).get_seq_length() - output_cache(out).get_seq_length() == dropped
-    with model.tokenprune.disabled(), torch.no_grad():  # and the check is sensitive: unmasked, the logits differ
-        unmasked = model(**inputs)
-    assert (unmasked.logits[:, -1] - ref.logits[0]).abs().max() > 1e-4
-
-
-@pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_multi_turn_at_ratio_one_equals_the_unwrapped_model(built, family, batch):
-    model, processor = built(family)
-    conversations = [chat(q, "image") for q in QUESTIONS[:batch]]
-    visual = visual_inputs("image", batch)
-    inputs = encode(processor, conversations, visual)
-    runs = []
-    for wrap in (False, True):
-        if wrap:
-            prune_wrap(model, ratio=1.0, scorer="attention")
-        first = generate(model, inputs)
-        follow = encode(processor, extend(conversations, answers(processor, first, inputs["input_ids"].shape[1])),
-                        visual)
-        runs.append((first, generate(model, text_only(follow), **with_cache(output_cache(first)))))
-    for (unwrapped, wrapped) in zip(*runs, strict=True):
-        assert torch.equal(wrapped.sequences, unwrapped.sequences)
-        assert all(torch.equal(a, b) for a, b in zip(wrapped.logits, unwrapped.logits, strict=True))
 
 
 @pytest.mark.parametrize("positions", ["original", "contiguous"])

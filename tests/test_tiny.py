@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import functools
 
+import made_up_family
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+from conftest import FAMILIES
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration, pipeline
 
 from hf_tokenprune import tiny
 from hf_tokenprune.tiny import (
-    FAMILIES,
     MODALITIES,
     SPECIAL_TOKENS,
     build,
@@ -426,11 +427,26 @@ def test_make_image_and_video_deterministic():
 
 
 def test_module_exports():
-    assert tiny.FAMILIES == ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava")
-    assert set(MODALITIES) == set(FAMILIES)
+    assert FAMILIES == ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava")
+    assert (*FAMILIES, *made_up_family.FAMILIES) == tiny.FAMILIES  # live: the tests' registrations come after
+    assert set(MODALITIES) == set(tiny.FAMILIES)
     assert MODALITIES["llava"] == ("image",)
     assert all(MODALITIES[f] == ("image", "video") for f in FAMILIES if f != "llava")
     for family in FAMILIES:  # a family has a video processor iff it takes videos
         assert hasattr(build_processor(family), "video_processor") == ("video" in MODALITIES[family])
     for name in tiny.__all__:
         assert hasattr(tiny, name)
+
+
+def test_registry():
+    assert tiny.get_family("llava") is tiny.LLAVA and tiny.LLAVA.model_class is LlavaForConditionalGeneration
+    made_up = tiny.get_family(made_up_family.NAME)
+    assert made_up.config is tiny.LLAVA.config and made_up.modalities == ("image",)
+    model = build_model(made_up_family.NAME)
+    assert type(model.config) is made_up_family.MadeUpLlavaConfig and model.config.model_type == made_up_family.NAME
+    reference = build_model("llava").state_dict()  # the same tiny LLaVA-1.5 under another model_type
+    assert all(torch.equal(t, reference[k]) for k, t in model.state_dict().items())
+    with pytest.raises(ValueError, match="already registered"):
+        tiny.register_family(tiny.LLAVA)
+    with pytest.raises(ValueError, match="unknown family 'qwen3_vl'"):
+        tiny.get_family("qwen3_vl")

@@ -15,11 +15,17 @@ ADAPTERS: dict[str, type[Adapter]] = {
 }
 
 __all__ = ["ADAPTERS", "Adapter", "ItemRegions", "MalformedVisualInputError", "TokenRegions", "UnsupportedModelError",
-           "VisualItem", "VisualLayout", "get_adapter"]
+           "VisualItem", "VisualLayout", "get_adapter", "register_adapter"]
 
 
 class UnsupportedModelError(ValueError):
     """The model family has no adapter."""
+
+
+def register_adapter(model_type: str, adapter_class: type[Adapter]) -> None:
+    """Serve models whose ``config.model_type`` is ``model_type`` with ``adapter_class`` (e.g. a subclass of a
+    supported model class registered under its own ``model_type``)."""
+    ADAPTERS[model_type] = adapter_class
 
 
 def get_adapter(model: nn.Module) -> Adapter:
