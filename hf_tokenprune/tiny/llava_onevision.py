@@ -44,7 +44,6 @@ class TinyLlavaOnevisionVideoProcessor(TinyVideoProcessor):
         return {"pixel_values_videos": out}
 
 
-
 class TinyLlavaOnevisionProcessor(TorchFreeProcessorMixin, LlavaOnevisionProcessor):
     """Stock :class:`~transformers.LlavaOnevisionProcessor` with a torchvision-free video processor."""
 

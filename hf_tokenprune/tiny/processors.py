@@ -128,7 +128,6 @@ class TinyVideoProcessor(VideoProcessorMixin):
         raise NotImplementedError
 
 
-
 # Reloading: image processor type name -> PIL class, video processor type name -> class (register_processor).
 # `PilBackend.to_dict` saves "Qwen2VLImageProcessorPil" as "Qwen2VLImageProcessor", so both names are mapped.
 _IMAGE_PROCESSOR_CLASSES: dict[str, type] = {}
@@ -177,7 +176,6 @@ class TorchFreeProcessorMixin:
         accepted = inspect.signature(cls.__init__).parameters
         options = {k: v for k, v in processor_dict.items() if k in accepted and k not in parts}
         return cls(**parts, **options)
-
 
 
 def register_processor(processor_class: type[ProcessorMixin], image_processor_class: type,

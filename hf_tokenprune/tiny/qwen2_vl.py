@@ -90,7 +90,6 @@ class TinyQwen2VLVideoProcessor(TinyVideoProcessor):
         return grid_t * (height // self.patch_size) * (width // self.patch_size)
 
 
-
 class TinyQwen2VLProcessor(TorchFreeProcessorMixin, Qwen2VLProcessor):
     """Stock :class:`~transformers.Qwen2VLProcessor` with a torchvision-free video processor."""
 

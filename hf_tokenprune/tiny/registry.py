@@ -32,12 +32,11 @@ class TinyFamily:
 _REGISTRY: dict[str, TinyFamily] = {}
 
 
-def register_family(family: TinyFamily) -> TinyFamily:
-    """Add ``family`` to :data:`FAMILIES` (after the families registered before it); returns it."""
+def register_family(family: TinyFamily) -> None:
+    """Add ``family`` to :data:`FAMILIES` (after the families registered before it)."""
     if family.name in _REGISTRY:
         raise ValueError(f"tiny family {family.name!r} is already registered")
     _REGISTRY[family.name] = family
-    return family
 
 
 def get_family(name: str) -> TinyFamily:
