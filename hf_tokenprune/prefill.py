@@ -15,7 +15,15 @@ from typing import Any
 import torch
 
 from .continuation import Owner, PrunedCache, PrunedCacheError
-from .pruning import Slicing, contiguous_positions, select_mass, select_top, unit_distribution
+from .pruning import (
+    Slicing,
+    contiguous_positions,
+    distribution_counts,
+    fixed_counts,
+    select_counts,
+    unit_distribution,
+    unit_spans,
+)
 from .scorers import ScoreInputs
 from .stats import PruneStage, PruneStats, kv_cache_bytes, layer_lengths, prefill_flops
 
@@ -103,7 +111,6 @@ class PrefillPruner:
         structure = inputs.layout
         start = time.perf_counter()
         scores = scorer.score(inputs)
-        scoring_time = time.perf_counter() - start
         valid = inputs.valid
         if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != tuple(valid.shape):
             raise ValueError(f"scorer {type(scorer).__name__} returned "
@@ -113,12 +120,14 @@ class PrefillPruner:
             raise ValueError(f"scorer {type(scorer).__name__} returned NaN scores (a corrupted compressor, "
                              "or weights that overflow); refusing to prune by them")
         scores = scores.to(valid.device)
-        if config.budget == "auto":
-            distribution = unit_distribution(scores, inputs.units, scorer.distribution, config.temperature)
-            keep_packed = select_mass(distribution, valid, inputs.units, config.mass, config.min_ratio,
-                                      config.max_ratio, config.min_tokens)
+        if config.budget == "auto":  # select() sees the distribution the counts come from
+            scores = unit_distribution(scores, inputs.units, scorer.distribution, config.temperature)
+            counts = distribution_counts(scores, inputs.units, config.mass, config.min_ratio, config.max_ratio,
+                                         config.min_tokens)
         else:
-            keep_packed = select_top(scores, valid, inputs.units, config.ratio, config.min_tokens)
+            counts = fixed_counts(inputs.units, config.ratio, config.min_tokens)
+        keep_packed = select(scorer, inputs, scores, counts)
+        scoring_time = time.perf_counter() - start
         keep_visual = torch.zeros_like(structure.visual_mask)
         keep_visual[structure.visual_mask] = keep_packed[valid]
         drop = structure.visual_mask & ~keep_visual
@@ -154,6 +163,24 @@ class PrefillPruner:
         kwargs["position_ids"] = adapter.text_model_positions(new_positions)
         kwargs = adapter.slice_extra(kwargs, call or {}, slicing)  # the family's other per-token inputs
         return PrunedPrefill(kwargs, recorded, stats)
+
+
+def select(scorer: Any, inputs: ScoreInputs, scores: torch.Tensor, counts: list[list[int]]) -> torch.Tensor:
+    """``scorer.select`` (top scores for a scorer object without one), checked: a packed boolean keep mask with
+    exactly ``counts[b][u]`` tokens in each unit."""
+    chosen = getattr(scorer, "select", None)
+    valid = inputs.valid
+    keep = chosen(inputs, scores, counts) if chosen else select_counts(scores, valid, inputs.units, counts)
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != tuple(valid.shape):
+        raise ValueError(f"{type(scorer).__name__}.select returned {getattr(keep, 'dtype', type(keep).__name__)} "
+                         f"{tuple(getattr(keep, 'shape', ()))}; expected a bool tensor of shape {tuple(valid.shape)}")
+    keep = keep.to(valid.device) & valid
+    got = [[0] * len(lengths) for lengths in inputs.units]
+    for b, u, start, n in unit_spans(inputs.units):
+        got[b][u] = int(keep[b, start:start + n].sum())
+    if got != counts:
+        raise ValueError(f"{type(scorer).__name__}.select kept {got} tokens per budget unit; the budget is {counts}")
+    return keep
 
 
 def prune_stats(owner: Owner, counts: list[int], stages: list[PruneStage], batch: int, length: int,

@@ -3,8 +3,9 @@
 Two budgets: a fixed ``ratio`` of each budget unit (:func:`select_top`), or the relevance-mass rule of
 ``budget="auto"`` (:func:`unit_distribution`, :func:`cumulative_mass`, :func:`mass_counts`): each unit keeps the
 smallest set of its highest-scored tokens whose share of the unit's relevance distribution (sharpened or flattened
-by a temperature) reaches ``mass``, clamped to ``[min_ratio, max_ratio]`` of its tokens. Either way
-:func:`select_counts` turns per-unit counts into a keep mask, and rows keeping different counts are re-padded by
+by a temperature) reaches ``mass``, clamped to ``[min_ratio, max_ratio]`` of its tokens. Either budget is a list of
+per-unit counts (:func:`fixed_counts`, :func:`distribution_counts`); a scorer's ``select`` turns them into a keep
+mask (by default :func:`select_counts`: the top scores), and rows keeping different counts are re-padded by
 :class:`Slicing`.
 
 Pure tensor code. Sequences are ``[batch, length, ...]``; position ids are ``[rows, batch, length]``. Packed
@@ -15,6 +16,7 @@ appearance, padded at the end.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -39,27 +41,39 @@ def pack(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.
     return packed, valid
 
 
+def unit_spans(units: list[list[int]]) -> Iterator[tuple[int, int, int, int]]:
+    """``(sample, unit, start, length)`` of every budget unit: unit ``u`` of sample ``b`` is the packed slice
+    ``[b, start:start + length]``."""
+    for b, lengths in enumerate(units):
+        start = 0
+        for u, n in enumerate(lengths):
+            yield b, u, start, n
+            start += n
+
+
+def fixed_counts(units: list[list[int]], ratio: float, min_tokens: int) -> list[list[int]]:
+    """The fixed budget: :func:`budget` of every unit of every sample."""
+    return [[budget(n, ratio, min_tokens) for n in lengths] for lengths in units]
+
+
 def select_top(scores: torch.Tensor, valid: torch.Tensor, units: list[list[int]], ratio: float,
                min_tokens: int) -> torch.Tensor:
     """Keep mask ``[batch, max_count]``: in each budget unit (a run of consecutive visual tokens of one sample,
     ``units[b]`` their lengths) the ``budget(len)`` highest scores; ties go to the earlier token."""
-    counts = [[budget(n, ratio, min_tokens) for n in lengths] for lengths in units]
-    return select_counts(scores, valid, units, counts)
+    return select_counts(scores, valid, units, fixed_counts(units, ratio, min_tokens))
 
 
 def select_counts(scores: torch.Tensor, valid: torch.Tensor, units: list[list[int]],
                   counts: list[list[int]]) -> torch.Tensor:
     """Like :func:`select_top` with explicit counts: the ``counts[b][u]`` highest scores of unit ``u``."""
     keep = torch.zeros_like(valid)
-    for b, lengths in enumerate(units):
-        start = 0
-        for n, k in zip(lengths, counts[b], strict=True):
-            if k:
-                chunk = scores[b, start:start + n]
-                chunk = chunk.to(torch.promote_types(chunk.dtype, torch.float32))  # float64 stays float64
-                order = torch.sort(chunk, descending=True, stable=True).indices[:k]
-                keep[b, start + order] = True
-            start += n
+    for b, u, start, n in unit_spans(units):
+        k = counts[b][u]
+        if k:
+            chunk = scores[b, start:start + n]
+            chunk = chunk.to(torch.promote_types(chunk.dtype, torch.float32))  # float64 stays float64
+            order = torch.sort(chunk, descending=True, stable=True).indices[:k]
+            keep[b, start + order] = True
     return keep & valid
 
 
@@ -117,11 +131,17 @@ def mass_counts(cumulative: list[list[torch.Tensor]], mass: float, min_ratio: fl
     return [[mass_budget(c, mass, min_ratio, max_ratio, min_tokens) for c in sample] for sample in cumulative]
 
 
+def distribution_counts(distribution: torch.Tensor, units: list[list[int]], mass: float, min_ratio: float,
+                        max_ratio: float, min_tokens: int) -> list[list[int]]:
+    """The ``budget="auto"`` budget: :func:`mass_budget` of every unit of a :func:`unit_distribution`."""
+    return mass_counts(cumulative_mass(distribution, units), mass, min_ratio, max_ratio, min_tokens)
+
+
 def select_mass(distribution: torch.Tensor, valid: torch.Tensor, units: list[list[int]], mass: float,
                 min_ratio: float, max_ratio: float, min_tokens: int) -> torch.Tensor:
     """Keep mask ``[batch, max_count]`` of the relevance-mass rule on a :func:`unit_distribution`: in each unit the
     :func:`mass_budget` highest-relevance tokens."""
-    counts = mass_counts(cumulative_mass(distribution, units), mass, min_ratio, max_ratio, min_tokens)
+    counts = distribution_counts(distribution, units, mass, min_ratio, max_ratio, min_tokens)
     return select_counts(distribution, valid, units, counts)
 
 

@@ -1,4 +1,22 @@
-"""The scorer interface: one method that scores every visual token of a batch (higher = keep)."""
+"""The scorer interface: how a method chooses the visual tokens a prefill keeps, per budget unit.
+
+On every prefill the pruner (:class:`~hf_tokenprune.prefill.PrefillPruner`) runs::
+
+    scores = scorer.score(inputs)                  # [batch, max_visual]
+    counts = ...                                   # counts[b][u]: tokens kept in unit u of sample b
+    keep = scorer.select(inputs, scores, counts)   # [batch, max_visual] bool, exactly counts[b][u] per unit
+    merged = scorer.merge(inputs, keep)            # None, or the embeddings that replace the kept tokens'
+
+``counts`` are ``budget(n, ratio, min_tokens)`` per unit, or under ``budget="auto"`` the relevance-mass counts of
+the scores' :attr:`Scorer.distribution`, which ``select`` then receives instead of the raw scores (same order).
+Three kinds of methods fit:
+
+* **score-then-top-k** (compressor, attention, random, uniform): implement :meth:`Scorer.score`; the default
+  :meth:`Scorer.select` keeps each unit's highest scores (ties: the earlier token).
+* **set selection** (divprune, cdpruner, compressor+dpp): a :class:`SetSelection` picks each unit's tokens jointly
+  (a diverse set is no top-k of per-token scores); its scores are only what ``budget="auto"`` counts from.
+* **merging** (tome): :meth:`Scorer.merge` also replaces the kept tokens' embeddings.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +30,7 @@ from torch import nn
 
 from ..adapters.base import VisualLayout
 from ..features import first_layer_attention
-from ..pruning import pack
+from ..pruning import pack, select_counts, unit_spans
 
 
 @dataclass
@@ -53,7 +71,7 @@ class ScoreInputs:
 
 
 class Scorer(ABC):
-    """Scores visual tokens; the pruner keeps the top ``ratio`` of each budget unit.
+    """Scores visual tokens and selects the kept ones of each budget unit (the module doc: the three kinds).
 
     Subclasses implement :meth:`score` (a subclass without it cannot be instantiated: TypeError). ``name`` is how
     ``TokenPruneConfig(scorer=...)`` refers to built-ins.
@@ -69,7 +87,34 @@ class Scorer(ABC):
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """Return ``[batch, max_visual]`` scores (entries where ``inputs.valid`` is False are ignored)."""
 
+    def select(self, inputs: ScoreInputs, scores: torch.Tensor, counts: list[list[int]]) -> torch.Tensor:
+        """The packed ``[batch, max_visual]`` keep mask with exactly ``counts[b][u]`` tokens in unit ``u`` of sample
+        ``b`` (``scores``: :meth:`score`'s, or under ``budget="auto"`` their per-unit distribution). Default: the
+        highest scores of each unit, ties to the earlier token."""
+        return select_counts(scores, inputs.valid, inputs.units, counts)
+
     def merge(self, inputs: ScoreInputs, keep: torch.Tensor) -> torch.Tensor | None:
         """Optional, for merging methods (ToMe): the ``[batch, max_visual, hidden]`` visual embeddings that replace
-        the kept tokens' (``keep``: the packed keep mask chosen from :meth:`score`). None (default): unchanged."""
+        the kept tokens' (``keep``: the packed keep mask chosen by :meth:`select`). None (default): unchanged."""
         return None
+
+
+class SetSelection(Scorer):
+    """A set-selection method: :meth:`select_unit` chooses the kept tokens of each unit jointly, from the unit's
+    visual embeddings (``inputs.visual_embeds``, in the LLM's space) and scores."""
+
+    @abstractmethod
+    def select_unit(self, embeds: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """Indices of the ``k`` (``1 <= k < n``) tokens kept among a unit's ``n`` tokens (``embeds``:
+        ``[n, hidden]``, ``scores``: ``[n]``)."""
+
+    def select(self, inputs: ScoreInputs, scores: torch.Tensor, counts: list[list[int]]) -> torch.Tensor:
+        keep = torch.zeros_like(inputs.valid)
+        embeds = inputs.visual_embeds
+        for b, u, start, n in unit_spans(inputs.units):
+            k = counts[b][u]
+            if k >= n:
+                keep[b, start:start + n] = True
+            elif k:
+                keep[b, start + self.select_unit(embeds[b, start:start + n], scores[b, start:start + n], k)] = True
+        return keep
