@@ -8,10 +8,13 @@ from typing import Any
 
 POSITIONS = ("original", "contiguous")
 SCOPES = ("sample", "image")
-SCORER_NAMES = ("compressor", "attention", "random", "uniform", "fastv", "pdrop", "dart", "tome")
+SCORER_NAMES = ("compressor", "attention", "random", "uniform", "divprune", "cdpruner", "compressor+dpp", "fastv",
+                "pdrop", "dart", "tome")
+COMPRESSOR_SCORERS = ("compressor", "compressor+dpp")  # built-in scorers that run a trained compressor
 LAYER_SCORERS = ("fastv", "pdrop", "dart")  # baselines that prune inside the LLM (original positions only)
 BUDGETS = ("fixed", "auto")
-MASS_SCORERS = ("compressor", "attention")  # built-in scorers whose scores are a relevance distribution
+# built-in scorers whose scores are a relevance distribution
+MASS_SCORERS = ("compressor", "attention", "cdpruner", "compressor+dpp")
 DEFAULT_LAYER = 2  # FastV's and DART's default pruning layer K
 
 
@@ -35,9 +38,11 @@ class TokenPruneConfig:
             scorer is built, so no compressor is needed.
         scorer: a built-in scorer name or a :class:`~hf_tokenprune.scorers.Scorer` instance. Input stage:
             ``"compressor"`` (the paper's method), ``"attention"``, ``"random"``, ``"uniform"``, ``"tome"``
-            (token merging). Inside the LLM (:mod:`hf_tokenprune.baselines`): ``"fastv"``, ``"pdrop"``, ``"dart"``.
-        compressor: the trained compressor for ``scorer="compressor"``: a Hub repo id, a local directory
-            or a :class:`~hf_tokenprune.Compressor`; None looks up the model's conventional Hub repo
+            (token merging), and the set selections ``"divprune"`` (max-min diversity), ``"cdpruner"`` (conditional
+            DPP on instruction relevance) and ``"compressor+dpp"`` (that DPP on the compressor's relevance).
+            Inside the LLM (:mod:`hf_tokenprune.baselines`): ``"fastv"``, ``"pdrop"``, ``"dart"``.
+        compressor: the trained compressor for ``scorer="compressor"`` / ``"compressor+dpp"``: a Hub repo id, a
+            local directory or a :class:`~hf_tokenprune.Compressor`; None looks up the model's conventional Hub repo
             (:func:`hf_tokenprune.hub.default_compressor_repo`).
         positions: ``"original"`` keeps each kept token's original position ids (default, matches the
             unpruned model with the dropped tokens masked out); ``"contiguous"`` numbers the shortened
@@ -53,8 +58,9 @@ class TokenPruneConfig:
             the smallest set of its highest-scored tokens whose share of the unit's relevance distribution reaches
             ``mass``, clamped to ``[min_ratio, max_ratio]`` of its tokens (and ``min_tokens``), so samples of one
             batch keep different counts. The distribution is the scorer's :attr:`~hf_tokenprune.Scorer.distribution`
-            of its scores: the softmax of the compressor's logits, the normalised ``A^0_v`` for ``"attention"``;
-            ``"random"``, ``"uniform"``, ``"tome"`` and the in-LLM baselines have none and are refused.
+            of its scores: the softmax of the compressor's logits (``"compressor"``, ``"compressor+dpp"``), the
+            normalised ``A^0_v`` for ``"attention"``, the instruction relevance for ``"cdpruner"``; ``"random"``,
+            ``"uniform"``, ``"divprune"``, ``"tome"`` and the in-LLM baselines have none and are refused.
         mass: the relevance-mass threshold of ``budget="auto"``, in (0, 1]. None: the calibrated threshold saved
             in the compressor's config (:func:`hf_tokenprune.calibrate`, ``hf-tokenprune calibrate``).
         min_ratio, max_ratio: the clamp of ``budget="auto"`` (fractions of each unit's tokens). None: the

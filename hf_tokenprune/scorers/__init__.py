@@ -1,13 +1,17 @@
-"""Scorers: one ``score(inputs) -> [batch, max_visual]`` method each (higher = keep)."""
+"""Scorers: ``score(inputs) -> [batch, max_visual]`` (higher = keep) and ``select`` (default: the top scores; set
+selection for divprune, cdpruner, compressor+dpp); see :mod:`.base`."""
 
 from __future__ import annotations
 
 from .attention import AttentionScorer
-from .base import ScoreInputs, Scorer
+from .base import ScoreInputs, Scorer, SetSelection
+from .cdpruner import CDPrunerScorer
 from .compressor import CompressorScorer
+from .compressor_dpp import CompressorDPPScorer
+from .divprune import DivPruneScorer
 from .oracle import OracleScorer
 from .random import RandomScorer
 from .uniform import UniformScorer
 
-__all__ = ["AttentionScorer", "CompressorScorer", "OracleScorer", "RandomScorer", "ScoreInputs", "Scorer",
-           "UniformScorer"]
+__all__ = ["AttentionScorer", "CDPrunerScorer", "CompressorDPPScorer", "CompressorScorer", "DivPruneScorer",
+           "OracleScorer", "RandomScorer", "ScoreInputs", "Scorer", "SetSelection", "UniformScorer"]
