@@ -27,8 +27,13 @@ from test_multiturn import (
 )
 from transformers import pipeline
 
-from hf_tokenprune import prune_wrap, tiny, unwrap
+from hf_tokenprune import Compressor, prune_wrap, tiny, unwrap
 from hf_tokenprune.compat import output_cache, with_cache
+from hf_tokenprune.scorers import CompressorDPPScorer
+
+# the input-stage selection methods of the matrix (compressor+dpp: an untrained compressor; any relevance will do)
+METHODS = ["attention", "random", "divprune", "cdpruner",
+           pytest.param(CompressorDPPScorer(Compressor(channels=(4, 8), kernel_size=3)), id="compressor+dpp")]
 
 
 def max_logit_diff(a, b):
@@ -47,7 +52,7 @@ def test_ratio_one_reproduces_the_unwrapped_model(built, family, kind):
 
 
 @pytest.mark.parametrize(("family", "kind"), CASES)
-@pytest.mark.parametrize("scorer", ["attention", "random"])
+@pytest.mark.parametrize("scorer", METHODS)
 def test_pruned_equals_masked_reference(built, family, kind, scorer):
     model, processor = built(family)
     inputs = make_inputs(processor, kind)
