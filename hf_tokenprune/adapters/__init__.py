@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Adapter, MalformedVisualInputError, VisualLayout
+from .base import Adapter, MalformedVisualInputError, Placeholder, PlaceholderAdapter, VisualLayout
 from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
@@ -14,8 +14,8 @@ ADAPTERS: dict[str, type[Adapter]] = {
     t: cls for cls in (Qwen2VLAdapter, LlavaOnevisionAdapter, LlavaAdapter) for t in cls.model_types
 }
 
-__all__ = ["ADAPTERS", "Adapter", "ItemRegions", "MalformedVisualInputError", "TokenRegions", "UnsupportedModelError",
-           "VisualItem", "VisualLayout", "get_adapter", "register_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "ItemRegions", "MalformedVisualInputError", "Placeholder", "PlaceholderAdapter",
+           "TokenRegions", "UnsupportedModelError", "VisualItem", "VisualLayout", "get_adapter", "register_adapter"]
 
 
 class UnsupportedModelError(ValueError):
