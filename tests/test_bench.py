@@ -20,7 +20,7 @@ from hf_tokenprune.bench.models import tiny_model
 from hf_tokenprune.bench.runner import COST_METHODS, RATIO_KEYS
 from hf_tokenprune.stats import prefill_flops
 
-INPUT_STAGE = ("compressor", "attention", "random", "tome")
+INPUT_STAGE = ("compressor", "attention", "random", "divprune", "cdpruner", "compressor+dpp", "tome")
 SETTINGS = dict(models=("tiny",), ratios=(0.5, 0.25), repeats=1, decode_tokens=2)
 
 

@@ -9,7 +9,8 @@ keeps more), a left-padded batch equal to each sample alone, and the three metho
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, check_batch_equals_each_sample_alone, greedy, make_inputs, masked_greedy
+from conftest import REGISTERED_FAMILIES as FAMILIES
+from conftest import check_batch_equals_each_sample_alone, greedy, make_inputs, masked_greedy
 
 from hf_tokenprune import Calibration, Compressor, Scorer, prune_wrap, save_calibration, score_inputs
 from hf_tokenprune.adapters.base import VisualLayout

@@ -31,6 +31,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from ..adapters import get_adapter
 from ..compat import output_cache
 from ..compressor import Compressor
+from ..config import COMPRESSOR_SCORERS
 from ..stats import prefill_flops
 from ..wrap import prune_wrap, unwrap
 from .memory import TensorMemory
@@ -116,10 +117,10 @@ def peak_memory(bench: BenchModel) -> int:
 
 
 def method_config(method: str, bench: BenchModel, ratio: float) -> dict[str, Any]:
-    """``prune_wrap`` arguments of a benchmark method. ``compressor`` gets an UNTRAINED compressor of the paper's
-    architecture (same cost as a trained one)."""
+    """``prune_wrap`` arguments of a benchmark method. ``compressor`` and ``compressor+dpp`` get an UNTRAINED
+    compressor of the paper's architecture (same cost as a trained one)."""
     config: dict[str, Any] = {"ratio": ratio, "scorer": method}
-    if method == "compressor":
+    if method in COMPRESSOR_SCORERS:
         config["compressor"] = Compressor(base_model_type=bench.model.config.model_type)
     return config
 

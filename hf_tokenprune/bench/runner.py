@@ -22,6 +22,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+from ..config import COMPRESSOR_SCORERS
 from ..wrap import prune_wrap, unwrap
 from .accuracy import AccuracyTask, world_task
 from .cost import full_cost, pruned_cost
@@ -29,8 +30,10 @@ from .models import MODELS
 from .realweights import MissingPackageError
 from .store import ResultStore
 
-COST_METHODS = ("compressor", "attention", "random", "fastv", "pdrop", "dart", "tome")
-ACCURACY_METHODS = ("compressor", "attention", "random", "uniform", "fastv", "pdrop", "dart", "tome")
+COST_METHODS = ("compressor", "attention", "random", "divprune", "cdpruner", "compressor+dpp", "fastv", "pdrop",
+                "dart", "tome")
+ACCURACY_METHODS = ("compressor", "attention", "random", "uniform", "divprune", "cdpruner", "compressor+dpp", "fastv",
+                    "pdrop", "dart", "tome")
 RATIOS = (0.5, 0.25, 0.125)
 QUICK_RATIOS = (0.25,)
 WORLD_FAMILIES = ("qwen2_vl", "llava_onevision")
@@ -112,17 +115,19 @@ def run_cost(store: ResultStore, name: str, settings: BenchSettings, bar: tqdm) 
 
 def run_accuracy(store: ResultStore, task: AccuracyTask, methods: Sequence[str], ratios: Sequence[float],
                  bar: tqdm) -> None:
-    """The accuracy cells of ``task`` that ``store`` lacks; ``compressor`` is skipped without a compressor."""
-    if task.compressor is None and "compressor" in methods:
-        tqdm.write(f"{task.name}: no trained compressor, skipping method 'compressor'")
-        methods = [m for m in methods if m != "compressor"]
+    """The accuracy cells of ``task`` that ``store`` lacks; ``compressor`` and ``compressor+dpp`` are skipped
+    without a compressor."""
+    skipped = [m for m in methods if m in COMPRESSOR_SCORERS] if task.compressor is None else []
+    for method in skipped:
+        tqdm.write(f"{task.name}: no trained compressor, skipping method {method!r}")
         bar.update(len(ratios))
+    methods = [m for m in methods if m not in skipped]
     for method, ratio in _cells(methods, ratios):
         if store.get("accuracy", task.name, method, ratio) is None:
             bar.set_description(f"accuracy {task.name} {method} {ratio:g}")
             if method != "full":
                 prune_wrap(task.model, ratio=ratio, scorer=method,
-                           compressor=task.compressor if method == "compressor" else None)
+                           compressor=task.compressor if method in COMPRESSOR_SCORERS else None)
             try:
                 result = task.evaluate(task.model)
             finally:
