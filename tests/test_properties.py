@@ -63,7 +63,7 @@ def cases(draw):
         batch=draw(st.lists(samples(family, frames), min_size=1, max_size=4)),
         extra_padding=draw(st.integers(0, 3)),
         ratio=draw(st.one_of(st.just(1.0), st.floats(0.01, 1.0))),
-        scorer=draw(st.sampled_from(["attention", "random", "uniform"])),
+        scorer=draw(st.sampled_from(["attention", "random", "uniform", "divprune", "cdpruner"])),
         scope=draw(st.sampled_from(["sample", "image"])),
         min_tokens=draw(st.integers(0, 2)),
     )
