@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .adapters import get_adapter
 from .atomic import write_atomic
 from .compressor import Compressor, validate_calibration
-from .config import TokenPruneConfig, check_fraction
+from .config import COMPRESSOR_SCORERS, TokenPruneConfig, check_fraction
 from .methods import build_scorer
 from .pruning import cumulative_mass, mass_counts, unit_distribution
 from .scorers import CompressorScorer, Scorer
@@ -57,7 +57,7 @@ class Calibration:
 def _scorer(model: nn.Module, config: TokenPruneConfig) -> Scorer:
     """The scorer ``config`` names; for a model wrapped with a compressor and no ``compressor=``, that one."""
     wrapped = getattr(model.__dict__.get("tokenprune"), "scorer", None)
-    if config.scorer == "compressor" and config.compressor is None and isinstance(wrapped, CompressorScorer):
+    if config.scorer in COMPRESSOR_SCORERS and config.compressor is None and isinstance(wrapped, CompressorScorer):
         config = config.replace(compressor=wrapped.compressor)
     scorer = build_scorer(config, get_adapter(model))
     resolve_budget(config.replace(mass=1.0), scorer)  # refuses a scorer without a relevance distribution

@@ -12,7 +12,15 @@ import torch.nn.functional as F
 from conftest import REGISTERED_FAMILIES as FAMILIES
 from conftest import check_batch_equals_each_sample_alone, greedy, make_inputs, masked_greedy
 
-from hf_tokenprune import Calibration, Compressor, Scorer, prune_wrap, save_calibration, score_inputs
+from hf_tokenprune import (
+    Calibration,
+    Compressor,
+    Scorer,
+    calibrate,
+    prune_wrap,
+    save_calibration,
+    score_inputs,
+)
 from hf_tokenprune.adapters.base import VisualLayout
 from hf_tokenprune.scorers import CDPrunerScorer, CompressorDPPScorer, DivPruneScorer, ScoreInputs
 from hf_tokenprune.scorers.divprune import max_min_select
@@ -291,6 +299,16 @@ def test_compressor_dpp_uses_the_compressor_relevance_and_its_calibration(built,
         after[method] = model.tokenprune.last_stats
     assert after["compressor+dpp"].visual_tokens_after == after["compressor"].visual_tokens_after
     assert after["compressor+dpp"].kept_indices[0].tolist() != after["compressor"].kept_indices[0].tolist()
+
+
+def test_calibrating_compressor_dpp_finds_the_compressor_threshold(built):
+    model, processor = built("qwen2_vl")
+    batches = [make_inputs(processor, "image", questions=["what colour is the circle", "is there a star ?", "what"])]
+    compressor = tiny_compressor()
+    prune_wrap(model, ratio=0.25, scorer="compressor+dpp", compressor=compressor)
+    ours = calibrate(model, batches, target=0.25, scorer="compressor+dpp", temperature=0.5)  # the wrapped compressor
+    plain = calibrate(model, batches, target=0.25, compressor=compressor, temperature=0.5)
+    assert ours.mass == pytest.approx(plain.mass, abs=1e-9) and ours.retention == plain.retention
 
 
 def test_divprune_refuses_the_auto_budget_by_name():
