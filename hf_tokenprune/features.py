@@ -9,13 +9,21 @@ in float32 after the projections.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _apply_rotary(attention: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The family's ``apply_rotary_pos_emb(q, k, cos, sin)`` from the modeling module of its attention class: it
+    knows how the family rotates (half-split or interleaved pairs, the whole head or a part of it, as GLM-4V)."""
+    rotary = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
+    if rotary is None:
+        raise NotImplementedError(f"{type(attention).__module__} has no apply_rotary_pos_emb(q, k, cos, sin): "
+                                  "hf_tokenprune cannot recompute this family's attention scores")
+    return rotary
 
 
 def first_layer_attention(text_model: nn.Module, inputs_embeds: torch.Tensor, rotary_positions: torch.Tensor,
@@ -57,8 +65,8 @@ def query_logits(layer: nn.Module, hidden_states: torch.Tensor,
     q_cos = torch.gather(cos, 1, query_index.unsqueeze(-1).expand(-1, -1, cos.shape[-1]))
     q_sin = torch.gather(sin, 1, query_index.unsqueeze(-1).expand(-1, -1, sin.shape[-1]))
     q, k = q.float().transpose(1, 2), k.float().transpose(1, 2)  # [b, heads, n, d]
-    q = q * q_cos.unsqueeze(1) + _rotate_half(q) * q_sin.unsqueeze(1)
-    k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
+    rotary = _apply_rotary(attn)
+    q, k = rotary(q, q, q_cos, q_sin)[0], rotary(k, k, cos, sin)[0]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return torch.matmul(q, k.transpose(-1, -2)) * attn.scaling
 

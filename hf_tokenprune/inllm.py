@@ -186,7 +186,10 @@ class LayerPruner:
                                              for b in range(batch)], slicing.length))
         current = {"position_embeddings": tuple(slicing.sequence(t.expand(batch, -1, -1))
                                                 for t in position_embeddings)}
-        current["position_ids"] = None if position_ids is None else slicing.sequence(position_ids.expand(batch, -1))
+        if position_ids is not None:  # [batch, n], or M-RoPE rows [3, batch, n] (GLM-4.5V's layers get those)
+            position_ids = slicing.positions(position_ids.expand(-1, batch, -1)) if position_ids.dim() == 3 else \
+                slicing.sequence(position_ids.expand(batch, -1))
+        current["position_ids"] = position_ids
         current["attention_mask"] = self._mask(hidden, mask, cache_kwarg(kwargs), i)
         prefill.current = current
         return hidden

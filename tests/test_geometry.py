@@ -23,8 +23,10 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 
 from hf_tokenprune import tiny
 from hf_tokenprune.adapters import MalformedVisualInputError, get_adapter
+from hf_tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 
-SIZES = {"qwen2_vl": (100, 60), "qwen2_5_vl": (100, 60), "llava_onevision": (90, 50), "llava": (60, 90)}
+SIZES = {"qwen2_vl": (100, 60), "qwen2_5_vl": (100, 60), "llava_onevision": (90, 50), "llava": (60, 90),
+         "qwen3_vl": (100, 60), "qwen3_vl_moe": (100, 60), "glm4v": (100, 60), "glm4v_moe": (100, 60)}
 
 
 def visual_count(adapter, inputs, b: int) -> int:
@@ -90,7 +92,7 @@ def patches(x: torch.Tensor, p: int) -> torch.Tensor:
 def token_inputs(model, inputs, kind: str) -> torch.Tensor:
     """``[N, D]``: each visual token's vision-tower input pixels (NaN for newline tokens), in the model's order."""
     config = model.config
-    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if isinstance(get_adapter(model), Qwen2VLAdapter):  # Qwen's merged-patch rows (Qwen3-VL, GLM-4V too)
         pixels = inputs["pixel_values" if kind == "image" else "pixel_values_videos"]
         return pixels.reshape(-1, config.vision_config.spatial_merge_size**2 * pixels.shape[1])
     patch = config.vision_config.patch_size

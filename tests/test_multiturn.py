@@ -13,7 +13,7 @@ import torch
 from conftest import FAMILIES, chat
 
 from hf_tokenprune import PrunedCacheError, prune_wrap, tiny, unwrap
-from hf_tokenprune.adapters import get_adapter
+from hf_tokenprune.adapters import ADAPTERS, get_adapter
 from hf_tokenprune.compat import MROPE_RENUMBERS_CONTINUED_TURNS, output_cache, with_cache
 from hf_tokenprune.verify import drop_mask, masked_reference
 
@@ -23,7 +23,9 @@ STEPS = 5
 GREEDY = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
               output_logits=True)
 TEXT_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids")
-QWEN = ("qwen2_vl", "qwen2_5_vl")
+# the M-RoPE families: transformers numbers a next turn's images with get_rope_index over the whole conversation
+QWEN = tuple(f for f in FAMILIES
+             if ADAPTERS[tiny.get_family(f).model_class.config_class.model_type].images_after_cached_images)
 
 
 def refused_here(family: str, adds_visual: bool, positions: str = "original") -> bool:

@@ -5,13 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, MalformedVisualInputError, Placeholder, PlaceholderAdapter, VisualLayout
+from .glm4v import Glm4vAdapter
 from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .regions import ItemRegions, TokenRegions, VisualItem
 
 ADAPTERS: dict[str, type[Adapter]] = {
-    t: cls for cls in (Qwen2VLAdapter, LlavaOnevisionAdapter, LlavaAdapter) for t in cls.model_types
+    t: cls for cls in (Qwen2VLAdapter, Qwen3VLAdapter, Glm4vAdapter, LlavaOnevisionAdapter, LlavaAdapter)
+    for t in cls.model_types
 }
 
 __all__ = ["ADAPTERS", "Adapter", "ItemRegions", "MalformedVisualInputError", "Placeholder", "PlaceholderAdapter",

@@ -24,6 +24,8 @@ It may override, where it differs from the default:
 * :attr:`~PlaceholderAdapter.placeholders`: its placeholder token ids, kinds and pixel keywords (the config's
   ``image_token_id`` with ``pixel_values``, ``video_token_id`` with ``pixel_values_videos``);
 * :meth:`~PlaceholderAdapter.frames`: how a video item splits into frames (default: one piece);
+  :meth:`~PlaceholderAdapter.placeholder_runs`: the placeholder runs an image / video fills (default: one run of
+  consecutive placeholders; Qwen3-VL and GLM-4V videos span one run per frame);
 * :attr:`~PlaceholderAdapter.special_token_ids` / :attr:`~PlaceholderAdapter.end_of_turn_ids`: the chat template's
   tokens that are not instruction (the configs' bos / eos / pad / vision start and end ids; eos ids);
 * :meth:`~Adapter.expand_positions`, :meth:`~Adapter.text_model_positions`, :meth:`~Adapter.rotary_positions`: 1-D
@@ -32,10 +34,12 @@ It may override, where it differs from the default:
   ``inputs_embeds`` / ``attention_mask`` / ``position_ids``, to slice with the kept tokens (default: none);
 * :attr:`~Adapter.multimodal_model` / :attr:`~Adapter.text_model`: ``model.model`` / ``model.model.get_decoder()``;
 * :attr:`~Adapter.images_after_cached_images` / :attr:`~Adapter.continued_turns_unsupported`: why a continued chat
-  turn is refused on the family (default None: every continuation is supported).
+  turn is refused on the family (default None: every continuation is supported);
+* :meth:`~Adapter.inllm_refusal`: why in-LLM pruning cannot cut the sequence before a decoder layer (default None).
 
 Each item's tokens lie within one run of consecutive placeholders; a run may hold several items (split by the item
-lengths).
+lengths). Families whose video frames are separate runs (Qwen3-VL, GLM-4V) give each frame as an item for pruning
+and join a video's runs for :meth:`~Adapter.token_regions` (:meth:`~PlaceholderAdapter.placeholder_runs`).
 
 The shared invariant tests check, for every registered tiny family, with images and, where it takes them, videos
 (``tests/test_invariants.py``, ``test_generation_paths.py``, ``test_multiturn.py``, ``test_geometry.py``):
@@ -213,6 +217,11 @@ class Adapter(ABC):
             kwargs[name] = sliced.masked_fill(padding.to(sliced.device), 0)
         return kwargs
 
+    def inllm_refusal(self, layer: int) -> str | None:
+        """Why in-LLM pruning (FastV, PDrop, DART) cannot shorten the sequence before decoder ``layer`` (> 0) on this
+        family; None where it can (the default)."""
+        return None
+
     # -- geometry ------------------------------------------------------------------------------------------
     @abstractmethod
     def token_regions(self, inputs: Mapping[str, Any], sample: int = 0, *,
@@ -241,26 +250,35 @@ class PlaceholderAdapter(Adapter):
             (getattr(cfg, "image_token_id", None), "image", "pixel_values"),
             (getattr(cfg, "video_token_id", None), "video", "pixel_values_videos")) if token is not None)
 
-    def _placeholder(self, token_id: int) -> Placeholder:
-        return next(p for p in self.placeholders if p.token_id == token_id)
+    def call_placeholders(self, call: Mapping[str, Any]) -> tuple[Placeholder, ...]:
+        """The :attr:`placeholders` of the modalities ``call`` brings pixel values (or ``generate``'s pre-encoded
+        features) for, the first one per token id (GLM-4V marks image and video tokens with one id).
+
+        transformers merges features only for the modalities a call brings; a placeholder of another modality is
+        embedded as an ordinary token, so it is text for pruning too. A call given ``inputs_embeds`` may hold
+        features the caller merged: there every placeholder counts.
+        """
+        encoded = call.get("mm_encoder_outputs") or {}
+        brought: dict[int, Placeholder] = {}
+        for p in self.placeholders:
+            if call.get("inputs_embeds") is not None or call.get(p.pixels) is not None or \
+                    encoded.get(p.kind) is not None:
+                brought.setdefault(p.token_id, p)
+        return tuple(brought.values())
+
+    def _placeholder(self, token_id: int, call: Mapping[str, Any]) -> Placeholder:
+        """The placeholder of ``token_id``; where several share it, the one whose inputs ``call`` brings."""
+        return next((p for p in self.call_placeholders(call) if p.token_id == token_id),
+                    next(p for p in self.placeholders if p.token_id == token_id))
 
     # -- tokens ----------------------------------------------------------------------------------------------
     @property
     def visual_token_ids(self) -> tuple[int, ...]:
-        return tuple(p.token_id for p in self.placeholders)
+        return tuple(dict.fromkeys(p.token_id for p in self.placeholders))
 
     def placeholder_ids(self, call: Mapping[str, Any]) -> tuple[int, ...]:
-        """Those of the modalities ``call`` brings pixel values (or ``generate``'s pre-encoded features) for.
-
-        transformers merges features only for the modalities a call brings; a placeholder of another modality is
-        embedded as an ordinary token, so it is text for pruning too. A call given ``inputs_embeds`` may hold
-        features the caller merged: there every placeholder id counts.
-        """
-        if call.get("inputs_embeds") is not None:
-            return self.visual_token_ids
-        encoded = call.get("mm_encoder_outputs") or {}
-        return tuple(p.token_id for p in self.placeholders
-                     if call.get(p.pixels) is not None or encoded.get(p.kind) is not None)
+        """The token ids of :meth:`call_placeholders`."""
+        return tuple(p.token_id for p in self.call_placeholders(call))
 
     def _config_token_ids(self, *names: str) -> set[int]:
         ids: set[int] = set()
@@ -285,7 +303,7 @@ class PlaceholderAdapter(Adapter):
     def item_lengths(self, call: dict[str, Any], token_id: int) -> list[int] | None:
         """Under ``generate``, which pre-encodes the visual inputs and passes ``mm_encoder_outputs``, the items'
         feature lengths; on a plain forward call, :meth:`input_item_lengths`."""
-        placeholder = self._placeholder(token_id)
+        placeholder = self._placeholder(token_id, call)
         encoded = (call.get("mm_encoder_outputs") or {}).get(placeholder.kind)
         lengths = _encoded_lengths(encoded) if encoded is not None else None
         return lengths if lengths is not None else self.input_item_lengths(call, placeholder)
@@ -389,14 +407,13 @@ class PlaceholderAdapter(Adapter):
                       original_sizes: Sequence[tuple[int, int]] | None = None) -> TokenRegions:
         """Each item's :meth:`item_regions`, in placeholder order."""
         input_ids = inputs["input_ids"]
-        ids = self.placeholder_ids(inputs)
-        kinds = {p.token_id: p.kind for p in self.placeholders if p.token_id in ids}
+        kinds = {p.token_id: p.kind for p in self.call_placeholders(inputs)}
         used = dict.fromkeys(kinds.values(), 0)
         items: list[VisualItem] = []
         regions: list[ItemRegions] = []
         for b in range(sample + 1):
             runs = sorted((start, length, kind) for token, kind in kinds.items()
-                          for start, length in _runs(input_ids[b] == token))
+                          for start, length in self.placeholder_runs(input_ids[b], token, kind))
             offset = 0
             for _, length, kind in runs:
                 covered = 0
@@ -425,6 +442,12 @@ class PlaceholderAdapter(Adapter):
                         f"(their items give {covered} tokens)")
                 offset += length
         return TokenRegions.from_items(items, regions)
+
+    def placeholder_runs(self, row: torch.Tensor, token_id: int, kind: str) -> list[tuple[int, int]]:
+        """``(start, tokens)`` of the runs of ``token_id`` in one row of ``input_ids`` that :meth:`token_regions`
+        fills with whole ``kind`` items: the runs of consecutive placeholders (families whose video frames are
+        separated by timestamp text join a video's frames)."""
+        return _runs(row == token_id)
 
     @abstractmethod
     def item_regions(self, inputs: Mapping[str, Any], kind: str, index: int,

@@ -27,10 +27,18 @@ def build_baseline(config: TokenPruneConfig, adapter: Adapter) -> Scorer | Layer
         return ToMeScorer(config.ratio, config.min_tokens)
     depth = adapter.model.config.get_text_config().num_hidden_layers
     if config.scorer == "pdrop":
-        return LayerSchedule(pdrop_stages(depth, config.ratio), PDropScorer())
-    scorer = FastVScorer() if config.scorer == "fastv" else DARTScorer()
-    layer = config.pruning_layer
-    if layer >= depth:
-        raise ValueError(f"scorer={config.scorer!r} prunes before layer {layer}, but the LLM has {depth} decoder "
-                         f"layers: pass layer= below {depth}")
-    return AtInput(scorer) if layer == 0 else LayerSchedule(((layer, config.ratio),), scorer)
+        schedule = LayerSchedule(pdrop_stages(depth, config.ratio), PDropScorer())
+    else:
+        scorer = FastVScorer() if config.scorer == "fastv" else DARTScorer()
+        layer = config.pruning_layer
+        if layer >= depth:
+            raise ValueError(f"scorer={config.scorer!r} prunes before layer {layer}, but the LLM has {depth} decoder "
+                             f"layers: pass layer= below {depth}")
+        if layer == 0:
+            return AtInput(scorer)
+        schedule = LayerSchedule(((layer, config.ratio),), scorer)
+    for layer, _ in schedule.stages:
+        if (reason := adapter.inllm_refusal(layer)) is not None:
+            raise ValueError(f"scorer={config.scorer!r} would prune before decoder layer {layer}, which is not "
+                             f"supported: {reason}")
+    return schedule

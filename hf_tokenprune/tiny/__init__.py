@@ -9,6 +9,7 @@ under a second per call. Adding a family: a module defining its :class:`TinyFami
 
 from __future__ import annotations
 
+from .glm4v import GLM4V, GLM4V_MOE, GLM_CHAT_TEMPLATE, GLM_TOKENS, TinyGlm4vProcessor, TinyGlm4vVideoProcessor
 from .images import draw_shape, make_image, make_video
 from .llava import LLAVA, LLAVA15_DEFAULT_IMAGE_SIZE, LLAVA15_PATCH_SIZE, TinyLlavaProcessor
 from .llava_onevision import (
@@ -34,6 +35,14 @@ from .qwen2_vl import (
     TinyQwen2VLVideoProcessor,
     qwen_config,
 )
+from .qwen3_vl import (
+    QWEN3_DEEPSTACK_INDEXES,
+    QWEN3_MROPE_SECTION,
+    QWEN3_VL,
+    QWEN3_VL_MOE,
+    TinyQwen3VLProcessor,
+    TinyQwen3VLVideoProcessor,
+)
 from .registry import (
     FAMILIES,
     MODALITIES,
@@ -56,7 +65,7 @@ from .tokenizer import (
     text_token_ids,
 )
 
-for _family in (QWEN2_VL, QWEN2_5_VL, LLAVA_ONEVISION, LLAVA):
+for _family in (QWEN2_VL, QWEN2_5_VL, LLAVA_ONEVISION, LLAVA, QWEN3_VL, QWEN3_VL_MOE, GLM4V, GLM4V_MOE):
     register_family(_family)
 del _family
 
@@ -71,6 +80,9 @@ __all__ = [
     "QWEN2_VL", "QWEN2_5_VL", "TinyQwen2VLVideoProcessor", "TinyQwen2VLProcessor", "TinyQwen2_5_VLProcessor",
     "qwen_config", "MROPE_SECTION", "QWEN_PATCH_SIZE", "QWEN_MERGE_SIZE", "QWEN_TEMPORAL_PATCH_SIZE", "QWEN_MIN_PIXELS",
     "QWEN_DEFAULT_IMAGE_SIZE",
+    "QWEN3_VL", "QWEN3_VL_MOE", "TinyQwen3VLProcessor", "TinyQwen3VLVideoProcessor", "QWEN3_MROPE_SECTION",
+    "QWEN3_DEEPSTACK_INDEXES",
+    "GLM4V", "GLM4V_MOE", "TinyGlm4vProcessor", "TinyGlm4vVideoProcessor", "GLM_TOKENS", "GLM_CHAT_TEMPLATE",
     "LLAVA_ONEVISION", "TinyLlavaOnevisionVideoProcessor", "TinyLlavaOnevisionProcessor", "llava_onevision_config",
     "LLAVA_PATCH_SIZE", "LLAVA_DEFAULT_IMAGE_SIZE", "LLAVA_MAX_GRID",
     "LLAVA", "TinyLlavaProcessor", "LLAVA15_PATCH_SIZE", "LLAVA15_DEFAULT_IMAGE_SIZE",

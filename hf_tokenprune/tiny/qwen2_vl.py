@@ -56,7 +56,8 @@ class TinyQwen2VLVideoProcessor(TinyVideoProcessor):
         self.temporal_patch_size = temporal_patch_size
         self.merge_size = merge_size
 
-    def _target_hw(self, height: int, width: int) -> tuple[int, int]:
+    def _target_hw(self, frames: int, height: int, width: int) -> tuple[int, int]:
+        """The resized frame size of a ``frames``-frame video (Qwen2-VL resizes each frame alone)."""
         return smart_resize(
             height,
             width,
@@ -69,7 +70,7 @@ class TinyQwen2VLVideoProcessor(TinyVideoProcessor):
         p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
         all_patches, grids = [], []
         for video in videos:
-            height, width = self._target_hw(*video.shape[-2:])
+            height, width = self._target_hw(len(video), *video.shape[-2:])
             video = self._normalize(resize_frames(video, height, width))
             if pad := -video.shape[0] % tp:  # repeat the last frame, like the stock processor
                 video = np.concatenate([video, np.repeat(video[-1:], pad, axis=0)], axis=0)
@@ -85,7 +86,7 @@ class TinyQwen2VLVideoProcessor(TinyVideoProcessor):
         }
 
     def get_num_of_video_patches(self, num_frames: int, height: int, width: int, videos_kwargs=None) -> int:
-        height, width = self._target_hw(height, width)
+        height, width = self._target_hw(num_frames, height, width)
         grid_t = math.ceil(num_frames / self.temporal_patch_size)
         return grid_t * (height // self.patch_size) * (width // self.patch_size)
 
