@@ -13,12 +13,24 @@ mean_heads(A_l)`` (no gradients, the same matrices for every ``t``) in the same 
 Only row ``p_t`` of ``R`` is needed, and ``R`` is lower triangular (causal attention), so it is computed exactly
 as ``e_p (I + Ā_L) ... (I + Ā_1)`` restricted to positions ``<= p_t``: vector-matrix products, ``O(p_t^2)``
 per layer. For the same reason the last answer token is not fed (no logit that is used depends on it).
+
+**Linear-attention layers** (Qwen3.5's Gated DeltaNet) have no attention probabilities. Their recurrence is linear in
+the values, so its output is exactly ``o = A v`` with ``A`` the unrolled recurrence
+(:func:`~hf_tokenprune.features.delta_rule_attention`: decays, write strengths and delta-rule corrections
+included; per value head, causal, signed, rows not normalised). During labelling the layer runs in that explicit
+form (the same output as its own kernels) and ``A`` takes the place of the attention probabilities in the
+recursion: the relevance of token ``j`` for a linear layer's output at ``t`` is the gradient-weighted weight with
+which ``j``'s value enters ``t``'s read-out of the recurrent state (the "implicit attention" of gated linear RNNs,
+Zimerman et al. 2024). What it does not carry: the causal conv1d mixes each token's value with the
+``kernel - 1`` tokens before it (that window's credit stays with the token whose value it is), and, as for softmax
+attention, relevance flows along the values only, not through the keys and gates that shape ``A``.
+``aggregation="mean"`` averages ``|A|`` over the heads of such a layer (signed entries would cancel).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +38,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
+from .features import delta_rule_attention
 
 AGGREGATIONS = ("grad-weighted", "mean")
 
@@ -81,7 +94,9 @@ def relevance_maps(model: nn.Module, inputs: Mapping[str, Any], answer_ids: torc
         logits, attentions = _teacher_forced_forward(model, adapter.text_model, _append(inputs, answer_ids[:-1]),
                                                      n_answer)
         probs = [a.detach()[0] for a in attentions]  # [heads, L', L'] per layer
-        head_means = None if grad_weighted else [a.float().mean(dim=0) for a in probs]
+        head_means = None if grad_weighted else [
+            (a.float().abs() if _is_linear(layer) else a.float()).mean(dim=0)
+            for a, layer in zip(probs, adapter.text_model.layers, strict=True)]
         rows = []
         for t, (p, y) in enumerate(zip(positions.tolist(), answer_ids.tolist())):
             if grad_weighted:
@@ -156,8 +171,9 @@ def _teacher_forced_forward(model: nn.Module, text_model: nn.Module, inputs: dic
     """Logits of the last ``n_logits`` positions and the attention probabilities of every LLM layer.
 
     The attentions are taken from the text model's attention modules themselves (the tensors the eager forward
-    multiplies with the values). The text model's input embeddings become a fresh leaf that requires grad, so
-    the graph exists even with frozen parameters and does not reach into the vision tower.
+    multiplies with the values); a linear-attention layer runs in its explicit form and gives its unrolled
+    recurrence (:func:`_explicit_linear_attention`). The text model's input embeddings become a fresh leaf that
+    requires grad, so the graph exists even with frozen parameters and does not reach into the vision tower.
     """
     attentions: list[torch.Tensor] = []
 
@@ -169,15 +185,44 @@ def _teacher_forced_forward(model: nn.Module, text_model: nn.Module, inputs: dic
         attentions.append(output[1])
 
     hooks = [text_model.register_forward_pre_hook(leaf, with_kwargs=True),
-             *(layer.self_attn.register_forward_hook(record) for layer in text_model.layers)]
+             *(layer.self_attn.register_forward_hook(record) for layer in text_model.layers if not _is_linear(layer))]
+    linear = [layer.linear_attn for layer in text_model.layers if _is_linear(layer)]
+    for module in linear:
+        module.forward = _explicit_linear_attention(module, attentions.append)
     try:
         logits = model(**inputs, use_cache=False, logits_to_keep=n_logits).logits
     finally:
         for hook in hooks:
             hook.remove()
+        for module in linear:
+            del module.forward
     if len(attentions) != len(text_model.layers) or any(a is None for a in attentions):
         raise RuntimeError(f"expected attention probabilities from each of the {len(text_model.layers)} LLM layers")
     return logits, attentions
+
+
+def _is_linear(layer: nn.Module) -> bool:
+    """Whether a decoder layer mixes tokens with linear attention (Qwen3.5's Gated DeltaNet) instead of softmax."""
+    return getattr(layer, "linear_attn", None) is not None
+
+
+def _explicit_linear_attention(attn: nn.Module, record: Callable[[torch.Tensor], None]) -> Callable[..., torch.Tensor]:
+    """A forward for Gated DeltaNet layer ``attn`` (without a cache) that computes its recurrence as the explicit
+    product ``A @ V`` (:func:`~hf_tokenprune.features.delta_rule_attention`), hands ``A`` to ``record`` and then
+    applies the layer's gated norm and output projection: the layer's own output, with ``A`` in the graph."""
+
+    def forward(hidden_states: torch.Tensor, *args: Any, attention_mask: torch.Tensor | None = None,
+                **kwargs: Any) -> torch.Tensor:
+        matrix, values = delta_rule_attention(attn, hidden_states, attention_mask)
+        record(matrix)
+        if attention_mask is not None:
+            hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)
+        batch, length, _ = hidden_states.shape
+        core = (matrix @ values).transpose(1, 2).to(hidden_states.dtype).reshape(-1, attn.head_v_dim)
+        gate = attn.in_proj_z(hidden_states).reshape(-1, attn.head_v_dim)
+        return attn.out_proj(attn.norm(core, gate).reshape(batch, length, -1))
+
+    return forward
 
 
 @contextlib.contextmanager

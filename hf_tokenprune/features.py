@@ -13,7 +13,9 @@ import sys
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
 
 
 def _apply_rotary(attention: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
@@ -43,7 +45,20 @@ def first_layer_attention(text_model: nn.Module, inputs_embeds: torch.Tensor, ro
     """
     with torch.no_grad():
         cos, sin = text_model.rotary_emb(inputs_embeds, rotary_positions)
-    return received_attention(text_model.layers[0], inputs_embeds, (cos, sin), attention_mask, instruction_mask)
+    return received_attention(text_model.layers[feature_layer(text_model)], inputs_embeds, (cos, sin),
+                              attention_mask, instruction_mask)
+
+
+def feature_layer(text_model: nn.Module) -> int:
+    """The decoder layer whose q/k projections give ``A^0_v``: the first softmax-attention layer (``self_attn``).
+
+    Layer 0 everywhere but in hybrid decoders whose first layers are linear attention (Qwen3.5: Gated DeltaNet
+    layers 0-2, full attention at 3). There that layer's q/k are applied to the input embeddings, as if the
+    layers before it were the identity (docs/design.md, "The feature on a hybrid decoder")."""
+    for index, layer in enumerate(text_model.layers):
+        if getattr(layer, "self_attn", None) is not None:
+            return index
+    raise ValueError(f"{type(text_model).__name__} has no softmax-attention layer to compute A^0_v from")
 
 
 def query_logits(layer: nn.Module, hidden_states: torch.Tensor,
@@ -57,7 +72,8 @@ def query_logits(layer: nn.Module, hidden_states: torch.Tensor,
     n_q = query_index.shape[1]
     hidden = layer.input_layernorm(hidden_states)
     q_hidden = torch.gather(hidden, 1, query_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    q = attn.q_proj(q_hidden).view(batch, n_q, -1, head_dim)
+    # a gated attention's q_proj (Qwen3.5) gives each head's query then its output gate
+    q = attn.q_proj(q_hidden).view(batch, n_q, attn.config.num_attention_heads, -1)[..., :head_dim]
     k = attn.k_proj(hidden).view(batch, length, -1, head_dim)
     if getattr(attn, "q_norm", None) is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
@@ -94,3 +110,68 @@ def received_attention(layer: nn.Module, hidden_states: torch.Tensor,
         probs = logits.softmax(dim=-1).mean(dim=1)  # [b, n_q, length]
         probs = probs * q_valid.unsqueeze(-1)
         return probs.sum(dim=1) / q_valid.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def delta_rule_attention(linear_attn: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                         rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact token mixing of a Gated DeltaNet layer (``linear_attn``, Qwen3.5's linear attention): ``(A, V)``
+    with the recurrence's output ``o = A @ V`` per value head, before the gated norm and ``out_proj``.
+
+    The gated delta rule ``S_t = a_t S_{t-1} (I - b_t k_t k_t^T) + b_t v_t k_t^T``, ``o_t = S_t^T q_t`` is linear
+    in the values, and unrolled it is ``A = (Q K^T * G) (I + L)^-1 diag(b)`` with ``G[t, j] = a_{j+1} ... a_t``
+    (causal, 1 on the diagonal) and ``L[t, j] = b_t G[t, j] k_t^T k_j`` strictly below the diagonal (the chunked
+    algorithm's UT transform over the whole sequence). q, k, v, the gates ``a`` and ``b`` are computed as the layer
+    does (input projections, causal depthwise conv + activation, l2-normalised q and k, q scaled by
+    ``d_k^-1/2``); padding (``attention_mask`` 0) is zeroed as the layer zeroes it. ``A[b, h, t, j]`` weighs the
+    conv output ``V[b, h, j]`` of token ``j`` (whose window also holds the ``kernel - 1`` tokens before it).
+
+    Args:
+        linear_attn: the layer's ``Qwen3_5GatedDeltaNet`` (``layer.linear_attn``).
+        hidden_states: ``[batch, length, hidden]``, its input (after the layer's input norm).
+        attention_mask: ``[batch, length]`` (1 = real token) or None.
+        rows: ``[batch, n]`` query positions; None: every position.
+
+    Returns:
+        ``A``: ``[batch, value_heads, n or length, length]`` and ``V``: ``[batch, value_heads, length, d_v]``,
+        float32, differentiable.
+    """
+    q, k, v, beta, log_decay = delta_rule_inputs(linear_attn, hidden_states, attention_mask)
+    length = q.shape[2]
+    cumulative = log_decay.cumsum(dim=-1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    decay = (cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    lower = (beta[..., :, None] * decay * (k @ k.transpose(-1, -2))).tril(-1)
+    mixing = torch.eye(length, device=q.device) + lower
+    if rows is not None:
+        index = rows[:, None, :, None].expand(-1, q.shape[1], -1, length)
+        q, decay = torch.gather(q, 2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1])), \
+            torch.gather(decay, 2, index)
+    scores = (q @ k.transpose(-1, -2)) * decay
+    matrix = torch.linalg.solve_triangular(mixing, scores, upper=False, left=False, unitriangular=True)
+    return matrix * beta[..., None, :], v
+
+
+def delta_rule_inputs(linear_attn: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, ...]:
+    """What a Gated DeltaNet layer's recurrence runs on, computed as the layer does (:func:`delta_rule_attention`):
+    float32 ``q, k`` (``[batch, value_heads, length, d_k]``, l2-normalised, q scaled by ``d_k^-1/2``), ``v``
+    (``[batch, value_heads, length, d_v]``), the write strength ``beta`` and the log decay (``[batch, value_heads,
+    length]``)."""
+    attn = linear_attn
+    if attention_mask is not None:
+        hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)
+    batch, length, _ = hidden_states.shape
+    mixed = attn.in_proj_qkv(hidden_states).transpose(1, 2)
+    weight = attn.conv1d.weight
+    mixed = F.conv1d(mixed.to(weight.dtype), weight, attn.conv1d.bias, padding=weight.shape[-1] - 1,
+                     groups=mixed.shape[1])[..., :length]
+    mixed = ACT2FN[attn.activation](mixed).transpose(1, 2)
+    q, k, v = torch.split(mixed, [attn.key_dim, attn.key_dim, attn.value_dim], dim=-1)
+    groups = attn.num_v_heads // attn.num_k_heads
+    q, k = (x.reshape(batch, length, attn.num_k_heads, attn.head_k_dim).repeat_interleave(groups, dim=2)
+            .transpose(1, 2).float() for x in (q, k))
+    v = v.reshape(batch, length, attn.num_v_heads, attn.head_v_dim).transpose(1, 2).float()
+    q, k = (x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6) for x in (q, k))
+    beta = attn.in_proj_b(hidden_states).float().sigmoid().transpose(1, 2)
+    log_decay = -attn.A_log.float().exp() * F.softplus(attn.in_proj_a(hidden_states).float() + attn.dt_bias)
+    return q * attn.head_k_dim ** -0.5, k, v, beta, log_decay.transpose(1, 2)

@@ -93,26 +93,75 @@ def _per_layer(text_config, length: int | Sequence[int]) -> list[int]:
     return [length] * text_config.num_hidden_layers if isinstance(length, int) else list(length)
 
 
+# the token mixer of decoder layer i: a "linear_attention" layer (Gated DeltaNet) keeps a constant-size state; every
+# other layer type attends with softmax and keeps keys and values
+LINEAR_ATTENTION = "linear_attention"
+# text models whose full-attention q_proj also gives a sigmoid output gate per head (twice the query width)
+GATED_ATTENTION_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
+
+
+def _layer_types(text_config) -> list[str]:
+    return list(getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers)
+
+
+def _attention_shape(text_config) -> tuple[int, int, int]:
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return heads, getattr(text_config, "num_key_value_heads", None) or heads, head_dim
+
+
 def kv_cache_bytes(text_config, batch: int, length: int | Sequence[int], dtype: torch.dtype) -> int:
-    """Bytes of keys and values for ``batch x length`` tokens over all layers (``length``: one per layer, or the
-    same for all)."""
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    """Bytes of keys and values for ``batch x length`` tokens over all softmax-attention layers (``length``: one per
+    layer, or the same for all). Linear-attention layers keep no keys and values: their conv and recurrent states
+    have a constant size, whatever the length, and are not counted."""
+    _, kv_heads, head_dim = _attention_shape(text_config)
     per_token = 2 * kv_heads * head_dim
-    return per_token * batch * sum(_per_layer(text_config, length)) * torch.empty((), dtype=dtype).element_size()
+    tokens = sum(n for n, kind in zip(_per_layer(text_config, length), _layer_types(text_config), strict=True)
+                 if kind != LINEAR_ATTENTION)
+    return per_token * batch * tokens * torch.empty((), dtype=dtype).element_size()
+
+
+def _mlp_params(text_config, layer: int) -> int:
+    """Weights one token passes through in layer ``layer``'s MLP: the gated MLP, or for a sparse MoE layer the
+    router, ``num_experts_per_tok`` experts and the shared expert (with its gate) where there is one."""
+    hidden = text_config.hidden_size
+    experts = getattr(text_config, "num_experts", None)
+    step = getattr(text_config, "decoder_sparse_step", 1) or 1
+    sparse = experts and layer not in (getattr(text_config, "mlp_only_layers", None) or []) and (layer + 1) % step == 0
+    if not sparse:
+        return 3 * hidden * text_config.intermediate_size
+    shared = getattr(text_config, "shared_expert_intermediate_size", 0) or 0
+    return (hidden * experts + text_config.num_experts_per_tok * 3 * hidden * text_config.moe_intermediate_size
+            + (3 * hidden * shared + hidden if shared else 0))
+
+
+def _layer_flops(text_config, layer: int, kind: str, n: int) -> float:
+    """Forward FLOPs of decoder layer ``layer`` (of type ``kind``) on ``n`` tokens of one sample."""
+    hidden = text_config.hidden_size
+    mlp = 2 * _mlp_params(text_config, layer) * n
+    if kind == LINEAR_ATTENTION:  # Gated DeltaNet: projections, depthwise conv, one delta-rule step per token
+        key_dim = text_config.linear_num_key_heads * text_config.linear_key_head_dim
+        value_heads, value_dim = text_config.linear_num_value_heads, text_config.linear_value_head_dim
+        conv_dim = 2 * key_dim + value_heads * value_dim
+        params = hidden * (conv_dim + 2 * value_heads + 2 * value_heads * value_dim)  # qkv, a, b, z, out
+        # per value head: decay, read (k^T S), rank-1 write and output read of the d_k x d_v state
+        state = 4 * value_heads * text_config.linear_key_head_dim * value_dim
+        return float(mlp + 2 * params * n + 2 * conv_dim * text_config.linear_conv_kernel_dim * n + 2 * state * n)
+    heads, kv_heads, head_dim = _attention_shape(text_config)
+    gate = 2 if getattr(text_config, "model_type", None) in GATED_ATTENTION_MODEL_TYPES else 1
+    params = hidden * head_dim * ((1 + gate) * heads + 2 * kv_heads)
+    return float(mlp + 2 * params * n + 2 * n * n * heads * head_dim)
 
 
 def prefill_flops(text_config, batch: int, length: int | Sequence[int]) -> float:
     """Forward FLOPs of the decoder layers on a ``batch x length`` prefill (multiply-add = 2 FLOPs); ``length``:
     one per layer, or the same for all.
 
-    Per layer and token: q/k/v/o projections and the gated MLP (``2 * params``), plus causal attention
-    scores and weighted sum (``2 * 2 * length / 2 * heads * head_dim``). Embeddings and the LM head
-    (one token under ``generate``) are left out.
+    Per layer and token: q/k/v/o projections and the gated MLP (``2 * params``; a MoE layer counts the router, the
+    experts a token is routed to and the shared expert), plus causal attention scores and weighted sum
+    (``2 * 2 * length / 2 * heads * head_dim``); a linear-attention layer instead counts its projections, its
+    depthwise conv and one delta-rule step of its state per token. Embeddings and the LM head (one token under
+    ``generate``) are left out.
     """
-    hidden = text_config.hidden_size
-    heads = text_config.num_attention_heads
-    head_dim = getattr(text_config, "head_dim", None) or hidden // heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    params = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * text_config.intermediate_size
-    return float(batch * sum(2 * params * n + 2 * n * n * heads * head_dim for n in _per_layer(text_config, length)))
+    return float(batch * sum(_layer_flops(text_config, i, kind, n) for i, (n, kind) in
+                             enumerate(zip(_per_layer(text_config, length), _layer_types(text_config), strict=True))))

@@ -117,6 +117,16 @@ def check_batch_equals_each_sample_alone(model, processor, family: str, steps: i
     return stats
 
 
+def reference_greedy(model, inputs, steps: int = 10):
+    """:func:`greedy` of the reference the family's pruned model must equal
+    (``hf_tokenprune.verify.generate_reference``: the masked reference, or the pruned-sequence one where masking
+    does not remove a token, as in Qwen3.5's linear attention)."""
+    from hf_tokenprune.verify import generate_reference
+
+    return generate_reference(model, inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True)
+
+
 def masked_greedy(model, inputs, steps: int = 10):
     """:func:`greedy` of the unpruned model with the tokens the last pruned call dropped masked out."""
     from hf_tokenprune.verify import generate_masked_reference

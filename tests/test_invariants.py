@@ -10,7 +10,14 @@ import pytest
 import torch
 from conftest import REGISTERED_CASES as CASES  # here: every registered family, the made-up ones too
 from conftest import REGISTERED_FAMILIES as FAMILIES
-from conftest import chat, check_batch_equals_each_sample_alone, greedy, make_inputs, masked_greedy
+from conftest import (
+    chat,
+    check_batch_equals_each_sample_alone,
+    greedy,
+    make_inputs,
+    masked_greedy,
+    reference_greedy,
+)
 from test_geometry import batch_regions, coverage, visual_count
 from test_multiturn import (
     FOLLOW_UPS,
@@ -28,12 +35,17 @@ from test_multiturn import (
 from transformers import pipeline
 
 from hf_tokenprune import Compressor, prune_wrap, tiny, unwrap
+from hf_tokenprune.adapters import get_adapter
 from hf_tokenprune.compat import output_cache, with_cache
 from hf_tokenprune.scorers import CompressorDPPScorer
+from hf_tokenprune.verify import generate_pruned_sequence_reference
 
 # the input-stage selection methods of the matrix (compressor+dpp: an untrained compressor; any relevance will do)
 METHODS = ["attention", "random", "divprune", "cdpruner",
            pytest.param(CompressorDPPScorer(Compressor(channels=(4, 8), kernel_size=3)), id="compressor+dpp")]
+
+
+GREEDY_6 = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
 
 
 def max_logit_diff(a, b):
@@ -54,19 +66,46 @@ def test_ratio_one_reproduces_the_unwrapped_model(built, family, kind):
 @pytest.mark.parametrize(("family", "kind"), CASES)
 @pytest.mark.parametrize("scorer", METHODS)
 def test_pruned_equals_masked_reference(built, family, kind, scorer):
+    """Pruned == the family's reference over 10 greedy steps: the masked one, or where masking does not remove a
+    token (linear attention) the unwrapped model run on the already-pruned sequence."""
     model, processor = built(family)
     inputs = make_inputs(processor, kind)
     prune_wrap(model, ratio=0.25, scorer=scorer)
     pruned = greedy(model, inputs, steps=10)
     stats = model.tokenprune.last_stats
     assert all(a < b for a, b in zip(stats.visual_tokens_after, stats.visual_tokens_before))
-    reference = masked_greedy(model, inputs, steps=10)
+    reference = reference_greedy(model, inputs, steps=10)
     assert torch.equal(pruned.sequences, reference.sequences)
     assert max_logit_diff(pruned, reference) < 1e-4
     # and the check is sensitive: without the mask the logits differ
     with model.tokenprune.disabled():
         unmasked = greedy(model, inputs, steps=1)
     assert (unmasked.logits[0] - reference.logits[0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("positions", ["original", "contiguous"])
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_pruned_sequence_reference_holds_and_agrees_with_the_masked_one(built, family, kind, positions):
+    """The unwrapped model run on the already-pruned sequence (inputs_embeds without the dropped tokens, the mask,
+    the original or renumbered positions and the family's extra inputs sliced alike) gives the pruned model's tokens
+    and logits on every family. Where masking removes a token (softmax attention only) the masked reference agrees
+    with it; where it does not (a linear-attention layer still takes a recurrence step for a masked token) they
+    differ, which is why those families are compared with the pruned-sequence reference."""
+    model, processor = built(family)
+    inputs = make_inputs(processor, kind)
+    prune_wrap(model, ratio=0.25, scorer="attention", positions=positions)
+    pruned = greedy(model, inputs, steps=6)
+    sequence = generate_pruned_sequence_reference(model, inputs, positions=positions, **GREEDY_6)
+    assert torch.equal(pruned.sequences, sequence.sequences)
+    assert max_logit_diff(pruned, sequence) < 1e-4
+    if positions == "contiguous":
+        return
+    masked = masked_greedy(model, inputs, steps=6)
+    if get_adapter(model).masking_removes_tokens:
+        assert torch.equal(masked.sequences, sequence.sequences)
+        assert max_logit_diff(masked, sequence) < 1e-4
+    else:
+        assert max_logit_diff(masked, sequence) > 1e-4
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -158,7 +197,7 @@ def test_pruned_equals_masked_reference_with_eager_attention(family):
     inputs = make_inputs(tiny.build_processor(family), "image")
     prune_wrap(model, ratio=0.25, scorer="attention")
     pruned = greedy(model, inputs, steps=6)
-    reference = masked_greedy(model, inputs, steps=6)
+    reference = reference_greedy(model, inputs, steps=6)
     assert torch.equal(pruned.sequences, reference.sequences)
     assert max_logit_diff(pruned, reference) < 1e-4
 
@@ -214,7 +253,9 @@ def test_next_turns_continue_the_pruned_cache_like_the_masked_reference(built, f
         ref = reference(model, inputs, drop)
         assert torch.equal(out.sequences, ref.sequences)
         assert max_logit_diff(out, ref) < 1e-4
-        assert output_cache(ref).get_seq_length() - output_cache(out).get_seq_length() == dropped
+        # the masked reference's cache holds the dropped tokens too, the pruned-sequence one does not
+        held = dropped if get_adapter(model).masking_removes_tokens else 0
+        assert output_cache(ref).get_seq_length() - output_cache(out).get_seq_length() == held
     with model.tokenprune.disabled(), torch.no_grad():  # and the check is sensitive: unmasked, the logits differ
         unmasked = model(**inputs)
     assert (unmasked.logits[:, -1] - ref.logits[0]).abs().max() > 1e-4

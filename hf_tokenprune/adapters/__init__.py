@@ -9,11 +9,13 @@ from .glm4v import Glm4vAdapter
 from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_5 import Qwen3_5Adapter
 from .qwen3_vl import Qwen3VLAdapter
 from .regions import ItemRegions, TokenRegions, VisualItem
 
 ADAPTERS: dict[str, type[Adapter]] = {
-    t: cls for cls in (Qwen2VLAdapter, Qwen3VLAdapter, Glm4vAdapter, LlavaOnevisionAdapter, LlavaAdapter)
+    t: cls for cls in (Qwen2VLAdapter, Qwen3VLAdapter, Glm4vAdapter, LlavaOnevisionAdapter, LlavaAdapter,
+                       Qwen3_5Adapter)
     for t in cls.model_types
 }
 

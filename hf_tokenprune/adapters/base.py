@@ -35,7 +35,9 @@ It may override, where it differs from the default:
 * :attr:`~Adapter.multimodal_model` / :attr:`~Adapter.text_model`: ``model.model`` / ``model.model.get_decoder()``;
 * :attr:`~Adapter.images_after_cached_images` / :attr:`~Adapter.continued_turns_unsupported`: why a continued chat
   turn is refused on the family (default None: every continuation is supported);
-* :meth:`~Adapter.inllm_refusal`: why in-LLM pruning cannot cut the sequence before a decoder layer (default None).
+* :meth:`~Adapter.inllm_refusal`: why in-LLM pruning cannot cut the sequence before a decoder layer (default None);
+* :attr:`~Adapter.masking_removes_tokens`: False for a decoder with linear-attention layers, where a masked token
+  still takes part; the shared tests then compare with the pruned-sequence reference instead.
 
 Each item's tokens lie within one run of consecutive placeholders; a run may hold several items (split by the item
 lengths). Families whose video frames are separate runs (Qwen3-VL, GLM-4V) give each frame as an item for pruning
@@ -47,7 +49,8 @@ The shared invariant tests check, for every registered tiny family, with images 
 * ratio 1.0 reproduces the unwrapped model exactly (tokens and logits);
 * pruned == masked reference: greedy ``generate`` on the pruned model equals the unpruned model with the dropped
   tokens masked out of attention at their original positions (same tokens, logits within 1e-4; sdpa and eager),
-  and the check is sensitive (unmasked, the logits differ);
+  and the check is sensitive (unmasked, the logits differ); where :attr:`~Adapter.masking_removes_tokens` is False
+  the reference is the unwrapped model run on the already-pruned sequence, and where it is True both agree;
 * a left-padded batch equals each sample alone (same kept tokens, same new tokens);
 * the KV cache holds exactly the kept length; the stats describe the cut; text-only calls pass through; unwrap
   restores the model;
@@ -141,6 +144,11 @@ class Adapter(ABC):
     #: keyword arguments of the text model, ``[batch, length, ...]`` tensors, that the prefill slices like
     #: ``inputs_embeds`` (see :meth:`slice_extra`)
     token_tensors: ClassVar[tuple[str, ...]] = ()
+    #: whether masking a token out of attention removes it from the computation: True for softmax-only decoders,
+    #: False where a token takes part even masked (a linear-attention layer still takes a recurrence step for it);
+    #: there pruned == the model run on the already-pruned sequence
+    #: (:func:`~hf_tokenprune.verify.generate_pruned_sequence_reference`), not the masked reference
+    masking_removes_tokens: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -35,6 +35,7 @@ from .qwen2_vl import (
     TinyQwen2VLVideoProcessor,
     qwen_config,
 )
+from .qwen3_5 import QWEN3_5, QWEN3_5_MOE
 from .qwen3_vl import (
     QWEN3_DEEPSTACK_INDEXES,
     QWEN3_MROPE_SECTION,
@@ -65,7 +66,8 @@ from .tokenizer import (
     text_token_ids,
 )
 
-for _family in (QWEN2_VL, QWEN2_5_VL, LLAVA_ONEVISION, LLAVA, QWEN3_VL, QWEN3_VL_MOE, GLM4V, GLM4V_MOE):
+for _family in (QWEN2_VL, QWEN2_5_VL, LLAVA_ONEVISION, LLAVA, QWEN3_VL, QWEN3_VL_MOE, GLM4V, GLM4V_MOE, QWEN3_5,
+                QWEN3_5_MOE):
     register_family(_family)
 del _family
 
@@ -82,6 +84,7 @@ __all__ = [
     "QWEN_DEFAULT_IMAGE_SIZE",
     "QWEN3_VL", "QWEN3_VL_MOE", "TinyQwen3VLProcessor", "TinyQwen3VLVideoProcessor", "QWEN3_MROPE_SECTION",
     "QWEN3_DEEPSTACK_INDEXES",
+    "QWEN3_5", "QWEN3_5_MOE",
     "GLM4V", "GLM4V_MOE", "TinyGlm4vProcessor", "TinyGlm4vVideoProcessor", "GLM_TOKENS", "GLM_CHAT_TEMPLATE",
     "LLAVA_ONEVISION", "TinyLlavaOnevisionVideoProcessor", "TinyLlavaOnevisionProcessor", "llava_onevision_config",
     "LLAVA_PATCH_SIZE", "LLAVA_DEFAULT_IMAGE_SIZE", "LLAVA_MAX_GRID",

@@ -1,0 +1,28 @@
+"""Qwen3.5 and Qwen3.5-MoE: Qwen3-VL's visual inputs and M-RoPE in front of a hybrid text model.
+
+The text model interleaves Gated DeltaNet linear-attention layers (a causal conv1d and a gated delta-rule
+recurrence) with a full softmax-attention layer every fourth layer. What that changes for pruning:
+
+* **Masking is not removing.** A linear-attention layer multiplies a masked token's input by zero, but the token
+  still takes a step of the recurrence (the state decays by the token's gate) and a slot of the convolution window,
+  so the unpruned model with the dropped tokens masked out is not the pruned model. The reference is the model run
+  on the already-pruned sequence (:func:`hf_tokenprune.verify.generate_pruned_sequence_reference`).
+* **Left padding is exact.** Padding comes first: its zeroed inputs give zero keys and values, so the conv and
+  recurrent states are still zero when the first real token arrives, as for the sample alone.
+* **The scoring feature** is the first full-attention layer's instruction->vision attention, computed from its q/k
+  projections on the input embeddings (:func:`hf_tokenprune.features.first_layer_attention`, docs/design.md).
+
+Visual inputs are Qwen3-VL's (no DeepStack): a video is one run of placeholders per frame group
+(:class:`~hf_tokenprune.adapters.qwen3_vl.FrameRunsAdapter`).
+"""
+
+from __future__ import annotations
+
+from .qwen3_vl import FrameRunsAdapter
+
+
+class Qwen3_5Adapter(FrameRunsAdapter):
+    """Qwen3-VL's frame runs and M-RoPE; a masked token is not a removed one (see the module docstring)."""
+
+    model_types = ("qwen3_5", "qwen3_5_moe")
+    masking_removes_tokens = False
