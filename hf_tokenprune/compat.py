@@ -26,6 +26,11 @@ TRANSFORMERS_VERSION: str = transformers.__version__
 #: whether ``generate`` renumbers the M-RoPE positions of a continued turn that brings vision tokens
 MROPE_RENUMBERS_CONTINUED_TURNS: bool = Version(TRANSFORMERS_VERSION).release >= (5, 23)
 
+#: whether LLaVA-NeXT-Video's ``get_video_features`` gives each video as ``[frames, tokens, hidden]`` (5.20.0; one
+#: ``[frames * tokens, hidden]`` row from 5.20.1 on), which ``generate`` then splits wrongly when it repeats the
+#: features for beam search or several return sequences (unpruned too)
+VIDEO_FEATURES_PER_FRAME: bool = Version(TRANSFORMERS_VERSION).release < (5, 20, 1)
+
 #: the keyword (and output field) of the KV cache in this transformers release
 CACHE: str = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 

@@ -58,6 +58,10 @@ def check_generate(model: nn.Module, kwargs: dict[str, Any]) -> None:
     if _setting(model, kwargs, "prefill_chunk_size"):
         raise UnsupportedGenerationError(
             f"prefill_chunk_size is not supported with pruning: the whole prompt must be scored at once{refuse}")
+    expand = max(_setting(model, kwargs, "num_beams") or 1, _setting(model, kwargs, "num_return_sequences") or 1)
+    reason = model.tokenprune.adapter.expansion_refusal(kwargs) if expand > 1 else None
+    if reason is not None:
+        raise UnsupportedGenerationError(f"num_beams / num_return_sequences > 1 cannot run on these inputs: {reason}")
     if _prunes(kwargs.get("assistant_model")):
         raise UnsupportedGenerationError(
             "assisted decoding with a pruned assistant_model is not supported: transformers crops the draft's "

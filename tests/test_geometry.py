@@ -26,7 +26,11 @@ from hf_tokenprune.adapters import MalformedVisualInputError, get_adapter
 from hf_tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 
 SIZES = {"qwen2_vl": (100, 60), "qwen2_5_vl": (100, 60), "llava_onevision": (90, 50), "llava": (60, 90),
-         "qwen3_vl": (100, 60), "qwen3_vl_moe": (100, 60), "glm4v": (100, 60), "glm4v_moe": (100, 60)}
+         "qwen3_vl": (100, 60), "qwen3_vl_moe": (100, 60), "glm4v": (100, 60), "glm4v_moe": (100, 60),
+         "llava_next": (90, 50), "mistral3": (100, 60), "llava_pixtral": (60, 100),
+         "smolvlm": (90, 40), "idefics3": (90, 40),  # 1 x 2 tiles and the global image
+         # square: the video processor center-crops frames, and frame boxes are in the crop's coordinates
+         "llava_next_video": (84, 84)}
 
 
 def visual_count(adapter, inputs, b: int) -> int:
@@ -96,12 +100,26 @@ def token_inputs(model, inputs, kind: str) -> torch.Tensor:
         pixels = inputs["pixel_values" if kind == "image" else "pixel_values_videos"]
         return pixels.reshape(-1, config.vision_config.spatial_merge_size**2 * pixels.shape[1])
     patch = config.vision_config.patch_size
+    if config.vision_config.model_type == "pixtral":  # one token per patch (Mistral 3: per merged 2 x 2 patches)
+        side = patch * getattr(config, "spatial_merge_size", 1)
+        return torch.cat([patches(pixels[None, :, :h, :w], side)[0]
+                          for pixels, (h, w) in zip(inputs["pixel_values"], inputs["image_sizes"].tolist())])
+    if config.model_type in ("smolvlm", "idefics3"):  # pixel-shuffled blocks of the non-empty tiles
+        pixels = inputs["pixel_values"].flatten(0, 1)
+        pixels = pixels[(pixels != 0).flatten(1).any(dim=1)]
+        return model.model.connector.pixel_shuffle(patches(pixels, patch), config.scale_factor).flatten(0, 1)
     if config.model_type == "llava":
         return patches(inputs["pixel_values"], patch).flatten(0, 1)
+    if kind == "video" and config.model_type == "llava_next_video":  # frames pooled, no newline token
+        return model.model.vision_resampler(patches(inputs["pixel_values_videos"][0], patch)).flatten(0, 1)
     if kind == "video":
         pooled = model.model.apply_pooling(patches(inputs["pixel_values_videos"][0], patch))
         return torch.cat([pooled.flatten(0, 1), torch.full((1, pooled.shape[-1]), torch.nan)])
-    counts = inputs["batch_num_images"].tolist()
+    # anyres: LLaVA-OneVision (an image of a multi-image sample is one tile) and LLaVA-NeXT
+    onevision = config.model_type == "llava_onevision"
+    counts = inputs["batch_num_images"].tolist() if onevision else [1]
+    packing = {"vision_aspect_ratio": config.vision_aspect_ratio} if onevision else \
+        {"vision_feature_select_strategy": config.vision_feature_select_strategy}
     out = []
     for i, size in enumerate(inputs["image_sizes"]):
         tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) \
@@ -109,7 +127,7 @@ def token_inputs(model, inputs, kind: str) -> torch.Tensor:
         features = patches(inputs["pixel_values"][i][:tiles], patch)
         packed, _ = model.model.pack_image_features([features], inputs["image_sizes"][i:i + 1],
                                                     image_newline=torch.full((features.shape[-1],), torch.nan),
-                                                    vision_aspect_ratio=config.vision_aspect_ratio)
+                                                    **packing)
         out.append(packed[0])
     return torch.cat(out)
 

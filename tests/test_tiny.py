@@ -25,20 +25,29 @@ from hf_tokenprune.tiny import (
 )
 
 QWEN = ("qwen2_vl", "qwen2_5_vl")
+LLAVA_NEXT = ("llava_next", "llava_next_video")
+PIXTRAL = ("mistral3", "llava_pixtral")
 VIDEO_FAMILIES = [f for f in FAMILIES if "video" in MODALITIES[f]]
 IDS = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
 
 # Visual tokens per image (default processors): Qwen = (H/14)*(W/14) after smart_resize, capped at 64;
 # LLaVA-OneVision = anyres over 28 px tiles (4x4 SigLIP patches each) incl. base tile and row newlines;
-# LLaVA-1.5 = every image resized + center-cropped to 42 px -> 6x6 CLIP patches (CLS dropped).
+# LLaVA-1.5 = every image resized + center-cropped to 42 px -> 6x6 CLIP patches (CLS dropped);
+# LLaVA-NeXT(-Video) = anyres over 28 px CLIP tiles (4x4 patches, CLS dropped) incl. base tile and row newlines;
+# Pixtral = one [IMG] per 14 px of the image resized to a longest edge <= 112 (row breaks are not counted).
 EXPECTED_IMAGE_TOKENS = {
     "qwen2_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "qwen2_5_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "llava_onevision": {28: 36, 56: 88, 84: 88, 112: 88, 224: 88, (84, 42): 52},
     "llava": {28: 36, 56: 36, 84: 36, 112: 36, 224: 36, (84, 42): 36},
+    "llava_next": {28: 36, 56: 88, 84: 88, 112: 88, 224: 88, (84, 42): 52},
+    "llava_next_video": {28: 36, 56: 88, 84: 88, 112: 88, 224: 88, (84, 42): 52},
+    "mistral3": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
+    "llava_pixtral": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
 }
-# 4 frames of 56x56: Qwen -> grid (2, 8, 8) / 4 = 32; LLaVA-OV -> 4 frames * 2x2 pooled + 1 newline = 17.
-EXPECTED_VIDEO_TOKENS = {"qwen2_vl": 32, "qwen2_5_vl": 32, "llava_onevision": 17}
+# 4 frames of 56x56: Qwen -> grid (2, 8, 8) / 4 = 32; LLaVA-OV -> 4 frames * 2x2 pooled + 1 newline = 17;
+# LLaVA-NeXT-Video -> 4 frames * 2x2 pooled = 16.
+EXPECTED_VIDEO_TOKENS = {"qwen2_vl": 32, "qwen2_5_vl": 32, "llava_onevision": 17, "llava_next_video": 16}
 
 
 @functools.cache
@@ -86,10 +95,12 @@ def _visual_feature_count(family: str, model, inputs) -> int:
             out = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         elif family == "llava":
             out = model.get_image_features(inputs["pixel_values"])
-        else:
+        elif family == "llava_onevision":
             out = model.get_image_features(
                 inputs["pixel_values"], inputs["image_sizes"], batch_num_images=inputs["batch_num_images"]
             )
+        else:
+            out = model.get_image_features(inputs["pixel_values"], image_sizes=inputs["image_sizes"])
     feats = out.pooler_output
     feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
     return feats.reshape(-1, model.config.text_config.hidden_size).shape[0]
@@ -133,7 +144,7 @@ def test_processor_chat_template_placeholders(family):
     if family in QWEN:
         assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 1
     else:
-        assert text.startswith("<|im_start|>user <image>\nhello<|im_end|>")
+        assert text.startswith(f"<|im_start|>user {processor.image_token}\nhello<|im_end|>")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,8 +156,8 @@ def test_processor_chat_template_placeholders(family):
 def test_model_config_consistent_with_tokenizer(family):
     model = _model(family)
     cfg, text = model.config, model.config.text_config
-    assert text.vocab_size == len(build_tokenizer())
-    assert model.get_input_embeddings().weight.shape[0] == len(build_tokenizer())
+    assert text.vocab_size == len(_processor(family).tokenizer)
+    assert model.get_input_embeddings().weight.shape[0] == len(_processor(family).tokenizer)
     assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (2, 4, 0)
     assert text.num_attention_heads == 4 and text.num_key_value_heads == 2
     assert 32 <= text.hidden_size <= 64
@@ -169,6 +180,24 @@ def test_model_config_consistent_with_tokenizer(family):
         assert cfg.vision_config.image_size == processor.image_processor.crop_size["height"]
         assert cfg.vision_feature_select_strategy == processor.vision_feature_select_strategy == "default"
         assert processor.num_additional_image_tokens == 1  # CLIP's CLS token
+    elif family in LLAVA_NEXT:
+        assert cfg.image_token_id == IDS["<image>"] and getattr(cfg, "video_token_id", None) == (
+            IDS["<video>"] if family == "llava_next_video" else None)
+        assert cfg.vision_config.model_type == "clip_vision_model"
+        processor = _processor(family)
+        assert cfg.image_grid_pinpoints == processor.image_processor.image_grid_pinpoints
+        assert cfg.vision_config.image_size == processor.image_processor.crop_size["height"]
+        assert cfg.vision_config.patch_size == processor.patch_size
+        assert cfg.vision_feature_select_strategy == processor.vision_feature_select_strategy == "default"
+        assert processor.num_additional_image_tokens == 1  # CLIP's CLS token
+    elif family in PIXTRAL:
+        processor = _processor(family)
+        assert cfg.vision_config.model_type == "pixtral"
+        assert cfg.image_token_id == processor.image_token_id == len(build_tokenizer())  # the first token added
+        assert processor.tokenizer.convert_ids_to_tokens(processor.image_token_ids) == ["[IMG]", "[IMG_BREAK]",
+                                                                                        "[IMG_END]"]
+        assert processor.patch_size == cfg.vision_config.patch_size
+        assert processor.spatial_merge_size == getattr(cfg, "spatial_merge_size", 1)
     else:
         assert cfg.image_token_index == IDS["<image>"] and cfg.video_token_index == IDS["<video>"]
         assert cfg.vision_config.model_type == "siglip_vision_model"
@@ -194,7 +223,7 @@ def test_build_model_deterministic_and_rng_neutral(family):
 
 def test_build_rejects_unknown_family():
     with pytest.raises(ValueError):
-        build_processor("llava_next")
+        build_processor("fuyu")
     with pytest.raises(ValueError):
         build_model("qwen3_vl")
 
@@ -287,8 +316,9 @@ def test_video_generate(family):
             assert sum(f.shape[0] for f in feats.pooler_output) == n_tokens
         else:
             assert inputs["pixel_values_videos"].shape == (1, 4, 3, 28, 28)
-            feats = model.get_video_features(inputs["pixel_values_videos"])
-            assert feats.pooler_output.shape[1] == n_tokens
+            feats = model.get_video_features(inputs["pixel_values_videos"]).pooler_output
+            # one [tokens, hidden] row per video; LLaVA-NeXT-Video on transformers 5.20.0: [frames, tokens, hidden]
+            assert sum(f.numel() for f in feats) // model.config.text_config.hidden_size == n_tokens
     if family == "qwen2_5_vl":
         assert inputs["second_per_grid_ts"].shape == (1,)
     out = model.generate(**inputs, max_new_tokens=16, do_sample=False, min_new_tokens=16)
@@ -311,8 +341,8 @@ def test_video_batch_via_processor_call(family):
     if family in QWEN:
         # 42x70 px -> 6x10 patches of 7 px; 2 frames -> 1 temporal step; 2x2 merge -> 15
         assert per_row == [32, 15]
-    else:
-        assert per_row == [17, 17]
+    else:  # every frame resized (and cropped) to one tile
+        assert per_row == [EXPECTED_VIDEO_TOKENS[family]] * 2
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4)
     assert out.shape == (2, inputs["input_ids"].shape[1] + 4)
 
@@ -430,8 +460,9 @@ def test_module_exports():
     assert FAMILIES == ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava")
     assert (*FAMILIES, *made_up_family.FAMILIES) == tiny.FAMILIES  # live: the tests' registrations come after
     assert set(MODALITIES) == set(tiny.FAMILIES)
-    assert MODALITIES["llava"] == ("image",)
-    assert all(MODALITIES[f] == ("image", "video") for f in FAMILIES if f != "llava")
+    image_only = ("llava", "llava_next", "mistral3", "llava_pixtral")
+    assert all(MODALITIES[f] == ("image",) for f in image_only)
+    assert all(MODALITIES[f] == ("image", "video") for f in FAMILIES if f not in image_only)
     for family in FAMILIES:  # a family has a video processor iff it takes videos
         assert hasattr(build_processor(family), "video_processor") == ("video" in MODALITIES[family])
     for name in tiny.__all__:

@@ -7,7 +7,10 @@ from torch import nn
 from .base import Adapter, MalformedVisualInputError, Placeholder, PlaceholderAdapter, VisualLayout
 from .glm4v import Glm4vAdapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .pixtral import PixtralAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_5 import Qwen3_5Adapter
 from .qwen3_vl import Qwen3VLAdapter
@@ -15,7 +18,7 @@ from .regions import ItemRegions, TokenRegions, VisualItem
 
 ADAPTERS: dict[str, type[Adapter]] = {
     t: cls for cls in (Qwen2VLAdapter, Qwen3VLAdapter, Glm4vAdapter, LlavaOnevisionAdapter, LlavaAdapter,
-                       Qwen3_5Adapter)
+                       Qwen3_5Adapter, LlavaNextAdapter, LlavaNextVideoAdapter, PixtralAdapter)
     for t in cls.model_types
 }
 
@@ -40,4 +43,4 @@ def get_adapter(model: nn.Module) -> Adapter:
         raise UnsupportedModelError(
             f"hf_tokenprune does not support {type(model).__name__} (model_type={model_type!r}); supported "
             f"model types: {', '.join(sorted(ADAPTERS))} (the ...ForConditionalGeneration classes)")
-    return ADAPTERS[model_type](model)
+    return ADAPTERS[model_type].for_model(model)(model)

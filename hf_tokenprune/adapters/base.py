@@ -25,7 +25,9 @@ It may override, where it differs from the default:
   ``image_token_id`` with ``pixel_values``, ``video_token_id`` with ``pixel_values_videos``);
 * :meth:`~PlaceholderAdapter.frames`: how a video item splits into frames (default: one piece);
   :meth:`~PlaceholderAdapter.placeholder_runs`: the placeholder runs an image / video fills (default: one run of
-  consecutive placeholders; Qwen3-VL and GLM-4V videos span one run per frame);
+  consecutive placeholders; Qwen3-VL and GLM-4V videos span one run per frame, a Pixtral image one run per row);
+* :meth:`~PlaceholderAdapter.structure_tokens`: text tokens that lay out the visual ones and are not instruction,
+  where the config does not name them (Pixtral's ``[IMG_BREAK]`` / ``[IMG_END]``; default: none);
 * :attr:`~PlaceholderAdapter.special_token_ids` / :attr:`~PlaceholderAdapter.end_of_turn_ids`: the chat template's
   tokens that are not instruction (the configs' bos / eos / pad / vision start and end ids; eos ids);
 * :meth:`~Adapter.expand_positions`, :meth:`~Adapter.text_model_positions`, :meth:`~Adapter.rotary_positions`: 1-D
@@ -36,12 +38,19 @@ It may override, where it differs from the default:
 * :attr:`~Adapter.images_after_cached_images` / :attr:`~Adapter.continued_turns_unsupported`: why a continued chat
   turn is refused on the family (default None: every continuation is supported);
 * :meth:`~Adapter.inllm_refusal`: why in-LLM pruning cannot cut the sequence before a decoder layer (default None);
+* :meth:`~Adapter.expansion_refusal`: why ``generate`` cannot repeat a call's samples (beam search) with the installed
+  transformers, unpruned too (default None);
+* :meth:`~Adapter.for_model`: the adapter class of one model, where checkpoints of one model type differ (``llava``
+  with a Pixtral tower; default: the registered class);
 * :attr:`~Adapter.masking_removes_tokens`: False for a decoder with linear-attention layers, where a masked token
   still takes part; the shared tests then compare with the pruned-sequence reference instead.
 
-Each item's tokens lie within one run of consecutive placeholders; a run may hold several items (split by the item
-lengths). Families whose video frames are separate runs (Qwen3-VL, GLM-4V) give each frame as an item for pruning
-and join a video's runs for :meth:`~Adapter.token_regions` (:meth:`~PlaceholderAdapter.placeholder_runs`).
+Each item's tokens lie within one run of :meth:`~PlaceholderAdapter.placeholder_runs` (consecutive placeholders, or
+runs the family joins: a Pixtral image's rows, separated by ``[IMG_BREAK]`` text tokens); a run may hold several
+items (split by the item lengths). Families whose video frames are separate runs (Qwen3-VL, GLM-4V) give each frame
+as an item for pruning and join a video's runs for :meth:`~Adapter.token_regions`. Placeholders are the visual
+tokens, whatever their embedding holds: LLaVA-NeXT's ``image_newline`` tokens are scored and pruned like the others;
+tokens the model embeds from its vocabulary (``[IMG_BREAK]``) are text.
 
 The shared invariant tests check, for every registered tiny family, with images and, where it takes them, videos
 (``tests/test_invariants.py``, ``test_generation_paths.py``, ``test_multiturn.py``, ``test_geometry.py``):
@@ -118,11 +127,12 @@ class Placeholder:
 
 
 def _encoded_lengths(output: Any) -> list[int] | None:
-    """Token counts of the items of a pre-encoded ``mm_encoder_outputs`` entry: one feature tensor per item, or one
-    ``[items, tokens, hidden]`` tensor of equal items; None for another form."""
+    """Token counts of the items of a pre-encoded ``mm_encoder_outputs`` entry: one feature tensor per item (its
+    tokens in all dimensions but the last: LLaVA-NeXT-Video on transformers 5.20.0 gives ``[frames, tokens,
+    hidden]``), or one ``[items, tokens, hidden]`` tensor of equal items; None for another form."""
     pooled = output.pooler_output
     if isinstance(pooled, (list, tuple)):
-        return [int(p.shape[0]) for p in pooled]
+        return [int(p.numel() // p.shape[-1]) for p in pooled]
     if isinstance(pooled, torch.Tensor) and pooled.dim() == 3:
         return [int(pooled.shape[1])] * pooled.shape[0]
     return None
@@ -152,6 +162,12 @@ class Adapter(ABC):
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> type[Adapter]:
+        """The adapter class that serves ``model`` (default: this one); a model type whose checkpoints differ in
+        kind picks one per model (``llava`` with a Pixtral tower: :class:`~.pixtral.LlavaPixtralAdapter`)."""
+        return cls
 
     # -- modules -------------------------------------------------------------------------------------------
     @property
@@ -224,6 +240,12 @@ class Adapter(ABC):
             padding = ~slicing.slot_valid.view(*slicing.slot_valid.shape, *([1] * (sliced.dim() - 2)))
             kwargs[name] = sliced.masked_fill(padding.to(sliced.device), 0)
         return kwargs
+
+    def expansion_refusal(self, call: Mapping[str, Any]) -> str | None:
+        """Why ``generate`` cannot repeat the samples of ``call`` (its kwargs) for beam search or several return
+        sequences on this family with the installed transformers, unpruned too; None where it can (the default). The
+        pruned model refuses such a call before any compute."""
+        return None
 
     def inllm_refusal(self, layer: int) -> str | None:
         """Why in-LLM pruning (FastV, PDrop, DART) cannot shorten the sequence before decoder ``layer`` (> 0) on this
@@ -308,6 +330,12 @@ class PlaceholderAdapter(Adapter):
                                                 "vision_start_token_id", "vision_end_token_id")
                          | set(self.visual_token_ids))
 
+    def structure_tokens(self, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """``[batch, length]`` bool: text tokens that lay out the visual tokens (``visual``: the call's placeholder
+        positions) and so are not instruction, where the model config does not name their ids (Pixtral's
+        ``[IMG_BREAK]`` / ``[IMG_END]``). None by default."""
+        return torch.zeros_like(visual)
+
     def item_lengths(self, call: dict[str, Any], token_id: int) -> list[int] | None:
         """Under ``generate``, which pre-encodes the visual inputs and passes ``mm_encoder_outputs``, the items'
         feature lengths; on a plain forward call, :meth:`input_item_lengths`."""
@@ -337,13 +365,17 @@ class PlaceholderAdapter(Adapter):
         for b in range(input_ids.shape[0]):
             pieces: list[int] = []
             for start, length in _runs(visual_mask[b]):
-                token = int(input_ids[b, start])
-                if bool((input_ids[b, start:start + length] != token).any()):
+                if bool((input_ids[b, start:start + length] != input_ids[b, start]).any()):
                     raise MalformedVisualInputError(
                         f"sample {b}: image and video placeholder tokens are adjacent without a separator")
+            runs = sorted((start, length, token) for token in items for start, length in
+                          self.placeholder_runs(input_ids[b], token, self._placeholder(token, call).kind))
+            for start, length, token in runs:
+                # the run's placeholder positions (a run that placeholder_runs joins skips the tokens between)
+                index = start + (input_ids[b, start:] == token).nonzero().flatten()[:length]
                 lengths = items[token]
                 if lengths is None:
-                    pieces.extend(self.frames(length, token, positions[:, b, start:start + length], call))
+                    pieces.extend(self.frames(length, token, positions[:, b, index], call))
                     continue
                 covered = 0
                 while covered < length:
@@ -353,8 +385,7 @@ class PlaceholderAdapter(Adapter):
                             f"({len(lengths)} item(s) of token id {token} for the whole batch)")
                     n = lengths[used[token]]
                     used[token] += 1
-                    at = start + covered
-                    pieces.extend(self.frames(n, token, positions[:, b, at:at + n], call))
+                    pieces.extend(self.frames(n, token, positions[:, b, index[covered:covered + n]], call))
                     covered += n
                 if covered != length:
                     raise MalformedVisualInputError(
@@ -389,6 +420,7 @@ class PlaceholderAdapter(Adapter):
         last_end = torch.where(turn_end & (idx > last_visual), idx, -1).amax(dim=1, keepdim=True)
         end = torch.where(last_end >= 0, last_end, input_ids.shape[1])
         special = torch.isin(input_ids, torch.tensor(sorted(self.special_token_ids), device=device))
+        special |= self.structure_tokens(input_ids, visual)
         instruction = (idx > last_visual) & (idx < end) & real & ~special
         empty = ~instruction.any(dim=1)
         if empty.any():
@@ -453,8 +485,8 @@ class PlaceholderAdapter(Adapter):
 
     def placeholder_runs(self, row: torch.Tensor, token_id: int, kind: str) -> list[tuple[int, int]]:
         """``(start, tokens)`` of the runs of ``token_id`` in one row of ``input_ids`` that :meth:`token_regions`
-        fills with whole ``kind`` items: the runs of consecutive placeholders (families whose video frames are
-        separated by timestamp text join a video's frames)."""
+        fills with whole ``kind`` items and :meth:`segments` with items: the runs of consecutive placeholders
+        (families whose video frames are separated by timestamp text join a video's frames)."""
         return _runs(row == token_id)
 
     @abstractmethod

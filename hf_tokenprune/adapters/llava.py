@@ -6,6 +6,7 @@ Every image is resized and cropped to the vision tower's input size, so each giv
 with one tensor per image); on a plain forward the ``[images, C, H, W]`` ``pixel_values`` give equal counts
 whose sum transformers has already checked against the placeholders. Adjacent images (``<image><image>``) are
 split by these counts. Token geometry: the patch grid of the center crop, mapped back through the resize.
+Checkpoints of this model type with a Pixtral tower are served by :class:`~.pixtral.LlavaPixtralAdapter`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,22 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
-from .base import Placeholder, PlaceholderAdapter
+from .base import Adapter, Placeholder, PlaceholderAdapter
+from .pixtral import LlavaPixtralAdapter
 from .regions import ItemRegions, clip_boxes, grid_boxes, nan_boxes, spans
 
 
 class LlavaAdapter(PlaceholderAdapter):
     model_types = ("llava",)
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> type[Adapter]:
+        """A checkpoint with a Pixtral tower (pixtral-12b) is served by :class:`~.pixtral.LlavaPixtralAdapter`."""
+        if cls is LlavaAdapter and model.config.vision_config.model_type == "pixtral":
+            return LlavaPixtralAdapter
+        return cls
 
     def input_item_lengths(self, call: Mapping[str, Any], placeholder: Placeholder) -> list[int] | None:
         pixels = call.get(placeholder.pixels)

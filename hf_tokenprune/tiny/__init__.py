@@ -12,6 +12,8 @@ from __future__ import annotations
 from .glm4v import GLM4V, GLM4V_MOE, GLM_CHAT_TEMPLATE, GLM_TOKENS, TinyGlm4vProcessor, TinyGlm4vVideoProcessor
 from .images import draw_shape, make_image, make_video
 from .llava import LLAVA, LLAVA15_DEFAULT_IMAGE_SIZE, LLAVA15_PATCH_SIZE, TinyLlavaProcessor
+from .llava_next import LLAVA_NEXT, LLAVA_NEXT_DEFAULT_IMAGE_SIZE, LLAVA_NEXT_PATCH_SIZE, TinyLlavaNextProcessor
+from .llava_next_video import LLAVA_NEXT_VIDEO, TinyLlavaNextVideoProcessor, TinyLlavaNextVideoVideoProcessor
 from .llava_onevision import (
     LLAVA_DEFAULT_IMAGE_SIZE,
     LLAVA_MAX_GRID,
@@ -21,6 +23,9 @@ from .llava_onevision import (
     TinyLlavaOnevisionVideoProcessor,
     llava_onevision_config,
 )
+from .llava_pixtral import LLAVA_PIXTRAL, LLAVA_PIXTRAL_PATCH_SIZE
+from .mistral3 import MISTRAL3, MISTRAL3_MERGE_SIZE, MISTRAL3_PATCH_SIZE
+from .pixtral import PIXTRAL_CHAT_TEMPLATE, PIXTRAL_MAX_IMAGE_SIZE, PIXTRAL_TOKENS, TinyPixtralProcessor
 from .qwen2_vl import (
     MROPE_SECTION,
     QWEN2_5_VL,
@@ -48,6 +53,7 @@ from .registry import (
     FAMILIES,
     MODALITIES,
     TinyFamily,
+    added_token_ids,
     build,
     build_model,
     build_processor,
@@ -67,13 +73,14 @@ from .tokenizer import (
 )
 
 for _family in (QWEN2_VL, QWEN2_5_VL, LLAVA_ONEVISION, LLAVA, QWEN3_VL, QWEN3_VL_MOE, GLM4V, GLM4V_MOE, QWEN3_5,
-                QWEN3_5_MOE):
+                QWEN3_5_MOE, LLAVA_NEXT, LLAVA_NEXT_VIDEO, MISTRAL3, LLAVA_PIXTRAL):
     register_family(_family)
 del _family
 
 __all__ = [
     # the registry
     "FAMILIES", "MODALITIES", "TinyFamily", "register_family", "get_family", "build", "build_model", "build_processor",
+    "added_token_ids",
     # the shared tokenizer and media
     "SPECIAL_TOKENS", "WORDS", "QWEN_CHAT_TEMPLATE", "LLAVA_ONEVISION_CHAT_TEMPLATE", "LLAVA_CHAT_TEMPLATE",
     "build_tokenizer", "special_token_ids", "text_token_ids", "make_image", "make_video", "draw_shape",
@@ -84,9 +91,13 @@ __all__ = [
     "QWEN_DEFAULT_IMAGE_SIZE",
     "QWEN3_VL", "QWEN3_VL_MOE", "TinyQwen3VLProcessor", "TinyQwen3VLVideoProcessor", "QWEN3_MROPE_SECTION",
     "QWEN3_DEEPSTACK_INDEXES",
-    "QWEN3_5", "QWEN3_5_MOE",
     "GLM4V", "GLM4V_MOE", "TinyGlm4vProcessor", "TinyGlm4vVideoProcessor", "GLM_TOKENS", "GLM_CHAT_TEMPLATE",
+    "QWEN3_5", "QWEN3_5_MOE",
     "LLAVA_ONEVISION", "TinyLlavaOnevisionVideoProcessor", "TinyLlavaOnevisionProcessor", "llava_onevision_config",
     "LLAVA_PATCH_SIZE", "LLAVA_DEFAULT_IMAGE_SIZE", "LLAVA_MAX_GRID",
     "LLAVA", "TinyLlavaProcessor", "LLAVA15_PATCH_SIZE", "LLAVA15_DEFAULT_IMAGE_SIZE",
+    "LLAVA_NEXT", "TinyLlavaNextProcessor", "LLAVA_NEXT_PATCH_SIZE", "LLAVA_NEXT_DEFAULT_IMAGE_SIZE",
+    "LLAVA_NEXT_VIDEO", "TinyLlavaNextVideoProcessor", "TinyLlavaNextVideoVideoProcessor",
+    "MISTRAL3", "MISTRAL3_PATCH_SIZE", "MISTRAL3_MERGE_SIZE", "LLAVA_PIXTRAL", "LLAVA_PIXTRAL_PATCH_SIZE",
+    "TinyPixtralProcessor", "PIXTRAL_TOKENS", "PIXTRAL_MAX_IMAGE_SIZE", "PIXTRAL_CHAT_TEMPLATE",
 ]

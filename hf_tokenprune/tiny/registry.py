@@ -6,10 +6,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from tokenizers import AddedToken
 from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.processing_utils import ProcessorMixin
 
-from .tokenizer import SPECIAL_TOKENS, build_tokenizer, special_token_ids
+from .tokenizer import SPECIAL_TOKENS, WORDS, build_tokenizer, special_token_ids
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,10 @@ class TinyFamily:
     ``config(config_class, num_hidden_layers, image_size)``: the tiny config, an instance of ``config_class``
     (``model_class.config_class``); ``processor(tokenizer, image_size)``: the real processor around the shared
     tokenizer. ``image_size`` is ``None`` for the family's default; where it matters both must get the same value.
-    ``modalities``: the input kinds the model and processor take.
+    ``modalities``: the input kinds the model and processor take. ``tokens``: special tokens the family needs beyond
+    the shared tokenizer's (Pixtral's ``[IMG]``, ``[IMG_BREAK]``, ``[IMG_END]``): :func:`build_processor` appends them
+    to the vocabulary (ids :func:`added_token_ids`), :func:`build_model` never generates them, and the family's config
+    sizes its vocabulary for them.
     """
 
     name: str
@@ -27,6 +31,7 @@ class TinyFamily:
     config: Callable[[type[PreTrainedConfig], int, int | None], PreTrainedConfig]
     processor: Callable[[PreTrainedTokenizerFast, int | None], ProcessorMixin]
     modalities: tuple[str, ...] = ("image", "video")
+    tokens: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, TinyFamily] = {}
@@ -84,10 +89,18 @@ FAMILIES: Sequence[str] = _Names()
 MODALITIES: Mapping[str, tuple[str, ...]] = _Modalities()
 
 
+def added_token_ids(tokens: Sequence[str]) -> dict[str, int]:
+    """Token -> id of a family's :attr:`TinyFamily.tokens`: appended after the shared vocabulary, in order."""
+    return {token: len(SPECIAL_TOKENS) + len(WORDS) + i for i, token in enumerate(tokens)}
+
+
 def build_processor(family: str, *, image_size: int | None = None) -> ProcessorMixin:
-    """The family's real transformers processor (PIL image processor) around :func:`build_tokenizer`; for
-    ``image_size`` see the family's module."""
-    return get_family(family).processor(build_tokenizer(), image_size)
+    """The family's real transformers processor (PIL image processor) around :func:`build_tokenizer` with the
+    family's :attr:`TinyFamily.tokens`; for ``image_size`` see the family's module."""
+    spec = get_family(family)
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in spec.tokens], special_tokens=True)
+    return spec.processor(tokenizer, image_size)
 
 
 def build_model(
@@ -117,7 +130,8 @@ def build_model(
         do_sample=False,
         max_new_tokens=16,
         # a random model must never emit placeholders / padding (real models don't either)
-        suppress_tokens=[ids[t] for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
+        suppress_tokens=[ids[t] for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")]
+        + list(added_token_ids(spec.tokens).values()),
     )
     return model.eval()
 

@@ -1,0 +1,86 @@
+"""What the Pixtral-style tiny families (:mod:`.mistral3`, :mod:`.llava_pixtral`) share: the stock
+:class:`~transformers.models.pixtral.processing_pixtral.PixtralProcessor`, its image tokens and a tiny Pixtral tower.
+
+An image is resized (longest edge at most ``PIXTRAL_MAX_IMAGE_SIZE``, each side rounded up to a multiple of the
+token's pixel size) and gives one ``[IMG]`` per token, row by row, each row followed by ``[IMG_BREAK]`` and the last
+one by ``[IMG_END]`` instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+from transformers import PreTrainedTokenizerFast
+from transformers.models.pixtral import image_processing_pil_pixtral
+from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+from .processors import TorchFreeProcessorMixin, register_processor
+from .registry import added_token_ids
+from .sizes import VISION_HEADS, VISION_HIDDEN_SIZE, text_kwargs
+from .tokenizer import LLAVA_CHAT_TEMPLATE
+
+
+def _import_pixtral_processor() -> type:
+    """transformers' ``processing_pixtral`` imports ``get_resize_output_image_size`` (used only to count tokens from
+    image sizes) from the torchvision image processor module; without torchvision it is served, for that import
+    only, from the PIL module, which defines the same function."""
+    name = "transformers.models.pixtral.image_processing_pixtral"
+    try:
+        from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+    except ImportError:
+        stub = types.ModuleType(name)
+        stub.get_resize_output_image_size = image_processing_pil_pixtral.get_resize_output_image_size
+        sys.modules[name] = stub
+        try:
+            from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+        finally:
+            del sys.modules[name]
+    return PixtralProcessor
+
+
+PIXTRAL_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
+PIXTRAL_MAX_IMAGE_SIZE = 112  # the tower's image_size: the longest edge an image is resized to (at most)
+# The LLaVA-1.5 template (images only) with Pixtral's image token.
+PIXTRAL_CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE.replace("'<image>'", "'[IMG]'")
+
+
+class TinyPixtralProcessor(TorchFreeProcessorMixin, _import_pixtral_processor()):
+    """Stock ``PixtralProcessor`` that reloads its image processor as the PIL class."""
+
+
+register_processor(TinyPixtralProcessor, PixtralImageProcessorPil)
+
+
+def pixtral_text(num_hidden_layers: int) -> dict[str, Any]:
+    """The Mistral ``text_config`` kwargs, its vocabulary grown by :data:`PIXTRAL_TOKENS`."""
+    text = text_kwargs(num_hidden_layers)
+    text.update(model_type="mistral", sliding_window=None, vocab_size=text["vocab_size"] + len(PIXTRAL_TOKENS),
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return text
+
+
+def pixtral_vision(patch_size: int) -> dict[str, Any]:
+    """A tiny Pixtral tower's ``vision_config`` kwargs."""
+    return dict(model_type="pixtral", hidden_size=VISION_HIDDEN_SIZE, intermediate_size=2 * VISION_HIDDEN_SIZE,
+                num_hidden_layers=2, num_attention_heads=VISION_HEADS, image_size=PIXTRAL_MAX_IMAGE_SIZE,
+                patch_size=patch_size, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def pixtral_image_token_id() -> int:
+    return added_token_ids(PIXTRAL_TOKENS)["[IMG]"]
+
+
+def pixtral_processor(tokenizer: PreTrainedTokenizerFast, patch_size: int,
+                      spatial_merge_size: int) -> TinyPixtralProcessor:
+    """The stock processor for a tower of ``patch_size`` merging ``spatial_merge_size``^2 patches per token.
+
+    The image processor's own ``patch_size`` is a token's pixel size, as the processor passes it, so that it gives
+    the same image sizes called alone (Mistral-Small-3.1's is the tower's patch size: called alone, as for the
+    visual inputs of a next chat turn, it needs ``patch_size=patch_size * spatial_merge_size``)."""
+    token = patch_size * spatial_merge_size
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": PIXTRAL_MAX_IMAGE_SIZE},
+                                               patch_size={"height": token, "width": token})
+    return TinyPixtralProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                                spatial_merge_size=spatial_merge_size, chat_template=PIXTRAL_CHAT_TEMPLATE)
