@@ -13,9 +13,10 @@ from typing import Any
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, PreTrainedTokenizerFast
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
+from .llava import clip_processor_kwargs, clip_vision
 from .processors import TorchFreeProcessorMixin, register_processor
 from .registry import TinyFamily
-from .sizes import VISION_HEADS, VISION_HIDDEN_SIZE, text_kwargs
+from .sizes import text_kwargs
 from .tokenizer import LLAVA_CHAT_TEMPLATE, special_token_ids
 
 LLAVA_NEXT_PATCH_SIZE = 7
@@ -40,17 +41,7 @@ def llava_next_parts(num_hidden_layers: int, image_size: int) -> tuple[dict[str,
     text = text_kwargs(num_hidden_layers)
     text.update(model_type="mistral", sliding_window=None,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    vision = dict(
-        model_type="clip_vision_model",
-        hidden_size=VISION_HIDDEN_SIZE,
-        intermediate_size=2 * VISION_HIDDEN_SIZE,
-        projection_dim=VISION_HIDDEN_SIZE,
-        num_hidden_layers=2,
-        num_attention_heads=VISION_HEADS,
-        image_size=image_size,
-        patch_size=LLAVA_NEXT_PATCH_SIZE,
-    )
-    return text, vision
+    return text, clip_vision(image_size, LLAVA_NEXT_PATCH_SIZE)
 
 
 def llava_next_image_processor(image_size: int | None) -> LlavaNextImageProcessorPil:
@@ -78,14 +69,9 @@ def _config(config_class: type[LlavaNextConfig], num_hidden_layers: int, image_s
 
 
 def _processor(tokenizer: PreTrainedTokenizerFast, image_size: int | None) -> TinyLlavaNextProcessor:
-    return TinyLlavaNextProcessor(
-        image_processor=llava_next_image_processor(image_size or LLAVA_NEXT_DEFAULT_IMAGE_SIZE),
-        tokenizer=tokenizer,
-        patch_size=LLAVA_NEXT_PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
+    image_processor = llava_next_image_processor(image_size or LLAVA_NEXT_DEFAULT_IMAGE_SIZE)
+    return TinyLlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                  chat_template=LLAVA_CHAT_TEMPLATE, **clip_processor_kwargs(LLAVA_NEXT_PATCH_SIZE))
 
 
 LLAVA_NEXT = TinyFamily("llava_next", LlavaNextForConditionalGeneration, _config, _processor, modalities=("image",))

@@ -17,6 +17,7 @@ from transformers import (
 )
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
+from .llava import clip_processor_kwargs
 from .llava_next import (
     LLAVA_NEXT_DEFAULT_IMAGE_SIZE,
     LLAVA_NEXT_PATCH_SIZE,
@@ -96,10 +97,8 @@ def _processor(tokenizer: PreTrainedTokenizerFast, image_size: int | None) -> Ti
         video_processor=video_processor,
         image_processor=llava_next_image_processor(image_size),
         tokenizer=tokenizer,
-        patch_size=LLAVA_NEXT_PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
         chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE,
+        **clip_processor_kwargs(LLAVA_NEXT_PATCH_SIZE),
     )
 
 
