@@ -457,7 +457,9 @@ def test_make_image_and_video_deterministic():
 
 
 def test_module_exports():
-    assert FAMILIES == ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava")
+    assert FAMILIES == ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava", "qwen3_vl", "qwen3_vl_moe", "glm4v",
+                        "glm4v_moe", "qwen3_5", "qwen3_5_moe", "llava_next", "llava_next_video", "mistral3",
+                        "llava_pixtral")
     assert (*FAMILIES, *made_up_family.FAMILIES) == tiny.FAMILIES  # live: the tests' registrations come after
     assert set(MODALITIES) == set(tiny.FAMILIES)
     image_only = ("llava", "llava_next", "mistral3", "llava_pixtral")
