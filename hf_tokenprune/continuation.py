@@ -96,23 +96,27 @@ class PrunedCache:
         over the real slots (masked slots repeat the previous position; slots of the prefill a cropped cache has
         re-fed count back from its last token)."""
         counts = text_mask.long().cumsum(dim=-1)
-        offsets = counts[:, slots] - counts[:, self.length - 1:self.length]
+        offsets = counts[:, slots] - self.mask.long().sum(dim=-1, keepdim=True)
         return self.last_positions.unsqueeze(-1) + offsets.to(self.last_positions.device)
 
     def text_mask(self, mask: Any, covered: int, length: int) -> torch.Tensor:
         """The text model's 2-D mask over the pruned cache and a call's ``length`` tokens: the cache's last prefill
-        as pruned, then the call's whole-sequence ``mask`` after that prefill (ones without one), checked."""
+        as pruned, then the call's whole-sequence ``mask`` after that prefill (ones without one), checked. A cache
+        cropped into its last prefill (assisted decoding rejecting candidate tokens the prefill held: text at its
+        end) keeps that prefill's first slots."""
         expected = covered + length
+        cropped = max(self.original_length - covered, 0)
+        start = self.original_length - cropped
         if mask is None:
-            tail = self.mask.new_ones((self.mask.shape[0], expected - self.original_length))
+            tail = self.mask.new_ones((self.mask.shape[0], expected - start))
         elif not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] != expected:
             raise PrunedCacheError(
                 f"this call continues a pruned cache holding {covered} tokens of the unpruned sequence with "
                 f"{length} new tokens and an attention mask of shape {tuple(getattr(mask, 'shape', ()))}; expected a "
                 f"2-D mask over the whole sequence, (batch, {expected})")
         else:
-            tail = mask[:, self.original_length:]
-        return torch.cat([self.mask, tail.to(self.mask)], dim=1)
+            tail = mask[:, start:]
+        return torch.cat([self.mask[:, :self.length - cropped], tail.to(self.mask)], dim=1)
 
     def new_part(self, cache: Any, length: int, mask: Any, total: int | None = None) -> tuple[int, int]:
         """``(start, covered)``: the unpruned position of the first of a call's ``length`` tokens, and how many
