@@ -161,7 +161,12 @@ def test_first_layer_attention_is_float32_in_a_bfloat16_model(built, family):
     assert (features[torch.bfloat16] - features[torch.float32]).abs().max() < 0.05 * scale
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# transformers' GLM-4.5V vision embeddings pass their disk-offloaded (meta) weight to F.grid_sample: unpruned too
+OFFLOAD_FAILS = {"glm4v_moe": "transformers' GLM-4.5V vision tower fails under disk offload, unpruned too"}
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.skip(reason=OFFLOAD_FAILS[f]))
+                                    if f in OFFLOAD_FAILS else f for f in FAMILIES])
 def test_accelerate_disk_offload_prunes_like_the_model_in_memory(built, family, tmp_path):
     """device_map="auto" with a CPU budget too small for the LLM: accelerate puts it on "disk" (meta weights
     loaded by hooks on each call, layer 0 included, which the scoring feature calls). On CPU accelerate knows

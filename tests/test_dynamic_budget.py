@@ -197,8 +197,9 @@ def compressor_dir(tmp_path):
 
 
 class PeakedBelow(Scorer):
-    """Logits ``log A^0_v``, plus a spike on the most attended token in samples with fewer than ``threshold``
-    visual tokens: at a mass of 0.6 those keep one token, the others (near-uniform attention) about 60%."""
+    """Logits ``log A^0_v`` flattened 100-fold (a near-uniform distribution, whatever the model's attention), plus a
+    spike on the most attended token in samples with fewer than ``threshold`` visual tokens: at a mass of 0.6 those
+    keep one token, the others about 60%."""
 
     distribution = "softmax"
 
@@ -206,7 +207,7 @@ class PeakedBelow(Scorer):
         self.threshold = threshold
 
     def score(self, inputs):
-        logits = inputs.first_layer_attention.float().clamp_min(1e-12).log()
+        logits = inputs.first_layer_attention.float().clamp_min(1e-12).log() / 100
         for b, n in enumerate(inputs.layout.counts):
             if n < self.threshold:
                 logits[b, int(logits[b, :n].argmax())] += 100.0

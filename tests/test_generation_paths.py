@@ -9,11 +9,14 @@ from hf_tokenprune import prune_wrap, tiny
 from hf_tokenprune.adapters import get_adapter
 from hf_tokenprune.compat import output_cache, with_cache
 
+# Qwen3-VL's DeepStack inputs of the text model
+DEEPSTACK = ("visual_pos_masks", "deepstack_visual_embeds")
+
 
 def _capture_text_model_inputs(model):
     seen = []
     handle = get_adapter(model).text_model.register_forward_pre_hook(
-        lambda m, a, k: seen.append({key: k.get(key) for key in ("inputs_embeds", "position_ids")}),
+        lambda m, a, k: seen.append({key: k.get(key) for key in ("inputs_embeds", "position_ids", *DEEPSTACK)}),
         with_kwargs=True)
     return seen, handle
 
@@ -34,6 +37,7 @@ def test_contiguous_positions_equal_a_model_that_never_saw_the_dropped_tokens(bu
     assert embeds.shape[1] == kept_length
     text_model, head = get_adapter(model).text_model, model.get_output_embeddings()
     rows = 3 if family in ("qwen2_vl", "qwen2_5_vl") else 1  # M-RoPE rows
+    extra = {k: seen[0][k] for k in DEEPSTACK if seen[0][k] is not None}  # as the pruned prefill passed them
     with model.tokenprune.disabled(), torch.no_grad():
         cache, logits, step_embeds, start = None, [], embeds, 0
         generated = out.sequences[:, inputs["input_ids"].shape[1]:]
@@ -41,7 +45,8 @@ def test_contiguous_positions_equal_a_model_that_never_saw_the_dropped_tokens(bu
             n = step_embeds.shape[1]
             positions = torch.arange(start, start + n).view(1, 1, -1).expand(rows, 1, -1)
             positions = positions[0] if rows == 1 else positions
-            hidden = text_model(inputs_embeds=step_embeds, position_ids=positions, **with_cache(cache), use_cache=True)
+            hidden = text_model(inputs_embeds=step_embeds, position_ids=positions, **with_cache(cache), use_cache=True,
+                                **(extra if step == 0 else {}))
             cache, start = output_cache(hidden), start + n
             logits.append(head(hidden.last_hidden_state[:, -1]))
             step_embeds = model.get_input_embeddings()(generated[:, step:step + 1])

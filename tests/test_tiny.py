@@ -24,7 +24,8 @@ from hf_tokenprune.tiny import (
     make_video,
 )
 
-QWEN = ("qwen2_vl", "qwen2_5_vl")
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+GLM = ("glm4v", "glm4v_moe")  # Qwen-style processing and grids, GLM's media tokens at the Qwen ids
 LLAVA_NEXT = ("llava_next", "llava_next_video")
 PIXTRAL = ("mistral3", "llava_pixtral")
 VIDEO_FAMILIES = [f for f in FAMILIES if "video" in MODALITIES[f]]
@@ -38,6 +39,10 @@ IDS = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
 EXPECTED_IMAGE_TOKENS = {
     "qwen2_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "qwen2_5_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
+    "qwen3_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
+    "qwen3_vl_moe": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
+    "glm4v": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
+    "glm4v_moe": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "llava_onevision": {28: 36, 56: 88, 84: 88, 112: 88, 224: 88, (84, 42): 52},
     "llava": {28: 36, 56: 36, 84: 36, 112: 36, 224: 36, (84, 42): 36},
     "llava_next": {28: 36, 56: 88, 84: 88, 112: 88, 224: 88, (84, 42): 52},
@@ -47,7 +52,8 @@ EXPECTED_IMAGE_TOKENS = {
 }
 # 4 frames of 56x56: Qwen -> grid (2, 8, 8) / 4 = 32; LLaVA-OV -> 4 frames * 2x2 pooled + 1 newline = 17;
 # LLaVA-NeXT-Video -> 4 frames * 2x2 pooled = 16.
-EXPECTED_VIDEO_TOKENS = {"qwen2_vl": 32, "qwen2_5_vl": 32, "llava_onevision": 17, "llava_next_video": 16}
+EXPECTED_VIDEO_TOKENS = {"qwen2_vl": 32, "qwen2_5_vl": 32, "llava_onevision": 17, "llava_next_video": 16,
+                         "qwen3_vl": 32, "qwen3_vl_moe": 32, "glm4v": 32, "glm4v_moe": 32}
 
 
 @functools.cache
@@ -66,6 +72,8 @@ def _image_token_id(model) -> int:
 
 def _video_token_id(model) -> int:
     cfg = model.config
+    if cfg.model_type in GLM:  # its video frames are image tokens
+        return cfg.image_token_id
     return cfg.video_token_id if hasattr(cfg, "video_token_id") else cfg.video_token_index
 
 
@@ -91,7 +99,7 @@ def _image_inputs(processor, image):
 
 def _visual_feature_count(family: str, model, inputs) -> int:
     with torch.no_grad():
-        if family in QWEN:
+        if family in QWEN + GLM:
             out = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         elif family == "llava":
             out = model.get_image_features(inputs["pixel_values"])
@@ -143,6 +151,8 @@ def test_processor_chat_template_placeholders(family):
     text = processor.apply_chat_template(_chat("hello", with_image=True), add_generation_prompt=True)
     if family in QWEN:
         assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 1
+    elif family in GLM:
+        assert text.count("<|begin_of_image|><|image|><|end_of_image|>") == 1
     else:
         assert text.startswith(f"<|im_start|>user {processor.image_token}\nhello<|im_end|>")
 
@@ -170,6 +180,16 @@ def test_model_config_consistent_with_tokenizer(family):
         assert cfg.vision_end_token_id == IDS["<|vision_end|>"]
         head_dim = text.hidden_size // text.num_attention_heads
         assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+        assert cfg.vision_config.patch_size == _processor(family).image_processor.patch_size
+    elif family in GLM:
+        tokenizer = _processor(family).tokenizer
+        for glm, shared in tiny.GLM_TOKENS.items():
+            assert tokenizer.convert_tokens_to_ids(glm) == IDS[shared]
+        assert (cfg.image_token_id, cfg.video_token_id) == (IDS["<|image_pad|>"], IDS["<|video_pad|>"])
+        assert (cfg.image_start_token_id, cfg.image_end_token_id) == (IDS["<|vision_start|>"], IDS["<|vision_end|>"])
+        assert (cfg.video_start_token_id, cfg.video_end_token_id) == (IDS["<image>"], IDS["<video>"])
+        rotated = text.hidden_size // text.num_attention_heads * text.rope_parameters["partial_rotary_factor"]
+        assert sum(text.rope_parameters["mrope_section"]) == rotated // 2
         assert cfg.vision_config.patch_size == _processor(family).image_processor.patch_size
     elif family == "llava":
         assert cfg.image_token_id == IDS["<image>"] and getattr(cfg, "video_token_id", None) is None
@@ -225,7 +245,7 @@ def test_build_rejects_unknown_family():
     with pytest.raises(ValueError):
         build_processor("fuyu")
     with pytest.raises(ValueError):
-        build_model("qwen3_vl")
+        build_model("fuyu")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -245,7 +265,7 @@ def test_image_tokens_match_visual_features(family):
             logits = model(**inputs).logits
         assert logits.shape == (*inputs["input_ids"].shape, len(processor.tokenizer))
         assert torch.isfinite(logits).all()
-    if family in QWEN:
+    if family in QWEN + GLM:
         # mm_token_type_ids marks exactly the image tokens (needed by generate for the mrope positions)
         assert torch.equal(inputs["mm_token_type_ids"] == 1, inputs["input_ids"] == _image_token_id(model))
 
@@ -308,7 +328,7 @@ def test_video_generate(family):
     n_tokens = int((inputs["input_ids"] == _video_token_id(model)).sum())
     assert n_tokens == EXPECTED_VIDEO_TOKENS[family]
     with torch.no_grad():
-        if family in QWEN:
+        if family in QWEN + GLM:
             assert torch.equal(
                 inputs["mm_token_type_ids"] == 2, inputs["input_ids"] == _video_token_id(model)
             )
@@ -332,13 +352,13 @@ def test_video_batch_via_processor_call(family):
     processor.tokenizer.padding_side = "left"
     prompt = processor.apply_chat_template(_chat("what moves ?", with_video=True), add_generation_prompt=True)
     # LLaVA-OneVision stacks videos to (batch, frames, C, H, W): equal frame counts are required there.
-    frames = 2 if family in QWEN else 4
+    frames = 2 if family in QWEN + GLM else 4
     second = np.stack([np.asarray(f) for f in make_video(1, frames=frames, size=(70, 42))])
     inputs = processor(
         text=[prompt, prompt], videos=[make_video(0, frames=4), second], padding=True, return_tensors="pt"
     )
     per_row = (inputs["input_ids"] == _video_token_id(model)).sum(1).tolist()
-    if family in QWEN:
+    if family in QWEN + GLM:
         # 42x70 px -> 6x10 patches of 7 px; 2 frames -> 1 temporal step; 2x2 merge -> 15
         assert per_row == [32, 15]
     else:  # every frame resized (and cropped) to one tile
@@ -481,5 +501,5 @@ def test_registry():
     assert all(torch.equal(t, reference[k]) for k, t in model.state_dict().items())
     with pytest.raises(ValueError, match="already registered"):
         tiny.register_family(tiny.LLAVA)
-    with pytest.raises(ValueError, match="unknown family 'qwen3_vl'"):
-        tiny.get_family("qwen3_vl")
+    with pytest.raises(ValueError, match="unknown family 'fuyu'"):
+        tiny.get_family("fuyu")

@@ -9,6 +9,9 @@ followed by its timestamp (:class:`~.qwen3_vl.FrameRunsAdapter`). Positions, ite
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from .base import Placeholder
 from .qwen3_vl import FrameRunsAdapter
 
@@ -27,3 +30,11 @@ class Glm4vAdapter(FrameRunsAdapter):
     def special_token_ids(self) -> frozenset[int]:
         return super().special_token_ids | self._config_token_ids(
             "image_start_token_id", "image_end_token_id", "video_start_token_id", "video_end_token_id")
+
+    def expansion_refusal(self, call: Mapping[str, Any]) -> str | None:
+        encoded = call.get("mm_encoder_outputs") or {}
+        if call.get("pixel_values_videos") is not None or encoded.get("video") is not None:
+            return ("transformers' GLM-4V generate() counts a sample's video tokens by video_token_id, which GLM's "
+                    "processor never writes (video frames are <|image|> tokens), so it cannot repeat video features "
+                    "for beams or several return sequences (the unpruned model fails too)")
+        return None
