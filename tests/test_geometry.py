@@ -28,7 +28,7 @@ from hf_tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 SIZES = {"qwen2_vl": (100, 60), "qwen2_5_vl": (100, 60), "llava_onevision": (90, 50), "llava": (60, 90),
          "qwen3_vl": (100, 60), "qwen3_vl_moe": (100, 60), "glm4v": (100, 60), "glm4v_moe": (100, 60),
          "llava_next": (90, 50), "mistral3": (100, 60), "llava_pixtral": (60, 100),
-         "smolvlm": (90, 40), "idefics3": (90, 40),  # 1 x 2 tiles and the global image
+         "smolvlm": (90, 40), "idefics3": (90, 40), "internvl": (90, 40),  # 1 x 2 tiles and the whole image
          # square: the video processor center-crops frames, and frame boxes are in the crop's coordinates
          "llava_next_video": (84, 84)}
 
@@ -108,6 +108,11 @@ def token_inputs(model, inputs, kind: str) -> torch.Tensor:
         pixels = inputs["pixel_values"].flatten(0, 1)
         pixels = pixels[(pixels != 0).flatten(1).any(dim=1)]
         return model.model.connector.pixel_shuffle(patches(pixels, patch), config.scale_factor).flatten(0, 1)
+    if config.model_type == "internvl":  # pixel-shuffled tiles (and video frames), the CLS token dropped
+        grid = patches(inputs["pixel_values"], patch[0])
+        side = int(grid.shape[1] ** 0.5)
+        shuffled = model.model.pixel_shuffle(grid.view(-1, side, side, grid.shape[-1]), config.downsample_ratio)
+        return shuffled.reshape(-1, shuffled.shape[-1])
     if config.model_type == "llava":
         return patches(inputs["pixel_values"], patch).flatten(0, 1)
     if kind == "video" and config.model_type == "llava_next_video":  # frames pooled, no newline token

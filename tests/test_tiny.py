@@ -28,6 +28,8 @@ QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 GLM = ("glm4v", "glm4v_moe")  # Qwen-style processing and grids, GLM's media tokens at the Qwen ids
 LLAVA_NEXT = ("llava_next", "llava_next_video")
 PIXTRAL = ("mistral3", "llava_pixtral")
+IDEFICS3 = ("smolvlm", "idefics3")
+FRAMES_AS_IMAGES = ("smolvlm", "internvl", *GLM)  # their video frames reach the model as image tokens
 VIDEO_FAMILIES = [f for f in FAMILIES if "video" in MODALITIES[f]]
 IDS = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
 
@@ -35,7 +37,9 @@ IDS = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
 # LLaVA-OneVision = anyres over 28 px tiles (4x4 SigLIP patches each) incl. base tile and row newlines;
 # LLaVA-1.5 = every image resized + center-cropped to 42 px -> 6x6 CLIP patches (CLS dropped);
 # LLaVA-NeXT(-Video) = anyres over 28 px CLIP tiles (4x4 patches, CLS dropped) incl. base tile and row newlines;
-# Pixtral = one [IMG] per 14 px of the image resized to a longest edge <= 112 (row breaks are not counted).
+# Pixtral = one [IMG] per 14 px of the image resized to a longest edge <= 112 (row breaks are not counted);
+# SmolVLM / Idefics3 = 16 per 32 px tile of the image resized to a longest edge of 64, plus 16 for the global image;
+# InternVL = 16 per 32 px tile of the grid (at most 6) closest to the image's aspect ratio, plus a 16-token thumbnail.
 EXPECTED_IMAGE_TOKENS = {
     "qwen2_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "qwen2_5_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
@@ -49,11 +53,15 @@ EXPECTED_IMAGE_TOKENS = {
     "llava_next_video": {28: 36, 56: 88, 84: 88, 112: 88, 224: 88, (84, 42): 52},
     "mistral3": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "llava_pixtral": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
+    "smolvlm": {28: 80, 56: 80, 84: 80, 112: 80, 224: 80, (84, 42): 48},
+    "idefics3": {28: 80, 56: 80, 84: 80, 112: 80, 224: 80, (84, 42): 48},
+    "internvl": {28: 16, 56: 80, 84: 80, 112: 80, 224: 80, (84, 42): 48},
 }
 # 4 frames of 56x56: Qwen -> grid (2, 8, 8) / 4 = 32; LLaVA-OV -> 4 frames * 2x2 pooled + 1 newline = 17;
-# LLaVA-NeXT-Video -> 4 frames * 2x2 pooled = 16.
+# LLaVA-NeXT-Video -> 4 frames * 2x2 pooled = 16; SmolVLM, InternVL -> 4 frames * one 16-token block = 64.
 EXPECTED_VIDEO_TOKENS = {"qwen2_vl": 32, "qwen2_5_vl": 32, "llava_onevision": 17, "llava_next_video": 16,
-                         "qwen3_vl": 32, "qwen3_vl_moe": 32, "glm4v": 32, "glm4v_moe": 32}
+                         "smolvlm": 64, "internvl": 64, "qwen3_vl": 32, "qwen3_vl_moe": 32, "glm4v": 32,
+                         "glm4v_moe": 32}
 
 
 @functools.cache
@@ -72,7 +80,7 @@ def _image_token_id(model) -> int:
 
 def _video_token_id(model) -> int:
     cfg = model.config
-    if cfg.model_type in GLM:  # its video frames are image tokens
+    if cfg.model_type in FRAMES_AS_IMAGES:  # their video frames reach the model as images
         return cfg.image_token_id
     return cfg.video_token_id if hasattr(cfg, "video_token_id") else cfg.video_token_index
 
@@ -101,8 +109,10 @@ def _visual_feature_count(family: str, model, inputs) -> int:
     with torch.no_grad():
         if family in QWEN + GLM:
             out = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-        elif family == "llava":
+        elif family in ("llava", "internvl"):
             out = model.get_image_features(inputs["pixel_values"])
+        elif family in IDEFICS3:
+            out = model.get_image_features(inputs["pixel_values"], inputs["pixel_attention_mask"])
         elif family == "llava_onevision":
             out = model.get_image_features(
                 inputs["pixel_values"], inputs["image_sizes"], batch_num_images=inputs["batch_num_images"]
@@ -153,6 +163,10 @@ def test_processor_chat_template_placeholders(family):
         assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 1
     elif family in GLM:
         assert text.count("<|begin_of_image|><|image|><|end_of_image|>") == 1
+    elif family in IDEFICS3:
+        assert text.startswith("<|im_start|>User:<image>hello<|im_end|>")
+    elif family == "internvl":
+        assert text.startswith("<|im_start|>user\n<IMG_CONTEXT>\nhello<|im_end|>")
     else:
         assert text.startswith(f"<|im_start|>user {processor.image_token}\nhello<|im_end|>")
 
@@ -168,7 +182,9 @@ def test_model_config_consistent_with_tokenizer(family):
     cfg, text = model.config, model.config.text_config
     assert text.vocab_size == len(_processor(family).tokenizer)
     assert model.get_input_embeddings().weight.shape[0] == len(_processor(family).tokenizer)
-    assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (2, 4, 0)
+    # SmolVLM / Idefics3: also the real checkpoints' eos, which closes a turn in SmolVLM's template for videos
+    eos = [4, _processor(family).tokenizer.convert_tokens_to_ids("<end_of_utterance>")] if family in IDEFICS3 else 4
+    assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (2, eos, 0)
     assert text.num_attention_heads == 4 and text.num_key_value_heads == 2
     assert 32 <= text.hidden_size <= 64
     gen = model.generation_config
@@ -210,6 +226,21 @@ def test_model_config_consistent_with_tokenizer(family):
         assert cfg.vision_config.patch_size == processor.patch_size
         assert cfg.vision_feature_select_strategy == processor.vision_feature_select_strategy == "default"
         assert processor.num_additional_image_tokens == 1  # CLIP's CLS token
+    elif family in IDEFICS3:
+        processor = _processor(family)
+        assert cfg.image_token_id == processor.image_token_id == IDS["<image>"] and text.model_type == "llama"
+        vision, image_processor = cfg.vision_config, processor.image_processor
+        assert vision.image_size == image_processor.max_image_size["longest_edge"]
+        assert processor.image_seq_len == (vision.image_size // vision.patch_size) ** 2 // cfg.scale_factor ** 2
+    elif family == "internvl":
+        processor = _processor(family)
+        assert cfg.image_token_id == processor.image_token_id and text.model_type == "qwen2"
+        assert processor.tokenizer.convert_ids_to_tokens([processor.start_image_token_id, processor.end_image_token_id,
+                                                          cfg.image_token_id]) == list(tiny.INTERNVL_TOKENS)
+        vision = cfg.vision_config
+        assert vision.image_size[0] == processor.image_processor.size["height"]
+        assert processor.image_seq_length == cfg.image_seq_length == (
+            vision.image_size[0] // vision.patch_size[0] // 2) ** 2
     elif family in PIXTRAL:
         processor = _processor(family)
         assert cfg.vision_config.model_type == "pixtral"
@@ -324,7 +355,10 @@ def test_video_generate(family):
         return_dict=True,
         return_tensors="pt",
     )
-    assert "pixel_values_videos" in inputs and "pixel_values" not in inputs
+    if family in FRAMES_AS_IMAGES:  # one block per frame, in pixel_values
+        assert "pixel_values_videos" not in inputs and inputs["pixel_values"].flatten(0, -4).shape == (4, 3, 32, 32)
+    else:
+        assert "pixel_values_videos" in inputs and "pixel_values" not in inputs
     n_tokens = int((inputs["input_ids"] == _video_token_id(model)).sum())
     assert n_tokens == EXPECTED_VIDEO_TOKENS[family]
     with torch.no_grad():
@@ -334,6 +368,8 @@ def test_video_generate(family):
             )
             feats = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
             assert sum(f.shape[0] for f in feats.pooler_output) == n_tokens
+        elif family in FRAMES_AS_IMAGES:
+            assert _visual_feature_count(family, model, inputs) == n_tokens
         else:
             assert inputs["pixel_values_videos"].shape == (1, 4, 3, 28, 28)
             feats = model.get_video_features(inputs["pixel_values_videos"]).pooler_output
@@ -479,10 +515,10 @@ def test_make_image_and_video_deterministic():
 def test_module_exports():
     assert FAMILIES == ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava", "qwen3_vl", "qwen3_vl_moe", "glm4v",
                         "glm4v_moe", "qwen3_5", "qwen3_5_moe", "llava_next", "llava_next_video", "mistral3",
-                        "llava_pixtral")
+                        "llava_pixtral", "smolvlm", "idefics3", "internvl")
     assert (*FAMILIES, *made_up_family.FAMILIES) == tiny.FAMILIES  # live: the tests' registrations come after
     assert set(MODALITIES) == set(tiny.FAMILIES)
-    image_only = ("llava", "llava_next", "mistral3", "llava_pixtral")
+    image_only = ("llava", "llava_next", "mistral3", "llava_pixtral", "idefics3")
     assert all(MODALITIES[f] == ("image",) for f in image_only)
     assert all(MODALITIES[f] == ("image", "video") for f in FAMILIES if f not in image_only)
     for family in FAMILIES:  # a family has a video processor iff it takes videos

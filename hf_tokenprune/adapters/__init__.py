@@ -6,6 +6,8 @@ from torch import nn
 
 from .base import Adapter, MalformedVisualInputError, Placeholder, PlaceholderAdapter, VisualLayout
 from .glm4v import Glm4vAdapter
+from .idefics3 import Idefics3Adapter, SmolVLMAdapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_next_video import LlavaNextVideoAdapter
@@ -18,7 +20,8 @@ from .regions import ItemRegions, TokenRegions, VisualItem
 
 ADAPTERS: dict[str, type[Adapter]] = {
     t: cls for cls in (Qwen2VLAdapter, Qwen3VLAdapter, Glm4vAdapter, LlavaOnevisionAdapter, LlavaAdapter,
-                       Qwen3_5Adapter, LlavaNextAdapter, LlavaNextVideoAdapter, PixtralAdapter)
+                       Qwen3_5Adapter, LlavaNextAdapter, LlavaNextVideoAdapter, PixtralAdapter,
+                       Idefics3Adapter, SmolVLMAdapter, InternVLAdapter)
     for t in cls.model_types
 }
 

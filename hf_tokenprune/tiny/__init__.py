@@ -11,6 +11,15 @@ from __future__ import annotations
 
 from .glm4v import GLM4V, GLM4V_MOE, GLM_CHAT_TEMPLATE, GLM_TOKENS, TinyGlm4vProcessor, TinyGlm4vVideoProcessor
 from .images import draw_shape, make_image, make_video
+from .internvl import (
+    INTERNVL,
+    INTERNVL_BLOCK,
+    INTERNVL_CHAT_TEMPLATE,
+    INTERNVL_TILE,
+    INTERNVL_TOKENS,
+    TinyInternVLProcessor,
+    TinyInternVLVideoProcessor,
+)
 from .llava import LLAVA, LLAVA15_DEFAULT_IMAGE_SIZE, LLAVA15_PATCH_SIZE, TinyLlavaProcessor
 from .llava_next import LLAVA_NEXT, LLAVA_NEXT_DEFAULT_IMAGE_SIZE, LLAVA_NEXT_PATCH_SIZE, TinyLlavaNextProcessor
 from .llava_next_video import LLAVA_NEXT_VIDEO, TinyLlavaNextVideoProcessor, TinyLlavaNextVideoVideoProcessor
@@ -61,6 +70,17 @@ from .registry import (
     register_family,
 )
 from .sizes import TEXT_HEAD_DIM, TEXT_HEADS, TEXT_HIDDEN_SIZE, TEXT_KV_HEADS, VISION_HEADS, VISION_HIDDEN_SIZE
+from .smolvlm import (
+    IDEFICS3,
+    IDEFICS3_BLOCK,
+    IDEFICS3_TILE,
+    IDEFICS3_TOKENS,
+    SMOLVLM,
+    SMOLVLM_CHAT_TEMPLATE,
+    TinyIdefics3Processor,
+    TinySmolVLMProcessor,
+    TinySmolVLMVideoProcessor,
+)
 from .tokenizer import (
     LLAVA_CHAT_TEMPLATE,
     LLAVA_ONEVISION_CHAT_TEMPLATE,
@@ -73,7 +93,8 @@ from .tokenizer import (
 )
 
 for _family in (QWEN2_VL, QWEN2_5_VL, LLAVA_ONEVISION, LLAVA, QWEN3_VL, QWEN3_VL_MOE, GLM4V, GLM4V_MOE, QWEN3_5,
-                QWEN3_5_MOE, LLAVA_NEXT, LLAVA_NEXT_VIDEO, MISTRAL3, LLAVA_PIXTRAL):
+                QWEN3_5_MOE, LLAVA_NEXT, LLAVA_NEXT_VIDEO, MISTRAL3, LLAVA_PIXTRAL,
+                SMOLVLM, IDEFICS3, INTERNVL):
     register_family(_family)
 del _family
 
@@ -100,4 +121,8 @@ __all__ = [
     "LLAVA_NEXT_VIDEO", "TinyLlavaNextVideoProcessor", "TinyLlavaNextVideoVideoProcessor",
     "MISTRAL3", "MISTRAL3_PATCH_SIZE", "MISTRAL3_MERGE_SIZE", "LLAVA_PIXTRAL", "LLAVA_PIXTRAL_PATCH_SIZE",
     "TinyPixtralProcessor", "PIXTRAL_TOKENS", "PIXTRAL_MAX_IMAGE_SIZE", "PIXTRAL_CHAT_TEMPLATE",
+    "SMOLVLM", "IDEFICS3", "TinySmolVLMProcessor", "TinySmolVLMVideoProcessor", "TinyIdefics3Processor",
+    "SMOLVLM_CHAT_TEMPLATE", "IDEFICS3_TOKENS", "IDEFICS3_TILE", "IDEFICS3_BLOCK",
+    "INTERNVL", "TinyInternVLProcessor", "TinyInternVLVideoProcessor", "INTERNVL_CHAT_TEMPLATE", "INTERNVL_TOKENS",
+    "INTERNVL_TILE", "INTERNVL_BLOCK",
 ]

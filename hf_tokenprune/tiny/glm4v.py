@@ -34,7 +34,7 @@ from .qwen2_vl import (
 )
 from .registry import TinyFamily
 from .sizes import TEXT_HIDDEN_SIZE, VISION_HEADS, VISION_HIDDEN_SIZE, text_kwargs
-from .tokenizer import QWEN_CHAT_TEMPLATE, special_token_ids
+from .tokenizer import QWEN_CHAT_TEMPLATE, rebuilt_tokenizer, special_token_ids
 
 # GLM-4V's media tokens -> the shared tokenizer's token whose id they take
 GLM_TOKENS = {
@@ -60,16 +60,7 @@ def glm_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast
     for token in spec["added_tokens"]:
         token["content"] = names.get(token["content"], token["content"])
     spec["model"]["vocab"] = {names.get(token, token): i for token, i in spec["model"]["vocab"].items()}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-        unk_token=tokenizer.unk_token,
-        pad_token=tokenizer.pad_token,
-        eos_token=tokenizer.eos_token,
-        model_max_length=tokenizer.model_max_length,
-        padding_side=tokenizer.padding_side,
-        chat_template=GLM_CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-    )
+    return rebuilt_tokenizer(tokenizer, Tokenizer.from_str(json.dumps(spec)), chat_template=GLM_CHAT_TEMPLATE)
 
 
 class TinyGlm4vVideoProcessor(TinyQwen2VLVideoProcessor):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -128,6 +130,17 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
     )
     return tokenizer
+
+
+def rebuilt_tokenizer(tokenizer: PreTrainedTokenizerFast, backend: Tokenizer | None = None,
+                      **settings: Any) -> PreTrainedTokenizerFast:
+    """A tokenizer with ``tokenizer``'s special tokens, length limit, padding side and chat template over ``backend``
+    (default: ``tokenizer``'s own), ``settings`` (a chat template, named special tokens) on top."""
+    return PreTrainedTokenizerFast(**{
+        "tokenizer_object": backend or tokenizer.backend_tokenizer, "unk_token": tokenizer.unk_token,
+        "pad_token": tokenizer.pad_token, "eos_token": tokenizer.eos_token,
+        "model_max_length": tokenizer.model_max_length, "padding_side": tokenizer.padding_side,
+        "chat_template": tokenizer.chat_template, "clean_up_tokenization_spaces": False, **settings})
 
 
 def special_token_ids() -> dict[str, int]:
