@@ -9,7 +9,7 @@ from typing import Any
 POSITIONS = ("original", "contiguous")
 SCOPES = ("sample", "image")
 SCORER_NAMES = ("compressor", "attention", "random", "uniform", "divprune", "cdpruner", "compressor+dpp", "fastv",
-                "pdrop", "dart", "tome")
+                "pdrop", "dart", "tome", "visionzip")
 COMPRESSOR_SCORERS = ("compressor", "compressor+dpp")  # built-in scorers that run a trained compressor
 LAYER_SCORERS = ("fastv", "pdrop", "dart")  # baselines that prune inside the LLM (original positions only)
 BUDGETS = ("fixed", "auto")
@@ -38,7 +38,8 @@ class TokenPruneConfig:
             scorer is built, so no compressor is needed.
         scorer: a built-in scorer name or a :class:`~hf_tokenprune.scorers.Scorer` instance. Input stage:
             ``"compressor"`` (the paper's method), ``"attention"``, ``"random"``, ``"uniform"``, ``"tome"``
-            (token merging), and the set selections ``"divprune"`` (max-min diversity), ``"cdpruner"`` (conditional
+            (token merging), ``"visionzip"`` (dominant tokens by vision-tower attention plus merged contextual
+            ones), and the set selections ``"divprune"`` (max-min diversity), ``"cdpruner"`` (conditional
             DPP on instruction relevance) and ``"compressor+dpp"`` (that DPP on the compressor's relevance).
             Inside the LLM (:mod:`hf_tokenprune.baselines`): ``"fastv"``, ``"pdrop"``, ``"dart"``.
         compressor: the trained compressor for ``scorer="compressor"`` / ``"compressor+dpp"``: a Hub repo id, a
@@ -60,7 +61,8 @@ class TokenPruneConfig:
             batch keep different counts. The distribution is the scorer's :attr:`~hf_tokenprune.Scorer.distribution`
             of its scores: the softmax of the compressor's logits (``"compressor"``, ``"compressor+dpp"``), the
             normalised ``A^0_v`` for ``"attention"``, the instruction relevance for ``"cdpruner"``; ``"random"``,
-            ``"uniform"``, ``"divprune"``, ``"tome"`` and the in-LLM baselines have none and are refused.
+            ``"uniform"``, ``"divprune"``, ``"tome"``, ``"visionzip"`` and the in-LLM baselines have none and are
+            refused.
         mass: the relevance-mass threshold of ``budget="auto"``, in (0, 1]. None: the calibrated threshold saved
             in the compressor's config (:func:`hf_tokenprune.calibrate`, ``hf-tokenprune calibrate``).
         min_ratio, max_ratio: the clamp of ``budget="auto"`` (fractions of each unit's tokens). None: the

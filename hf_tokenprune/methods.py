@@ -15,6 +15,7 @@ from .scorers import (
     RandomScorer,
     Scorer,
     UniformScorer,
+    VisionZipScorer,
 )
 
 __all__ = ["build_scorer"]
@@ -39,6 +40,8 @@ def build_scorer(config: TokenPruneConfig, adapter: Adapter) -> Scorer | LayerSc
         return DivPruneScorer()
     if config.scorer == "cdpruner":
         return CDPrunerScorer()
+    if config.scorer == "visionzip":
+        return VisionZipScorer(adapter)
     compressor = load_compressor(config.compressor, adapter.model)
     compressor.check_compatible(adapter.model_type, getattr(adapter.model.config, "_name_or_path", None) or None,
                                 allow_mismatch=config.allow_compressor_mismatch)

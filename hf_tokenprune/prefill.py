@@ -70,7 +70,7 @@ class PrefillPruner:
         scope = self.owner.config.scope
         units = layout.segments if scope == "image" else [[sum(s)] if s else [] for s in layout.segments]
         return ScoreInputs(adapter.text_model, embeds, mask, adapter.rotary_positions(positions),
-                           layout, units), positions
+                           layout, units, call), positions
 
     def prune(self, kwargs: dict, call: dict[str, Any] | None, cache: Any = None,
               layout: PrunedCache | None = None) -> PrunedPrefill:

@@ -100,9 +100,13 @@ class TokenPruneHandle:
         return self._enabled and self.config.prunes
 
     def configure(self, config: TokenPruneConfig, scorer: Scorer | LayerSchedule | None) -> None:
-        """Switch to another configuration (installs / removes the decoder-layer hooks of in-LLM methods)."""
+        """Switch to another configuration (installs / removes the decoder-layer hooks of in-LLM methods; releases
+        the previous scorer's hooks, VisionZip's on the vision tower)."""
         if self._layers is not None:
             self._layers.remove()
+        previous = getattr(self, "scorer", None)
+        if previous is not scorer:
+            release_scorer(previous)
         self.config, self.scorer, self.last_stats = config, scorer, None
         self._layers = LayerPruner(self.adapter.text_model, scorer, config.min_tokens) if isinstance(
             scorer, LayerSchedule) else None
@@ -111,6 +115,7 @@ class TokenPruneHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        release_scorer(self.scorer)
         if self._layers is not None:
             self._layers.remove()
         model = self._model_ref()
@@ -205,6 +210,13 @@ class TokenPruneHandle:
         layout, self._pending = self._pending, None
         if layout is not None and output_cache(output) is not None:
             layout.record_on(output_cache(output))
+
+
+def release_scorer(scorer: Any) -> None:
+    """Remove the hooks a scorer installed on the model (its ``release()``, where it has one: VisionZip)."""
+    release = getattr(scorer, "release", None)
+    if callable(release):
+        release()
 
 
 def score_inputs(model: nn.Module, inputs: dict[str, Any], scope: str = "sample") -> ScoreInputs | None:

@@ -6,6 +6,9 @@ masked reference, a left-padded batch == each sample alone, the KV cache length,
 continuation and ``token_regions`` covering each image.
 """
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 from conftest import REGISTERED_CASES as CASES  # here: every registered family, the made-up ones too
@@ -32,16 +35,18 @@ from test_multiturn import (
     turn_drop,
     visual_inputs,
 )
+from test_visionzip import VISIONZIP_FAMILIES
 from transformers import pipeline
 
-from hf_tokenprune import Compressor, prune_wrap, tiny, unwrap
-from hf_tokenprune.adapters import get_adapter
+from hf_tokenprune import Compressor, prune_wrap, tiny, unwrap, verify
+from hf_tokenprune.adapters import UnsupportedMethodError, get_adapter
 from hf_tokenprune.compat import output_cache, with_cache
 from hf_tokenprune.scorers import CompressorDPPScorer
-from hf_tokenprune.verify import generate_pruned_sequence_reference
+from hf_tokenprune.verify import drop_mask, generate_pruned_sequence_reference
 
-# the input-stage selection methods of the matrix (compressor+dpp: an untrained compressor; any relevance will do)
-METHODS = ["attention", "random", "divprune", "cdpruner",
+# the input-stage selection methods of the matrix (compressor+dpp: an untrained compressor; any relevance will do;
+# visionzip: on VISIONZIP_FAMILIES, refused elsewhere)
+METHODS = ["attention", "random", "divprune", "cdpruner", "visionzip",
            pytest.param(CompressorDPPScorer(Compressor(channels=(4, 8), kernel_size=3)), id="compressor+dpp")]
 
 
@@ -50,6 +55,47 @@ GREEDY_6 = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logi
 
 def max_logit_diff(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits))
+
+
+@contextlib.contextmanager
+def merged_embeddings(model, inputs):
+    """On the reference's prefill, the kept tokens carry the embeddings the pruned model's LLM received (a merging
+    method's averages) at their original positions; the pruned model's prefill is run once to record them."""
+    seen = {}
+    text_model = get_adapter(model).text_model
+    handle = text_model.register_forward_pre_hook(lambda m, a, k: seen.update(embeds=k["inputs_embeds"]),
+                                                  with_kwargs=True)  # after the pruner's pre-hook
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    input_ids = inputs["input_ids"]
+    kept = ~drop_mask(input_ids, get_adapter(model).placeholder_ids(inputs), model.tokenprune.last_stats)
+    kept &= inputs["attention_mask"].bool()
+
+    def merged(embeds):
+        embeds = embeds.clone()
+        for b in range(embeds.shape[0]):
+            n = int(kept[b].sum())
+            embeds[b, kept[b]] = seen["embeds"][b, -n:]  # the pruned sequence holds the kept tokens right-aligned
+        return embeds
+
+    def replace(module, args, kwargs):  # the masked reference's prefill
+        if kwargs["inputs_embeds"].shape[1] != input_ids.shape[1]:
+            return None
+        return args, {**kwargs, "inputs_embeds": merged(kwargs["inputs_embeds"])}
+
+    recorded = verify._prefill_arguments  # what the pruned-sequence reference slices
+
+    def prefill_arguments(*args):
+        seen_arguments = recorded(*args)
+        return {**seen_arguments, "inputs_embeds": merged(seen_arguments["inputs_embeds"])}
+
+    handle = text_model.register_forward_pre_hook(replace, with_kwargs=True)
+    try:
+        with mock.patch.object(verify, "_prefill_arguments", prefill_arguments):
+            yield
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize(("family", "kind"), CASES)
@@ -70,11 +116,17 @@ def test_pruned_equals_masked_reference(built, family, kind, scorer):
     token (linear attention) the unwrapped model run on the already-pruned sequence."""
     model, processor = built(family)
     inputs = make_inputs(processor, kind)
+    if scorer == "visionzip" and family not in VISIONZIP_FAMILIES:
+        with pytest.raises(UnsupportedMethodError, match=f"not supported on {model.config.model_type}: "):
+            prune_wrap(model, ratio=0.25, scorer=scorer)
+        return
     prune_wrap(model, ratio=0.25, scorer=scorer)
     pruned = greedy(model, inputs, steps=10)
     stats = model.tokenprune.last_stats
     assert all(a < b for a, b in zip(stats.visual_tokens_after, stats.visual_tokens_before))
-    reference = reference_greedy(model, inputs, steps=10)
+    # a merging method's kept tokens carry merged embeddings: the reference gets them too
+    with merged_embeddings(model, inputs) if scorer == "visionzip" else contextlib.nullcontext():
+        reference = reference_greedy(model, inputs, steps=10)
     assert torch.equal(pruned.sequences, reference.sequences)
     assert max_logit_diff(pruned, reference) < 1e-4
     # and the check is sensitive: without the mask the logits differ

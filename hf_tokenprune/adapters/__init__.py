@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Adapter, MalformedVisualInputError, Placeholder, PlaceholderAdapter, VisualLayout
+from .base import (
+    Adapter,
+    MalformedVisualInputError,
+    Placeholder,
+    PlaceholderAdapter,
+    UnsupportedMethodError,
+    VisualLayout,
+)
 from .glm4v import Glm4vAdapter
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .internvl import InternVLAdapter
@@ -26,7 +33,8 @@ ADAPTERS: dict[str, type[Adapter]] = {
 }
 
 __all__ = ["ADAPTERS", "Adapter", "ItemRegions", "MalformedVisualInputError", "Placeholder", "PlaceholderAdapter",
-           "TokenRegions", "UnsupportedModelError", "VisualItem", "VisualLayout", "get_adapter", "register_adapter"]
+           "TokenRegions", "UnsupportedMethodError", "UnsupportedModelError", "VisualItem", "VisualLayout",
+           "get_adapter", "register_adapter"]
 
 
 class UnsupportedModelError(ValueError):

@@ -96,6 +96,11 @@ class MalformedVisualInputError(ValueError):
     """The visual placeholder tokens of a batch do not match the visual inputs (grids, frames, sizes)."""
 
 
+class UnsupportedMethodError(ValueError):
+    """A selection method needs something of the model that this family's adapter does not provide (VisionZip's
+    vision-tower attention: :meth:`Adapter.vision_attention_layer`)."""
+
+
 @dataclass
 class VisualLayout:
     """Where the visual tokens of one batch are.
@@ -159,6 +164,9 @@ class Adapter(ABC):
     #: there pruned == the model run on the already-pruned sequence
     #: (:func:`~hf_tokenprune.verify.generate_pruned_sequence_reference`), not the masked reference
     masking_removes_tokens: ClassVar[bool] = True
+    #: why VisionZip cannot read this family's vision-tower attention (where :meth:`vision_attention_layer` refuses)
+    vision_attention_refusal: ClassVar[str] = (
+        "hf_tokenprune does not map this family's vision-tower attention to the LLM's visual tokens")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -246,6 +254,21 @@ class Adapter(ABC):
         sequences on this family with the installed transformers, unpruned too; None where it can (the default). The
         pruned model refuses such a call before any compute."""
         return None
+
+    def vision_attention_layer(self) -> nn.Module:
+        """The vision-tower layer whose attention VisionZip (``scorer="visionzip"``) ranks visual tokens by; the
+        scorer captures its input with a forward pre-hook while the tower runs
+        (:class:`~.vision_attention.VisionAttentionCapture`). Default: :class:`UnsupportedMethodError` naming
+        :attr:`vision_attention_refusal`."""
+        raise UnsupportedMethodError(f"scorer='visionzip' is not supported on {self.model_type}: "
+                                     f"{self.vision_attention_refusal}")
+
+    def vision_attention(self, records: Sequence[tuple[tuple, dict]], call: Mapping[str, Any]) -> torch.Tensor:
+        """``[batch, length]`` float32: the attention each visual token of ``call`` (the multimodal call's kwargs)
+        receives in :meth:`vision_attention_layer`, 0 elsewhere; ``records``: that layer's ``(args, kwargs)`` on each
+        tower run of the call, in order. Default: refused like :meth:`vision_attention_layer`."""
+        raise UnsupportedMethodError(f"scorer='visionzip' is not supported on {self.model_type}: "
+                                     f"{self.vision_attention_refusal}")
 
     def inllm_refusal(self, layer: int) -> str | None:
         """Why in-LLM pruning (FastV, PDrop, DART) cannot shorten the sequence before decoder ``layer`` (> 0) on this
@@ -482,6 +505,27 @@ class PlaceholderAdapter(Adapter):
                         f"(their items give {covered} tokens)")
                 offset += length
         return TokenRegions.from_items(items, regions)
+
+    def scatter_items(self, call: Mapping[str, Any], values: torch.Tensor) -> torch.Tensor:
+        """``[batch, length]``: one value per visual token, ``values`` in the order the tower produced them (the
+        modalities of :meth:`call_placeholders` in turn, each in batch order, as transformers scatters the
+        features), at the call's placeholder positions; 0 elsewhere. :class:`UnsupportedMethodError` where the
+        counts differ (``generate`` repeating samples for beam search or several return sequences)."""
+        input_ids = call["input_ids"]
+        out = torch.zeros(input_ids.shape, dtype=values.dtype, device=values.device)
+        masks = [input_ids == p.token_id for p in self.call_placeholders(call)]
+        total = sum(int(m.sum()) for m in masks)
+        if total != values.numel():
+            raise UnsupportedMethodError(
+                f"scorer='visionzip': the vision tower gave {values.numel()} token attentions for {total} visual "
+                "tokens (generate repeats samples for beam search / num_return_sequences > 1, which visionzip does "
+                "not support)")
+        offset = 0
+        for mask in masks:
+            n = int(mask.sum())
+            out[mask.to(out.device)] = values[offset:offset + n]
+            offset += n
+        return out
 
     def placeholder_runs(self, row: torch.Tensor, token_id: int, kind: str) -> list[tuple[int, int]]:
         """``(start, tokens)`` of the runs of ``token_id`` in one row of ``input_ids`` that :meth:`token_regions`

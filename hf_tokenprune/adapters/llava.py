@@ -11,15 +11,16 @@ Checkpoints of this model type with a Pixtral tower are served by :class:`~.pixt
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .base import Adapter, Placeholder, PlaceholderAdapter
+from .base import Adapter, Placeholder, PlaceholderAdapter, UnsupportedMethodError
 from .pixtral import LlavaPixtralAdapter
 from .regions import ItemRegions, clip_boxes, grid_boxes, nan_boxes, spans
+from .vision_attention import argument, cls_attention
 
 
 class LlavaAdapter(PlaceholderAdapter):
@@ -31,6 +32,28 @@ class LlavaAdapter(PlaceholderAdapter):
         if cls is LlavaAdapter and model.config.vision_config.model_type == "pixtral":
             return LlavaPixtralAdapter
         return cls
+
+    def vision_attention_layer(self) -> nn.Module:
+        """The CLIP layer whose output the projector receives (``vision_feature_layer``: ``hidden_states[j]`` is
+        the output of layer ``j - 1``, ``hidden_states[-j]`` of layer ``-j``; LLaVA-1.5's -2, as VisionZip)."""
+        cfg = self.model.config
+        layer = cfg.vision_feature_layer
+        if cfg.vision_config.model_type != "clip_vision_model":
+            raise UnsupportedMethodError(f"scorer='visionzip' ranks LLaVA tokens by the CLS attention of a CLIP "
+                                         f"tower; this one is {cfg.vision_config.model_type!r} (no CLS token)")
+        if not isinstance(layer, int) or layer == 0 or cfg.vision_feature_select_strategy != "default":
+            raise UnsupportedMethodError(
+                "scorer='visionzip' needs one CLIP feature layer and the CLS dropped (vision_feature_layer an int "
+                f"other than 0, vision_feature_select_strategy='default'); got {layer!r}, "
+                f"{cfg.vision_feature_select_strategy!r}")
+        return self.multimodal_model.vision_tower.encoder.layers[layer - 1 if layer > 0 else layer]
+
+    def vision_attention(self, records: Sequence[tuple[tuple, dict]], call: Mapping[str, Any]) -> torch.Tensor:
+        """The CLS query's attention to each patch (one LLM token per patch), averaged over heads."""
+        layer = self.vision_attention_layer()
+        values = [cls_attention(layer, argument(args, kwargs, "hidden_states", 0)).flatten()
+                  for args, kwargs in records]
+        return self.scatter_items(call, torch.cat(values))
 
     def input_item_lengths(self, call: Mapping[str, Any], placeholder: Placeholder) -> list[int] | None:
         pixels = call.get(placeholder.pixels)

@@ -28,6 +28,10 @@ from .regions import ItemRegions, clip_boxes, grid_boxes, nan_boxes, spans
 
 class LlavaNextAdapter(PlaceholderAdapter):
     model_types = ("llava_next",)
+    vision_attention_refusal = (
+        "its tokens come from anyres tiles that are unpadded, re-tiled and joined by newline tokens (LLaVA-OneVision "
+        "also pools video frames), with no one-to-one map from tower patches to LLM tokens that hf_tokenprune "
+        "implements; use a family with a single-grid tower (LLaVA-1.5, Qwen2-VL)")
 
     def input_item_lengths(self, call: Mapping[str, Any], placeholder: Placeholder) -> list[int] | None:
         sizes = call.get("image_sizes")  # each image's token count from its geometry (adjacent images form one run)

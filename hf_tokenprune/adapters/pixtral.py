@@ -27,6 +27,10 @@ class PixtralAdapter(PlaceholderAdapter):
     """Mistral 3: Pixtral patches merged ``spatial_merge_size`` x ``spatial_merge_size`` into one token."""
 
     model_types = ("mistral3",)
+    vision_attention_refusal = (
+        "the Pixtral tower has no CLS token and attends over the patches of every image of the batch in one "
+        "block-diagonal sequence (Mistral 3 then merges patches with a learned unfold), which hf_tokenprune does not "
+        "map to the LLM's visual tokens")
 
     def _token_pixels(self) -> int:
         """The side in pixels of the square a token covers in the resized image."""

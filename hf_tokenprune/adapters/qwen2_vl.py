@@ -10,14 +10,16 @@ rows when called without them. Kept tokens keep their (t, h, w) ids, so decode p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..compat import MROPE_RENUMBERS_CONTINUED_TURNS, TRANSFORMERS_VERSION
-from .base import Placeholder, PlaceholderAdapter
+from .base import Placeholder, PlaceholderAdapter, UnsupportedMethodError
 from .regions import ItemRegions, grid_boxes, unit_spans
+from .vision_attention import argument, patch_received_attention
 
 
 class Qwen2VLAdapter(PlaceholderAdapter):
@@ -40,6 +42,28 @@ class Qwen2VLAdapter(PlaceholderAdapter):
             return None
         merge = self.model.config.vision_config.spatial_merge_size ** 2
         return [int(t * h * w) // merge for t, h, w in grid.tolist()]
+
+    def vision_attention_layer(self) -> nn.Module:
+        """The tower's last block, whose output the merger turns into LLM tokens; its attention is full within each
+        image / frame. Qwen2.5-VL is refused: most of its blocks attend within windows over window-reordered
+        patches, and hf_tokenprune does not undo that order."""
+        visual = self.multimodal_model.visual
+        if getattr(visual, "fullatt_block_indexes", None) is not None:
+            raise UnsupportedMethodError(
+                f"scorer='visionzip' is not supported on {self.model_type}: its vision tower attends within windows "
+                "over window-reordered patches, which hf_tokenprune does not map back to the LLM's visual tokens")
+        return visual.blocks[-1]
+
+    def vision_attention(self, records: Sequence[tuple[tuple, dict]], call: Mapping[str, Any]) -> torch.Tensor:
+        """The attention each patch receives (mean over heads and the queries of its image / frame), summed over
+        the ``spatial_merge_size ** 2`` consecutive patches that the merger joins into one LLM token."""
+        block = self.vision_attention_layer()
+        merge = self.model.config.vision_config.spatial_merge_size ** 2
+        values = [patch_received_attention(block, argument(args, kwargs, "hidden_states", 0),
+                                           argument(args, kwargs, "cu_seqlens", 1),
+                                           argument(args, kwargs, "position_embeddings", 2)).view(-1, merge).sum(-1)
+                  for args, kwargs in records]
+        return self.scatter_items(call, torch.cat(values))
 
     def frames(self, length: int, token_id: int, positions: torch.Tensor, call: dict[str, Any]) -> list[int]:
         if token_id != self.model.config.video_token_id:

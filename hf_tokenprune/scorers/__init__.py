@@ -12,6 +12,8 @@ from .divprune import DivPruneScorer
 from .oracle import OracleScorer
 from .random import RandomScorer
 from .uniform import UniformScorer
+from .visionzip import VisionZipScorer
 
 __all__ = ["AttentionScorer", "CDPrunerScorer", "CompressorDPPScorer", "CompressorScorer", "DivPruneScorer",
-           "OracleScorer", "RandomScorer", "ScoreInputs", "Scorer", "SetSelection", "UniformScorer"]
+           "OracleScorer", "RandomScorer", "ScoreInputs", "Scorer", "SetSelection", "UniformScorer",
+           "VisionZipScorer"]

@@ -15,15 +15,16 @@ Three kinds of methods fit:
   :meth:`Scorer.select` keeps each unit's highest scores (ties: the earlier token).
 * **set selection** (divprune, cdpruner, compressor+dpp): a :class:`SetSelection` picks each unit's tokens jointly
   (a diverse set is no top-k of per-token scores); its scores are only what ``budget="auto"`` counts from.
-* **merging** (tome): :meth:`Scorer.merge` also replaces the kept tokens' embeddings.
+* **merging** (tome, visionzip): :meth:`Scorer.merge` also replaces the kept tokens' embeddings.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -40,6 +41,8 @@ class ScoreInputs:
     Per-visual-token tensors are packed: ``[batch, max_visual]``, each sample's visual tokens in order of
     appearance, padded at the end (``valid`` marks the real entries). ``units[b]`` are the lengths of the
     budget units of sample ``b`` (the whole sample, or each image / video frame), consecutive in that order.
+    ``call``: the multimodal call's kwargs (``input_ids``, visual inputs), for scorers that read more of the model
+    than the LLM input (VisionZip's vision-tower attention).
     """
 
     text_model: nn.Module
@@ -48,6 +51,7 @@ class ScoreInputs:
     rotary_positions: torch.Tensor
     layout: VisualLayout
     units: list[list[int]]
+    call: Mapping[str, Any] | None = None
 
     @cached_property
     def valid(self) -> torch.Tensor:
