@@ -3,8 +3,10 @@
 Builds each family's tiny random-weight model with its real transformers processor (no download), runs
 ``generate`` on a left-padded batch of two images of different sizes with a question each (and on a batch of
 two videos, for the families that take videos: ``tiny.MODALITIES``), pruned to
-``ratio`` by the chosen scorer, and checks the answer against the unpruned model with the dropped tokens
-masked out of attention. A case passes when the tokens are identical and the logits within
+``ratio`` by the chosen scorer, and checks the answer against the family's reference
+(:func:`~hf_tokenprune.verify.generate_reference`): the unpruned model with the dropped tokens masked out of
+attention, or, where masking does not remove a token (Qwen3.5's linear attention), the unwrapped model run on the
+already-pruned sequence (the ``reference`` column). A case passes when the tokens are identical and the logits within
 :data:`LOGIT_TOLERANCE` of the reference (exactly equal when nothing is pruned, e.g. ``ratio=1.0``: the reference is
 then the unpruned model). Prints the transformers and torch versions first and a pass/fail summary last. Random
 weights answer gibberish; the demo shows the mechanics and their cost.
@@ -17,11 +19,11 @@ import torch
 from . import tiny
 from .adapters import get_adapter
 from .compat import versions
-from .verify import generate_masked_reference
+from .verify import generate_reference
 from .wrap import prune_wrap
 
 QUESTIONS = ("what colour is the circle ?", "what shape is left of the red square ?")
-LOGIT_TOLERANCE = 1e-4  # max |Δlogit| against the masked reference, as in tests/test_invariants.py
+LOGIT_TOLERANCE = 1e-4  # max |Δlogit| against the reference, as in tests/test_invariants.py
 
 
 def _inputs(processor, kind: str):
@@ -50,8 +52,8 @@ def run(ratio: float = 0.25, scorer: str = "attention", max_new_tokens: int = 16
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      output_logits=True, return_dict_in_generate=True)
             stats = model.tokenprune.last_stats  # None: nothing was pruned
-            ref = generate_masked_reference(model, inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                            output_logits=True, return_dict_in_generate=True)
+            ref = generate_reference(model, inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                     output_logits=True, return_dict_in_generate=True)
             same = bool(torch.equal(out.sequences, ref.sequences))
             diff = max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits))
             answer = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:],
@@ -69,7 +71,9 @@ def run(ratio: float = 0.25, scorer: str = "attention", max_new_tokens: int = 16
                         "prefill_flops_ratio": round(stats.prefill_flops_ratio, 3),
                         "scoring_ms": round(1e3 * stats.scoring_time_s, 2)}
             rows.append({
-                "family": family, "input": kind, **cost, "same_tokens_as_masked_reference": same,
+                "family": family, "input": kind, **cost,
+                "reference": "masked" if get_adapter(model).masking_removes_tokens else "pruned sequence",
+                "same_tokens_as_reference": same,
                 "max_logit_diff": diff, "passed": same and diff <= (LOGIT_TOLERANCE if stats is not None else 0.0),
                 "answer[0]": answer[:40],
             })

@@ -30,11 +30,11 @@ def _apply_rotary(attention: nn.Module) -> Callable[..., tuple[torch.Tensor, tor
 
 def first_layer_attention(text_model: nn.Module, inputs_embeds: torch.Tensor, rotary_positions: torch.Tensor,
                           attention_mask: torch.Tensor | None, instruction_mask: torch.Tensor) -> torch.Tensor:
-    """Attention each position receives in layer 0, averaged over heads and over the instruction tokens.
+    """Attention each position receives in layer 0 (:func:`feature_layer`), averaged over heads and over the
+    instruction tokens.
 
     Args:
-        text_model: the decoder (``layers[0]`` with ``input_layernorm`` and ``self_attn.q_proj/k_proj``,
-            ``rotary_emb``).
+        text_model: the decoder (``layers`` with ``input_layernorm`` and ``self_attn.q_proj/k_proj``, ``rotary_emb``).
         inputs_embeds: ``[batch, length, hidden]`` prefill embeddings (visual features merged in).
         rotary_positions: position ids in the form ``text_model.rotary_emb`` takes.
         attention_mask: ``[batch, length]`` (1 = real token) or None.

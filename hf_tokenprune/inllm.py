@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
 from transformers.masking_utils import create_causal_mask
 
 from .baselines import LayerInputs, LayerSchedule
@@ -69,6 +69,8 @@ class _Prefill:
     cache_ref: Any = None
     # the layer kwargs that layers from the current stage on get instead of the full-length ones
     current: dict[str, Any] = field(default_factory=dict)
+    # the 2-D mask linear-attention layers from the current stage on get (None: no padding, as transformers passes)
+    linear_mask: torch.Tensor | None = None
 
 
 class LayerPruner:
@@ -78,6 +80,9 @@ class LayerPruner:
         self.text_model, self.schedule, self.min_tokens = text_model, schedule, min_tokens
         self.stage_layers = [layer for layer, _ in schedule.stages]
         self._keep = dict(schedule.stages)
+        # linear-attention layers (Qwen3.5's Gated DeltaNet) take a 2-D padding mask instead of an attention mask
+        self._linear = {i for i, kind in enumerate(getattr(text_model.config, "layer_types", None) or [])
+                        if kind == "linear_attention"}
         self._prefill: _Prefill | None = None
         self._running: _Prefill | None = None  # the prefill of the current text-model call
         self._step_mask: torch.Tensor | None = None  # the current decode call's 2-D mask (or None: all ones)
@@ -100,8 +105,9 @@ class LayerPruner:
 
     def begin(self, inputs: ScoreInputs, cache: Any) -> None:
         """Prune the coming prefill (``inputs``: what the input stage sees; ``cache``: the call's cache)."""
+        dynamic = (DynamicLayer, LinearAttentionLayer)  # a hybrid model's DynamicCache holds both
         if cache is not None and (not isinstance(cache, DynamicCache) or
-                                  any(type(layer) is not DynamicLayer for layer in cache.layers)):
+                                  any(type(layer) not in dynamic for layer in cache.layers)):
             raise ValueError(f"scorer={self.schedule.name!r} prunes inside the LLM, which leaves layers with different "
                              f"cache lengths: it needs a DynamicCache (the default), not {type(cache).__name__} "
                              "(static, sliding-window, offloaded or quantized caches)")
@@ -155,6 +161,8 @@ class LayerPruner:
         if i in self._keep:
             hidden = self._prune(i, module, hidden, kwargs)
         kwargs = {**kwargs, **prefill.current}
+        if i in self._linear and prefill.current:
+            kwargs["attention_mask"] = prefill.linear_mask
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
@@ -192,12 +200,13 @@ class LayerPruner:
         current["position_ids"] = position_ids
         current["attention_mask"] = self._mask(hidden, mask, cache_kwarg(kwargs), i)
         prefill.current = current
+        prefill.linear_mask = None if bool(mask.all()) else mask
         return hidden
 
     def _decode_layer(self, i: int, args: tuple, kwargs: dict) -> tuple | None:
         prefill = self._prefill
         stage = max((layer for layer in self.stage_layers if layer <= i), default=None)
-        if stage is None:
+        if stage is None or i in self._linear:  # a linear layer's state needs no mask of the cached tokens
             return None
         if stage not in self._step_masks:
             hidden = args[0] if args else kwargs["hidden_states"]

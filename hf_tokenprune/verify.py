@@ -47,24 +47,26 @@ def drop_mask(input_ids: torch.Tensor, visual_token_ids: tuple[int, ...], stats:
 
 @contextlib.contextmanager
 def masked_reference(model: nn.Module, drop: torch.Tensor) -> Iterator[None]:
-    """Run ``model`` unpruned, with the ``[batch, length]`` positions in ``drop`` masked out of attention."""
-    text_model = get_adapter(model).text_model
+    """Run ``model`` unpruned, with the ``[batch, length]`` positions in ``drop`` masked out of attention (in the 2-D
+    mask the text model's masks are built from: :attr:`~hf_tokenprune.adapters.Adapter.mask_model`)."""
     keep = (~drop).long()
     length = drop.shape[1]
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
-        embeds = kwargs["inputs_embeds"]
+        tokens = kwargs.get("inputs_embeds")
+        if tokens is None:  # the multimodal model's call
+            tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
         cache = cache_kwarg(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
-        total = past + embeds.shape[1]
+        total = past + tokens.shape[1]
         mask = kwargs.get("attention_mask")
         if mask is None:
-            mask = torch.ones(embeds.shape[0], total, dtype=torch.long, device=embeds.device)
+            mask = torch.ones(tokens.shape[0], total, dtype=torch.long, device=tokens.device)
         mask = mask.clone()
         mask[:, :length] = mask[:, :length] * keep.to(mask.device, mask.dtype)
         return args, {**kwargs, "attention_mask": mask}
 
-    handle = text_model.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = get_adapter(model).mask_model.register_forward_pre_hook(hook, with_kwargs=True)
     wrapped = getattr(model, "tokenprune", None)
     try:
         with wrapped.disabled() if wrapped is not None else contextlib.nullcontext():
@@ -199,10 +201,14 @@ def generate_pruned_sequence_reference(model: nn.Module, inputs: dict, drop: tor
     return out
 
 
-def generate_reference(model: nn.Module, inputs: dict, **generate_kwargs) -> Any:
+def generate_reference(model: nn.Module, inputs: dict, drop: torch.Tensor | None = None, **generate_kwargs) -> Any:
     """The reference a pruned ``generate(**inputs, **generate_kwargs)`` with ``positions="original"`` must equal:
-    :func:`generate_masked_reference` where masking removes a token from the family's computation,
-    :func:`generate_pruned_sequence_reference` where it does not (linear attention)."""
-    if get_adapter(model).masking_removes_tokens:
+    the masked reference where masking removes a token from the family's computation,
+    :func:`generate_pruned_sequence_reference` where it does not (linear attention). ``drop``: the removed tokens
+    (``[batch, n]``, the first ``n`` positions); default: those the last pruned call dropped."""
+    if not get_adapter(model).masking_removes_tokens:
+        return generate_pruned_sequence_reference(model, inputs, drop, **generate_kwargs)
+    if drop is None:
         return generate_masked_reference(model, inputs, **generate_kwargs)
-    return generate_pruned_sequence_reference(model, inputs, **generate_kwargs)
+    with masked_reference(model, drop), torch.no_grad():
+        return model.generate(**inputs, **generate_kwargs)

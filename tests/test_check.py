@@ -35,3 +35,13 @@ def test_check_reports_failures_and_exits_non_zero(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(check, "LOGIT_TOLERANCE", -1.0)  # no logit difference passes
     assert cli.main(["check", "--max-new-tokens", "2"]) == 1
     assert capsys.readouterr().out.splitlines()[-1] == f"check: 0 passed, 1 failed {VERSIONS}"
+
+
+def test_check_compares_qwen3_5_with_the_pruned_sequence_reference(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """A hybrid (linear-attention) family is checked against the unwrapped model run on the pruned sequence."""
+    monkeypatch.setattr(tiny, "FAMILIES", ("qwen3_5",))
+    rows = check.run(max_new_tokens=2)
+    assert [(r["input"], r["reference"], r["passed"]) for r in rows] == [
+        ("image", "pruned sequence", True), ("video", "pruned sequence", True)]
+    assert all(k < n for r in rows for k, n in zip(r["kept"], r["visual_tokens"], strict=True))

@@ -15,7 +15,7 @@ from conftest import (
     greedy,
     images_per_sample,
     make_inputs,
-    masked_greedy,
+    reference_greedy,
 )
 
 from hf_tokenprune import (
@@ -244,7 +244,7 @@ def test_auto_budget_equals_masked_reference(built, family, kind, compressor_dir
     pruned = greedy(model, inputs, steps=6)
     stats = model.tokenprune.last_stats
     assert all(0 < r <= 0.75 for r in stats.retention)
-    reference = masked_greedy(model, inputs, steps=6)
+    reference = reference_greedy(model, inputs, steps=6)
     assert torch.equal(pruned.sequences, reference.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(pruned.logits, reference.logits)) < 1e-4
 

@@ -9,8 +9,9 @@ from hf_tokenprune.adapters import get_adapter
 from hf_tokenprune.features import first_layer_attention
 
 
-@pytest.mark.parametrize(("family", "kind"), CASES)
+@pytest.mark.parametrize(("family", "kind"), [(f, k) for f, k in CASES if f not in ("qwen3_5", "qwen3_5_moe")])
 def test_matches_eager_layer0_attention(family, kind):
+    """(Qwen3.5's layer 0 is linear attention: its feature is the first full-attention layer's, test_qwen3_5.py.)"""
     model = tiny.build_model(family, attn_implementation="eager")
     processor = tiny.build_processor(family)
     inputs = make_inputs(processor, kind)

@@ -12,10 +12,14 @@ from conftest import CASES, FAMILIES, make_inputs
 from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer, TextStreamer
 
 from hf_tokenprune import UnsupportedGenerationError, prune_wrap, tiny, unwrap
-from hf_tokenprune.verify import generate_masked_reference
+from hf_tokenprune.adapters import get_adapter
+from hf_tokenprune.verify import generate_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LOGIT_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+# prompt lookup on linear attention (Qwen3.5): after rejected candidates transformers rolls the recurrent state back to
+# before the whole verified block, unpruned too (test_qwen3_5.py measures 9.2e-4): the logits then drift from greedy
+ROLLBACK_TOL = 2e-3
 STEPS = 6
 RETURN = dict(return_dict_in_generate=True, output_scores=True, output_logits=True)
 
@@ -60,8 +64,9 @@ def generate(model, inputs, **kwargs):
 
 
 def reference(model, inputs, **kwargs):
-    return generate_masked_reference(model, inputs, **{"max_new_tokens": STEPS, "min_new_tokens": STEPS,
-                                                       "do_sample": False, **kwargs})
+    """The family's reference (masked, or the pruned sequence where masking does not remove a token)."""
+    return generate_reference(model, inputs, **{"max_new_tokens": STEPS, "min_new_tokens": STEPS,
+                                                "do_sample": False, **kwargs})
 
 
 def max_diff(a, b) -> float:
@@ -163,11 +168,12 @@ def beam_search_trace(model, inputs, generate_fn, **kwargs):
     recorder = _RunningBeams()
     out = generate_fn(model, inputs, logits_processor=LogitsProcessorList([recorder]), return_dict_in_generate=True,
                       output_scores=True, **kwargs)
-    prompt, batch = inputs["input_ids"].shape[1], inputs["input_ids"].shape[0]
+    batch = inputs["input_ids"].shape[0]
     steps = []
-    for running, scores in zip(recorder.steps, out.scores, strict=True):
+    for t, (running, scores) in enumerate(zip(recorder.steps, out.scores, strict=True)):
         beams = running.shape[0] // batch
-        steps.append([{tuple(running[b * beams + i, prompt:].tolist()): scores[b * beams + i].float()
+        new = running[:, running.shape[1] - t:]  # generate on input_ids passes the prompt too, on inputs_embeds not
+        steps.append([{tuple(new[b * beams + i].tolist()): scores[b * beams + i].float()
                        for i in range(beams)} for b in range(batch)])
     return out, steps
 
@@ -281,10 +287,11 @@ def test_prompt_lookup_decoding_equals_greedy_and_masked_reference(pruned, famil
     greedy = generate(model, inputs, max_new_tokens=12, min_new_tokens=12, **RETURN)
     lookup = generate(model, inputs, max_new_tokens=12, min_new_tokens=12, prompt_lookup_num_tokens=3, **RETURN)
     assert_pruned(model)
+    tol = LOGIT_TOL[dtype] if get_adapter(model).masking_removes_tokens else max(ROLLBACK_TOL, LOGIT_TOL[dtype])
     assert torch.equal(lookup.sequences, greedy.sequences)
-    assert max_diff(lookup.logits, greedy.logits) < LOGIT_TOL[dtype]
+    assert max_diff(lookup.logits, greedy.logits) < tol
     ref = reference(model, inputs, max_new_tokens=12, min_new_tokens=12, prompt_lookup_num_tokens=3, **RETURN)
-    assert_matches(lookup, ref, inputs["input_ids"].shape[1], LOGIT_TOL[dtype])
+    assert_matches(lookup, ref, inputs["input_ids"].shape[1], tol)
 
 
 @pytest.mark.parametrize(("family", "kind"), CASES)

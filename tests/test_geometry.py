@@ -27,6 +27,7 @@ from hf_tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 
 SIZES = {"qwen2_vl": (100, 60), "qwen2_5_vl": (100, 60), "llava_onevision": (90, 50), "llava": (60, 90),
          "qwen3_vl": (100, 60), "qwen3_vl_moe": (100, 60), "glm4v": (100, 60), "glm4v_moe": (100, 60),
+         "qwen3_5": (100, 60), "qwen3_5_moe": (100, 60),
          "llava_next": (90, 50), "mistral3": (100, 60), "llava_pixtral": (60, 100),
          "smolvlm": (90, 40), "idefics3": (90, 40), "internvl": (90, 40),  # 1 x 2 tiles and the whole image
          # square: the video processor center-crops frames, and frame boxes are in the crop's coordinates

@@ -15,7 +15,7 @@ from conftest import FAMILIES, chat
 from hf_tokenprune import PrunedCacheError, prune_wrap, tiny, unwrap
 from hf_tokenprune.adapters import ADAPTERS, get_adapter
 from hf_tokenprune.compat import MROPE_RENUMBERS_CONTINUED_TURNS, output_cache, with_cache
-from hf_tokenprune.verify import drop_mask, generate_pruned_sequence_reference, masked_reference
+from hf_tokenprune.verify import drop_mask, generate_reference
 
 QUESTIONS = ["what colour is the circle", "what shape is left of the red square ?"]
 FOLLOW_UPS = ["and the square ?", "is it left of the circle ?"]
@@ -104,10 +104,7 @@ def reference(model, inputs, drop: torch.Tensor):
     """The unpruned model over the whole conversation with the dropped tokens masked out (original positions); where
     masking does not remove a token (linear attention), the unwrapped model on the conversation with the dropped
     tokens removed (:func:`hf_tokenprune.verify.generate_pruned_sequence_reference`)."""
-    if not get_adapter(model).masking_removes_tokens:
-        return generate_pruned_sequence_reference(model, inputs, drop, **GREEDY)
-    with masked_reference(model, drop), torch.no_grad():
-        return model.generate(**inputs, **GREEDY)
+    return generate_reference(model, inputs, drop, **GREEDY)
 
 
 @pytest.mark.parametrize("positions", ["original", "contiguous"])

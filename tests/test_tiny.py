@@ -24,7 +24,7 @@ from hf_tokenprune.tiny import (
     make_video,
 )
 
-QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 GLM = ("glm4v", "glm4v_moe")  # Qwen-style processing and grids, GLM's media tokens at the Qwen ids
 LLAVA_NEXT = ("llava_next", "llava_next_video")
 PIXTRAL = ("mistral3", "llava_pixtral")
@@ -45,6 +45,8 @@ EXPECTED_IMAGE_TOKENS = {
     "qwen2_5_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "qwen3_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "qwen3_vl_moe": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
+    "qwen3_5": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
+    "qwen3_5_moe": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "glm4v": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "glm4v_moe": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "llava_onevision": {28: 36, 56: 88, 84: 88, 112: 88, 224: 88, (84, 42): 52},
@@ -61,7 +63,7 @@ EXPECTED_IMAGE_TOKENS = {
 # LLaVA-NeXT-Video -> 4 frames * 2x2 pooled = 16; SmolVLM, InternVL -> 4 frames * one 16-token block = 64.
 EXPECTED_VIDEO_TOKENS = {"qwen2_vl": 32, "qwen2_5_vl": 32, "llava_onevision": 17, "llava_next_video": 16,
                          "smolvlm": 64, "internvl": 64, "qwen3_vl": 32, "qwen3_vl_moe": 32, "glm4v": 32,
-                         "glm4v_moe": 32}
+                         "glm4v_moe": 32, "qwen3_5": 32, "qwen3_5_moe": 32}
 
 
 @functools.cache
@@ -194,8 +196,9 @@ def test_model_config_consistent_with_tokenizer(family):
         assert cfg.image_token_id == IDS["<|image_pad|>"] and cfg.video_token_id == IDS["<|video_pad|>"]
         assert cfg.vision_start_token_id == IDS["<|vision_start|>"]
         assert cfg.vision_end_token_id == IDS["<|vision_end|>"]
-        head_dim = text.hidden_size // text.num_attention_heads
-        assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        rotary = int(head_dim * text.rope_parameters.get("partial_rotary_factor", 1.0))  # Qwen3.5: a quarter
+        assert sum(text.rope_parameters["mrope_section"]) == rotary // 2
         assert cfg.vision_config.patch_size == _processor(family).image_processor.patch_size
     elif family in GLM:
         tokenizer = _processor(family).tokenizer

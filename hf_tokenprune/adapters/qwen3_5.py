@@ -26,3 +26,14 @@ class Qwen3_5Adapter(FrameRunsAdapter):
 
     model_types = ("qwen3_5", "qwen3_5_moe")
     masking_removes_tokens = False
+
+    def inllm_refusal(self, layer: int) -> str | None:
+        """FastV and PDrop rank by a layer's softmax attention and DART by its key projection: a Gated DeltaNet
+        layer has neither."""
+        layer_types = self.model.config.get_text_config().layer_types
+        if layer_types[layer] != "linear_attention":
+            return None
+        full = [i for i, kind in enumerate(layer_types) if kind != "linear_attention"]
+        return (f"decoder layer {layer} of {self.model_type} is a Gated DeltaNet linear-attention layer, which has no "
+                f"attention weights to rank visual tokens by (FastV, PDrop) nor a key projection (DART): prune before "
+                f"a full-attention layer, layer= one of {full}, or at the LLM input (layer=0)")

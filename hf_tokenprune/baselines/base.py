@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..features import feature_layer
 from ..pruning import pack
 from ..scorers.base import ScoreInputs, Scorer
 
@@ -75,6 +76,7 @@ class AtInput(Scorer):
                                                                device=embeds.device)
         with torch.no_grad():
             position_embeddings = text_model.rotary_emb(embeds, inputs.rotary_positions)
-        layer_inputs = LayerInputs(text_model.layers[0], embeds, position_embeddings, real, layout.visual_mask,
-                                   layout.instruction_mask)
+        # layer 0, or where the first layers are linear attention the first softmax one (as for A^0_v)
+        layer_inputs = LayerInputs(text_model.layers[feature_layer(text_model)], embeds, position_embeddings, real,
+                                   layout.visual_mask, layout.instruction_mask)
         return pack(self.scorer.score(layer_inputs), layout.visual_mask)[0]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedConfig
+from transformers import AutoImageProcessor, AutoProcessor, PreTrainedConfig, PreTrainedTokenizerFast
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ProcessorMixin
@@ -147,8 +147,9 @@ class TorchFreeProcessorMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load the tokenizer with ``AutoTokenizer``, the image processor as its PIL class and the video processor
-        as our numpy class; the rest of the stock loading (processor config, chat template) is unchanged.
+        """Load the tokenizer as the fast tokenizer it was saved as, the image processor as its PIL class and the
+        video processor as our numpy class; the rest of the stock loading (processor config, chat template) is
+        unchanged.
 
         Built from the public ``get_processor_dict`` and the constructor, so it does not depend on how a
         transformers release resolves sub-processors internally."""
@@ -156,7 +157,9 @@ class TorchFreeProcessorMixin:
         parts = {}
         for attribute in cls.get_attributes():
             if attribute == "tokenizer":
-                parts[attribute] = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+                # the shared word-level tokenizer, as saved: AutoTokenizer would rebuild it as the class transformers
+                # registers for the model type where it overrides the saved one (Qwen3.5: its BPE tokenizer)
+                parts[attribute] = PreTrainedTokenizerFast.from_pretrained(pretrained_model_name_or_path, **kwargs)
             elif attribute == "image_processor":
                 # Always reload the PIL class: the saved type name drops the "Pil" suffix, so
                 # AutoImageProcessor would pick the torchvision variant whenever torchvision is installed.
