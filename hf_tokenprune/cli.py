@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="25%% retention only, 3 repetitions, 32 questions")
     bench.add_argument("--part", nargs="+", choices=["cost", "accuracy"], default=["cost", "accuracy"])
     bench.add_argument("--models", nargs="+", help="cost models: qwen2vl-2b-like, llava-smollm2-dinov2 (needs the "
-                                                   "'realweights' extra), tiny")
+                                                   "'realweights' extra), qwen3vl-2b-like, qwen3vl-30b-a3b-like, "
+                                                   "glm4.1v-9b-like, glm4.5v-like, tiny")
     bench.add_argument("--methods", nargs="+", help="methods (default: all that the part measures)")
     bench.add_argument("--ratios", nargs="+", type=float, help="retentions besides 100%% (default 0.5 0.25 0.125)")
     bench.add_argument("--repeats", type=int, help="full/pruned pairs per cost cell (default 5, quick 3)")

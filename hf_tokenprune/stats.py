@@ -123,16 +123,21 @@ def kv_cache_bytes(text_config, batch: int, length: int | Sequence[int], dtype: 
 
 def _mlp_params(text_config, layer: int) -> int:
     """Weights one token passes through in layer ``layer``'s MLP: the gated MLP, or for a sparse MoE layer the
-    router, ``num_experts_per_tok`` experts and the shared expert (with its gate) where there is one."""
+    router, ``num_experts_per_tok`` experts and the shared experts: Qwen's one behind a sigmoid gate, or GLM-4.5V's
+    ``n_shared_experts`` ungated ones (GLM-4.5V's first ``first_k_dense_replace`` layers are dense)."""
     hidden = text_config.hidden_size
-    experts = getattr(text_config, "num_experts", None)
+    experts = getattr(text_config, "num_experts", None) or getattr(text_config, "n_routed_experts", None)
     step = getattr(text_config, "decoder_sparse_step", 1) or 1
-    sparse = experts and layer not in (getattr(text_config, "mlp_only_layers", None) or []) and (layer + 1) % step == 0
+    dense = layer in (getattr(text_config, "mlp_only_layers", None) or []) or (layer + 1) % step != 0 \
+        or layer < (getattr(text_config, "first_k_dense_replace", 0) or 0)
+    sparse = experts and not dense
     if not sparse:
         return 3 * hidden * text_config.intermediate_size
-    shared = getattr(text_config, "shared_expert_intermediate_size", 0) or 0
-    return (hidden * experts + text_config.num_experts_per_tok * 3 * hidden * text_config.moe_intermediate_size
-            + (3 * hidden * shared + hidden if shared else 0))
+    moe = text_config.moe_intermediate_size
+    gated = getattr(text_config, "shared_expert_intermediate_size", 0) or 0
+    shared = (getattr(text_config, "n_shared_experts", 0) or 0) * moe
+    return (hidden * experts + text_config.num_experts_per_tok * 3 * hidden * moe
+            + (3 * hidden * gated + hidden if gated else 0) + 3 * hidden * shared)
 
 
 def _layer_flops(text_config, layer: int, kind: str, n: int) -> float:

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_inputs
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_tokenprune import prune_wrap, tiny, unwrap
@@ -111,6 +112,21 @@ def test_prefill_flops_formula_matches_flop_counter(scorer):
     square = sum(2 * n * n * text.num_attention_heads * head_dim for n in lengths)
     # fastv's ranking (one query row and the keys at layer K) runs inside the text model and is counted too
     assert counted == pytest.approx(prefill_flops(text, 1, lengths) + square, rel=0.03 if scorer == "fastv" else 1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"])
+def test_prefill_flops_formula_matches_flop_counter_on_moe_layers(family):
+    """Qwen3-VL-MoE's sparse layers (router + routed experts) and GLM-4.5V's (a dense first layer, routed and
+    ungated shared experts), against the counter on eager experts (torch counts no FLOPs for grouped kernels)."""
+    spec = tiny.get_family(family)
+    config = spec.config(spec.model_class.config_class, 3, None)
+    model = spec.model_class._from_config(config, attn_implementation="eager", experts_implementation="eager").eval()
+    inputs = make_inputs(tiny.build_processor(family), "image", batch=1)
+    text, length = model.config.get_text_config(), inputs["input_ids"].shape[1]
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    square = text.num_hidden_layers * 2 * length * length * heads * head_dim
+    assert _language_model_flops(model, inputs) == prefill_flops(text, 1, length) + square
 
 
 def test_tensor_memory_counts_live_storages():

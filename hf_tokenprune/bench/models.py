@@ -4,7 +4,11 @@
 * ``qwen2vl-2b-like``: a random-initialised Qwen2-VL with Qwen2-VL-2B's LLM widths (1536 wide, 12 heads, 2 KV
   heads, MLP 8960) and a few layers, a one-block vision tower so the LLM dominates; 896 px -> 1,024 visual tokens;
 * ``llava-smollm2-dinov2``: the real-weights LLaVA of :mod:`hf_tokenprune.bench.realweights` (SmolLM2-135M +
-  DINOv2-small, untrained projector); 448 px -> 1,024 visual tokens.
+  DINOv2-small, untrained projector); 448 px -> 1,024 visual tokens;
+* ``qwen3vl-2b-like``, ``qwen3vl-30b-a3b-like``, ``glm4.1v-9b-like``, ``glm4.5v-like``: random-initialised Qwen3-VL
+  (DeepStack after the first 3 layers, as the real models), Qwen3-VL-MoE, GLM-4.1V and GLM-4.5V with the real LLM
+  widths and a few layers (MoE: 16 of the experts, as many routed per token as the real model: the same FLOPs per
+  token), small vision towers; about 1,024 visual tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +18,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import (
+    Glm4vConfig,
+    Glm4vForConditionalGeneration,
+    Glm4vMoeConfig,
+    Glm4vMoeForConditionalGeneration,
+    PreTrainedConfig,
+    PreTrainedModel,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
+)
 
 QUESTION = "What colour is the shape in the top left corner of the picture?"
 
@@ -40,24 +57,75 @@ def qwen2vl_2b_like(layers: int = 4) -> Qwen2VLForConditionalGeneration:
                            spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
         image_token_id=2000, video_token_id=2001, vision_start_token_id=2002, vision_end_token_id=2003,
     )
+    return _seeded(Qwen2VLForConditionalGeneration, config)
+
+
+def _seeded(model_class: type[PreTrainedModel], config: PreTrainedConfig) -> PreTrainedModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = Qwen2VLForConditionalGeneration(config).eval()
-    return model
+        return model_class(config).eval()
 
 
-def qwen2vl_inputs(model: Qwen2VLForConditionalGeneration, image: int = 896) -> dict[str, torch.Tensor]:
-    """Processor-equivalent inputs: one ``image`` x ``image`` picture (``(image / 28)**2`` visual tokens), 20 text
-    tokens after it."""
-    grid = image // 14
-    cfg = model.config
-    ids = ([1, 2, cfg.vision_start_token_id] + [cfg.image_token_id] * (grid * grid // 4) + [cfg.vision_end_token_id]
-           + list(range(10, 30)))
+# the token ids of the random-init models: image, video, vision start / end (GLM: image start / end)
+_IDS = dict(image_token_id=2000, video_token_id=2001)
+
+
+def qwen3vl_like(layers: int = 4, moe: bool = False) -> PreTrainedModel:
+    """Random-weight Qwen3-VL with Qwen3-VL-2B's LLM widths (2048 wide, MLP 6144, 16 heads, 8 KV heads of 128) or,
+    ``moe``, Qwen3-VL-30B-A3B's (2048 wide, 32 heads, 4 KV heads of 128, 8 routed experts of width 768 per token,
+    16 experts instead of 128); ``layers`` decoder layers, DeepStack after layers 0-2 from a 3-block vision tower."""
+    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20], "mrope_interleaved": True}
+    text = dict(vocab_size=2048, hidden_size=2048, num_hidden_layers=layers, head_dim=128,
+                max_position_embeddings=32768, bos_token_id=1, eos_token_id=None, pad_token_id=0,
+                rope_parameters=rope)
+    text |= (dict(intermediate_size=6144, moe_intermediate_size=768, num_attention_heads=32, num_key_value_heads=4,
+                  num_experts=16, num_experts_per_tok=8) if moe else
+             dict(intermediate_size=6144, num_attention_heads=16, num_key_value_heads=8))
+    vision = dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=2048, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[0, 1, 2])
+    config_class, model_class = ((Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe else
+                                 (Qwen3VLConfig, Qwen3VLForConditionalGeneration))
+    config = config_class(text_config=text, vision_config=vision, vision_start_token_id=2002, vision_end_token_id=2003,
+                          **_IDS)
+    return _seeded(model_class, config)
+
+
+def glm4v_like(layers: int = 4, moe: bool = False) -> PreTrainedModel:
+    """Random-weight GLM-4.1V with GLM-4.1V-9B's LLM widths (4096 wide, MLP 13696, 32 heads, 2 KV heads, M-RoPE on
+    half of each head) or, ``moe``, GLM-4.5V's (4096 wide, 96 heads, 8 KV heads of 128, a dense first layer, then 8
+    routed experts of width 1408 and one shared expert per token, 16 routed experts instead of 128); ``layers``
+    decoder layers, a one-block vision tower."""
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [8, 12, 12], "partial_rotary_factor": 0.5}
+    text = dict(vocab_size=2048, hidden_size=4096, num_hidden_layers=layers, max_position_embeddings=32768,
+                bos_token_id=1, eos_token_id=None, pad_token_id=0, rope_parameters=rope)
+    text |= (dict(intermediate_size=10944, moe_intermediate_size=1408, num_attention_heads=96, num_key_value_heads=8,
+                  head_dim=128, n_routed_experts=16, num_experts_per_tok=8, n_shared_experts=1,
+                  first_k_dense_replace=1) if moe else
+             dict(intermediate_size=13696, num_attention_heads=32, num_key_value_heads=2))
+    vision = dict(depth=1, hidden_size=64, intermediate_size=256, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=4096, image_size=336)
+    config_class, model_class = ((Glm4vMoeConfig, Glm4vMoeForConditionalGeneration) if moe else
+                                 (Glm4vConfig, Glm4vForConditionalGeneration))
+    config = config_class(text_config=text, vision_config=vision, image_start_token_id=2002, image_end_token_id=2003,
+                          video_start_token_id=2004, video_end_token_id=2005, **_IDS)
+    return _seeded(model_class, config)
+
+
+def qwen2vl_inputs(model: PreTrainedModel, image: int = 896) -> dict[str, torch.Tensor]:
+    """Processor-equivalent inputs of a Qwen-style model (2 x 2 merged patches): one ``image`` x ``image`` picture
+    (``(image / (2 * patch))**2`` visual tokens) between its start and end tokens, 20 text tokens after it."""
+    cfg, vision = model.config, model.config.vision_config
+    patch, grid = vision.patch_size, image // vision.patch_size
+    start, end = (getattr(cfg, "vision_start_token_id", None) or cfg.image_start_token_id,
+                  getattr(cfg, "vision_end_token_id", None) or cfg.image_end_token_id)
+    ids = [1, 2, start] + [cfg.image_token_id] * (grid * grid // 4) + [end] + list(range(10, 30))
     input_ids = torch.tensor([ids])
     generator = torch.Generator().manual_seed(0)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
             "mm_token_type_ids": (input_ids == cfg.image_token_id).int(),
-            "pixel_values": torch.randn(grid * grid, 3 * 2 * 14 * 14, generator=generator),
+            "pixel_values": torch.randn(grid * grid, 3 * vision.temporal_patch_size * patch * patch,
+                                        generator=generator),
             "image_grid_thw": torch.tensor([[1, grid, grid]])}
 
 
@@ -82,6 +150,34 @@ def qwen2vl_model(layers: int = 4, image: int = 896) -> BenchModel:
                       f"{image} px image")
 
 
+def _mrope_model(name: str, model: PreTrainedModel, image: int, what: str) -> BenchModel:
+    text = model.config.get_text_config()
+    return BenchModel(name, model, qwen2vl_inputs(model, image),
+                      f"random-init {what}, {text.num_hidden_layers} layers, {image} px image")
+
+
+def qwen3vl_model(layers: int = 4, image: int = 1024) -> BenchModel:
+    return _mrope_model("qwen3vl-2b-like", qwen3vl_like(layers), image,
+                        "Qwen3-VL, 2B LLM widths (2048/6144, 16 heads, 8 KV heads), DeepStack after layers 0-2")
+
+
+def qwen3vl_moe_model(layers: int = 4, image: int = 1024) -> BenchModel:
+    return _mrope_model("qwen3vl-30b-a3b-like", qwen3vl_like(layers, moe=True), image,
+                        "Qwen3-VL-MoE, 30B-A3B LLM widths (2048, 32 heads, 4 KV heads, 8 of 16 experts of 768 per "
+                        "token), DeepStack after layers 0-2")
+
+
+def glm4v_model(layers: int = 4, image: int = 896) -> BenchModel:
+    return _mrope_model("glm4.1v-9b-like", glm4v_like(layers), image,
+                        "GLM-4.1V, 9B LLM widths (4096/13696, 32 heads, 2 KV heads)")
+
+
+def glm4v_moe_model(layers: int = 4, image: int = 896) -> BenchModel:
+    return _mrope_model("glm4.5v-like", glm4v_like(layers, moe=True), image,
+                        "GLM-4.5V, LLM widths (4096, 96 heads, 8 KV heads, a dense first layer, then 8 of 16 experts "
+                        "of 1408 + 1 shared per token)")
+
+
 def realweights_model(image: int = 448) -> BenchModel:
     from .. import tiny
     from .realweights import build
@@ -95,4 +191,8 @@ MODELS: dict[str, Callable[[], BenchModel]] = {
     "tiny": tiny_model,
     "qwen2vl-2b-like": qwen2vl_model,
     "llava-smollm2-dinov2": realweights_model,
+    "qwen3vl-2b-like": qwen3vl_model,
+    "qwen3vl-30b-a3b-like": qwen3vl_moe_model,
+    "glm4.1v-9b-like": glm4v_model,
+    "glm4.5v-like": glm4v_moe_model,
 }
