@@ -10,7 +10,10 @@ hooks that read, without changing anything:
 * **decode tokens/s**: the following tokens over the time between the first and the last token's logits;
 * **KV-cache bytes after prefill**: the keys and values the prefill left in the cache (read from the cache);
 * **scoring time**: ``PruneStats.scoring_time_s`` (A^0_v and the scorer for input-stage methods, the per-stage
-  rankings for in-LLM ones).
+  rankings for in-LLM ones);
+* **VisionZip's vision attention** (``visionzip`` only, :func:`vision_attention_cost`): the recompute of the vision
+  layer's attention from its captured input, timed apart (it is part of the scoring time too), against the vision
+  tower's own time and the full LLM prefill.
 
 Full and pruned runs alternate (the order flips every repetition) after one warm-up each; ratios are taken per
 repetition (pruned / the full run next to it) and summarised as median, min and max. Prefill FLOPs are counted
@@ -29,6 +32,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..adapters import get_adapter
+from ..adapters.vision_attention import VisionAttentionCapture
 from ..compat import output_cache
 from ..compressor import Compressor
 from ..config import COMPRESSOR_SCORERS
@@ -125,6 +129,42 @@ def method_config(method: str, bench: BenchModel, ratio: float) -> dict[str, Any
     return config
 
 
+def vision_attention_cost(bench: BenchModel, repeats: int) -> dict[str, dict[str, float]]:
+    """Seconds of VisionZip's vision-attention recompute (:meth:`~hf_tokenprune.adapters.Adapter.vision_attention`
+    on the layer input captured during an unpruned forward) and of the vision tower in that forward, over
+    ``repeats`` forwards after a warm-up."""
+    model = bench.model
+    adapter = get_adapter(model)
+    tower = getattr(adapter.multimodal_model, "visual", None) or adapter.multimodal_model.vision_tower
+    device = next(model.parameters()).device
+
+    def stamp(*_: Any) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stamps.append(time.perf_counter())
+
+    stamps: list[float] = []
+    capture = VisionAttentionCapture(adapter.vision_attention_layer(), lambda: True)
+    hooks = [tower.register_forward_pre_hook(stamp), tower.register_forward_hook(stamp)]
+    towers, recomputes = [], []
+    try:
+        for _ in range(repeats + 1):
+            stamps.clear()
+            with torch.no_grad():
+                model(**bench.inputs)
+            records = capture.take()
+            stamp()
+            adapter.vision_attention(records, bench.inputs)
+            stamp()
+            towers.append(stamps[1] - stamps[0])
+            recomputes.append(stamps[3] - stamps[2])
+    finally:
+        capture.remove()
+        for hook in hooks:
+            hook.remove()
+    return {"vision_attention_s": _summary(recomputes[1:]), "vision_tower_s": _summary(towers[1:])}
+
+
 def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -173,7 +213,14 @@ def pruned_cost(bench: BenchModel, method: str, ratio: float, repeats: int, deco
     finally:
         unwrap(model)
     full_prefill = statistics.median(f.llm_prefill_s for f, _ in pairs)
+    extra: dict[str, Any] = {}
+    if method == "visionzip":
+        extra = vision_attention_cost(bench, repeats)
+        recompute = extra["vision_attention_s"]["median"]
+        extra.update(vision_attention_overhead=recompute / full_prefill,
+                     vision_attention_vs_tower=recompute / extra["vision_tower_s"]["median"])
     return {
+        **extra,
         "prefill_flops": stats.prefill_flops_after, "prefill_flops_ratio": stats.prefill_flops_ratio,
         "prefill_time_ratio": _summary([p.llm_prefill_s / f.llm_prefill_s for f, p in pairs]),
         "ttft_ratio": _summary([p.ttft_s / f.ttft_s for f, p in pairs]),

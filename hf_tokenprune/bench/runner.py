@@ -22,6 +22,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+from ..adapters import UnsupportedMethodError
 from ..config import COMPRESSOR_SCORERS
 from ..wrap import prune_wrap, unwrap
 from .accuracy import AccuracyTask, world_task
@@ -31,7 +32,7 @@ from .realweights import MissingPackageError
 from .store import ResultStore
 
 COST_METHODS = ("compressor", "attention", "random", "divprune", "cdpruner", "compressor+dpp", "fastv", "pdrop",
-                "dart", "tome")
+                "dart", "tome")  # visionzip: --methods, on a model whose tower it reads (not tiny, LLaVA-OneVision)
 ACCURACY_METHODS = ("compressor", "attention", "random", "uniform", "divprune", "cdpruner", "compressor+dpp", "fastv",
                     "pdrop", "dart", "tome")
 RATIOS = (0.5, 0.25, 0.125)
@@ -108,7 +109,12 @@ def run_cost(store: ResultStore, name: str, settings: BenchSettings, bar: tqdm) 
             cost = full_cost(bench, settings.repeats, settings.decode_tokens)
         else:
             full_peak = store.get("cost", name, "full", 1.0)["peak_mem_bytes"]
-            cost = pruned_cost(bench, method, ratio, settings.repeats, settings.decode_tokens, full_peak)
+            try:
+                cost = pruned_cost(bench, method, ratio, settings.repeats, settings.decode_tokens, full_peak)
+            except UnsupportedMethodError as error:  # visionzip on a tower it cannot read (DINOv2)
+                tqdm.write(f"skipping cost of {method} on {name}: {error}")
+                bar.update()
+                continue
         store.add(_cost_record(name, bench.description, method, ratio, cost, env))
         bar.update()
 
