@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="prune tiny random VLMs of every supported family end to end and check "
                                          "them against the masked reference (no download)")
     check.add_argument("--ratio", type=float, default=0.25, help="fraction of visual tokens kept")
-    check.add_argument("--scorer", default="attention", choices=["attention", "random", "uniform"])
+    check.add_argument("--scorer", default="attention",
+                       choices=["attention", "random", "uniform", "divprune", "cdpruner"])
     check.add_argument("--max-new-tokens", type=int, default=16)
     check.add_argument("--json", help="also write the rows to this JSON file")
     label = sub.add_parser("label", help="explainability labels (A^0_v features, R_v targets) for compressor "

@@ -16,6 +16,10 @@ BUDGETS = ("fixed", "auto")
 # built-in scorers whose scores are a relevance distribution
 MASS_SCORERS = ("compressor", "attention", "cdpruner", "compressor+dpp")
 DEFAULT_LAYER = 2  # FastV's and DART's default pruning layer K
+# what scorer=None prunes with when the model has no compressor: the best training-free method measured on the toy
+# world models (docs/results.md#the-default-without-a-compressor); with budget="auto" the best one of MASS_SCORERS
+FALLBACK_SCORER = "divprune"
+AUTO_FALLBACK_SCORER = "attention"
 
 
 def check_fraction(name: str, value: Any, *, zero: bool = False) -> float:
@@ -36,14 +40,18 @@ class TokenPruneConfig:
     Args:
         ratio: fraction of visual tokens KEPT, in (0, 1], with ``budget="fixed"``. ``1.0`` disables pruning: no
             scorer is built, so no compressor is needed.
-        scorer: a built-in scorer name or a :class:`~hf_tokenprune.scorers.Scorer` instance. Input stage:
-            ``"compressor"`` (the paper's method), ``"attention"``, ``"random"``, ``"uniform"``, ``"tome"``
-            (token merging), ``"visionzip"`` (dominant tokens by vision-tower attention plus merged contextual
-            ones), and the set selections ``"divprune"`` (max-min diversity), ``"cdpruner"`` (conditional
-            DPP on instruction relevance) and ``"compressor+dpp"`` (that DPP on the compressor's relevance).
-            Inside the LLM (:mod:`hf_tokenprune.baselines`): ``"fastv"``, ``"pdrop"``, ``"dart"``.
-        compressor: the trained compressor for ``scorer="compressor"`` / ``"compressor+dpp"``: a Hub repo id, a
-            local directory or a :class:`~hf_tokenprune.Compressor`; None looks up the model's conventional Hub repo
+        scorer: None (default), a built-in scorer name or a :class:`~hf_tokenprune.scorers.Scorer` instance. None: the
+            model's compressor (``compressor=``, which must load, else the model's default Hub repo) if one is found,
+            else the training-free :data:`FALLBACK_SCORER` (:data:`AUTO_FALLBACK_SCORER` with ``budget="auto"``) with a
+            :class:`~hf_tokenprune.methods.NoCompressorWarning`, once per model; ``PruneStats.scorer`` says which ran.
+            Input stage: ``"compressor"`` (the paper's method; raises :class:`~hf_tokenprune.CompressorNotFoundError`
+            when none is found), ``"attention"``, ``"random"``, ``"uniform"``, ``"tome"`` (token merging),
+            ``"visionzip"`` (dominant tokens by vision-tower attention plus merged contextual ones), and the set
+            selections ``"divprune"`` (max-min diversity), ``"cdpruner"`` (conditional DPP on instruction relevance) and
+            ``"compressor+dpp"`` (that DPP on the compressor's relevance). Inside the LLM
+            (:mod:`hf_tokenprune.baselines`): ``"fastv"``, ``"pdrop"``, ``"dart"``.
+        compressor: the trained compressor for ``scorer=None`` / ``"compressor"`` / ``"compressor+dpp"``: a Hub repo id,
+            a local directory or a :class:`~hf_tokenprune.Compressor`; None looks up the model's conventional Hub repo
             (:func:`hf_tokenprune.hub.default_compressor_repo`).
         positions: ``"original"`` keeps each kept token's original position ids (default, matches the
             unpruned model with the dropped tokens masked out); ``"contiguous"`` numbers the shortened
@@ -75,7 +83,7 @@ class TokenPruneConfig:
     """
 
     ratio: float = 0.25
-    scorer: Any = "compressor"
+    scorer: Any = None
     compressor: Any = None
     positions: str = "original"
     min_tokens: int = 1
@@ -97,7 +105,9 @@ class TokenPruneConfig:
                 f"ratio is the fraction of visual tokens KEPT and must be in (0, 1], got {self.ratio!r}"
             )
         self.ratio = float(self.ratio)
-        if isinstance(self.scorer, str):
+        if self.scorer is None:
+            pass
+        elif isinstance(self.scorer, str):
             if self.scorer not in SCORER_NAMES:
                 raise ValueError(f"unknown scorer {self.scorer!r}; built-in scorers are {', '.join(SCORER_NAMES)}"
                                  " (or pass a Scorer instance)")
@@ -168,6 +178,9 @@ class TokenPruneConfig:
 
     @property
     def scorer_name(self) -> str:
+        """The built-in name, ``"default"`` for None (the compressor or the fallback), else the class name."""
+        if self.scorer is None:
+            return "default"
         return self.scorer if isinstance(self.scorer, str) else type(self.scorer).__name__
 
     @property
@@ -185,7 +198,7 @@ class TokenPruneConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict. A scorer object is recorded by its class name, a Compressor object as None."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["scorer"] = self.scorer_name
+        out["scorer"] = None if self.scorer is None else self.scorer_name
         if self.compressor is not None and not isinstance(self.compressor, str):
             out["compressor"] = None
         return out

@@ -3,7 +3,8 @@
 Naming convention (docs/compressors.md): the compressor of a model whose ``name_or_path`` ends in ``<name>`` lives
 in the Hub repo ``hf-tokenprune/<name>-compressor``, e.g. ``Qwen/Qwen2-VL-2B-Instruct`` ->
 ``hf-tokenprune/Qwen2-VL-2B-Instruct-compressor``. ``prune_wrap(model, ratio=...)`` with ``scorer="compressor"``
-and no ``compressor=`` loads that repo (from the local cache when ``HF_HUB_OFFLINE=1``).
+and no ``compressor=`` loads that repo (from the local cache when ``HF_HUB_OFFLINE=1``); with the default scorer
+(None) it falls back to a training-free scorer when the repo is not found (:mod:`hf_tokenprune.methods`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from torch import nn
 
 from .compressor import _PICKLE_SUFFIXES, Compressor, CompressorNotFoundError
 
-__all__ = ["DEFAULT_ORG", "PUSHED_FILES", "CompressorNotFoundError", "default_compressor_repo", "load_compressor",
-           "push_compressor"]
+__all__ = ["DEFAULT_ORG", "PUSHED_FILES", "CompressorNotFoundError", "default_compressor_repo",
+           "find_default_compressor", "load_compressor", "push_compressor"]
 
 DEFAULT_ORG = "hf-tokenprune"
 # what push_compressor uploads from a compressor directory (the training checkpoint stays local)
@@ -74,14 +75,36 @@ def load_compressor(compressor: str | os.PathLike | Compressor | None, model: nn
         return Compressor.from_pretrained(compressor)
     if compressor is not None:
         return compressor
-    repo_id = default_compressor_repo(model)
+    default_compressor_repo(model)  # a model without a usable name: its own error, with the how-to
+    try:
+        return find_default_compressor(model)
+    except CompressorNotFoundError as err:
+        raise CompressorNotFoundError(
+            f"scorer='compressor' without compressor=: {err}. To use one, {_HOW_TO}; publish a trained one with "
+            "`hf-tokenprune push compressor/ --repo <repo id>`."
+        ) from err
+
+
+def find_default_compressor(model: nn.Module) -> Compressor:
+    """The compressor in ``model``'s :func:`default_compressor_repo` (from the local Hub cache when offline; one
+    request without retries otherwise: :meth:`Compressor.from_pretrained`).
+
+    Raises:
+        CompressorNotFoundError: none there; the message names the model, the repo looked for (or why there is
+            none: no ``name_or_path``) and why it was not found, and gives no advice.
+    """
+    try:
+        repo_id = default_compressor_repo(model)
+    except CompressorNotFoundError as err:
+        raise CompressorNotFoundError(f"{type(model).__name__} has no name_or_path (built in code) or one that "
+                                      "gives no valid Hub repo id, so no default compressor repo was looked "
+                                      "for") from err
     try:
         return Compressor.from_pretrained(repo_id)
     except OSError as err:  # CompressorNotFoundError, and any other I/O error on the way
         raise CompressorNotFoundError(
-            f"scorer='compressor' without compressor=: no compressor found for model {_model_name(model)!r} at "
-            f"its default Hub repo {repo_id!r} ({type(err).__name__}: {err}). To use one, {_HOW_TO}; publish a "
-            f"trained one with `hf-tokenprune push compressor/ --repo <repo id>`."
+            f"no compressor found for model {_model_name(model)!r} at its default Hub repo {repo_id!r} "
+            f"({type(err).__name__}: {err})"
         ) from err
 
 

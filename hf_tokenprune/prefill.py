@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .continuation import Owner, PrunedCache, PrunedCacheError
+from .methods import scorer_label
 from .pruning import (
     Slicing,
     contiguous_positions,
@@ -192,7 +193,7 @@ def prune_stats(owner: Owner, counts: list[int], stages: list[PruneStage], batch
     kept, lengths = stages[-1].kept_indices, layer_lengths(text_config.num_hidden_layers, length, stages)
     auto = config.budget == "auto"
     return PruneStats(
-        scorer=config.scorer_name, ratio=None if auto else config.ratio, kept_indices=kept,
+        scorer=scorer_label(config, owner.scorer), ratio=None if auto else config.ratio, kept_indices=kept,
         visual_tokens_before=counts, visual_tokens_after=[len(k) for k in kept],
         seq_len_before=length, seq_len_after=stages[-1].seq_len,
         kv_cache_bytes_before=kv_cache_bytes(text_config, batch, length, dtype),

@@ -5,6 +5,8 @@ import shutil
 import socket
 import threading
 import time
+import warnings
+import weakref
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -14,9 +16,11 @@ import torch
 from huggingface_hub import constants
 from huggingface_hub.utils import filter_repo_objects
 
-from hf_tokenprune import CompressorNotFoundError, cli, prune_wrap
+from hf_tokenprune import CompressorNotFoundError, cli, methods, prune_wrap
 from hf_tokenprune.compressor import Compressor
+from hf_tokenprune.config import AUTO_FALLBACK_SCORER, FALLBACK_SCORER
 from hf_tokenprune.hub import default_compressor_repo, load_compressor, push_compressor
+from hf_tokenprune.methods import NoCompressorWarning
 
 SMALL = {"channels": (4, 8), "kernel_size": 3}
 QWEN = "Qwen/Qwen2-VL-2B-Instruct"
@@ -66,7 +70,7 @@ def test_default_compressor_is_found_in_the_offline_cache(built, hub_cache: Path
     model = built("qwen2_vl")[0]
     monkeypatch.setattr(model.config, "_name_or_path", QWEN)
     assert default_compressor_repo(model) == QWEN_REPO
-    prune_wrap(model, ratio=0.5)  # scorer="compressor", no compressor=
+    prune_wrap(model, ratio=0.5)  # the default scorer, no compressor=: the repo's compressor, no warning
     loaded = model.tokenprune.scorer.compressor
     features = torch.rand(2, 9)
     with torch.no_grad():
@@ -78,7 +82,7 @@ def test_missing_default_compressor_names_the_repo_and_the_way_out(built, hub_ca
     model = built("qwen2_vl")[0]
     monkeypatch.setattr(model.config, "_name_or_path", QWEN)
     with pytest.raises(CompressorNotFoundError) as info:
-        prune_wrap(model, ratio=0.5)
+        prune_wrap(model, ratio=0.5, scorer="compressor")
     message = str(info.value)
     for part in (QWEN_REPO, "hf-tokenprune label", "hf-tokenprune train", "scorer='attention'", "compressor=<"):
         assert part in message
@@ -96,14 +100,82 @@ def test_ratio_one_needs_no_compressor_and_equals_the_unwrapped_model(built, hub
     monkeypatch.setattr(model.config, "_name_or_path", QWEN)
     inputs = make_inputs(processor, kind)
     reference = greedy(model, inputs, steps=4)
-    prune_wrap(model, ratio=1.0)  # scorer="compressor", no compressor=
+    prune_wrap(model, ratio=1.0, scorer="compressor")  # no compressor=
     assert model.tokenprune.scorer is None
     out = greedy(model, inputs, steps=4)
     assert model.tokenprune.last_stats is None
     assert torch.equal(out.sequences, reference.sequences)
     assert all(torch.equal(a, b) for a, b in zip(out.logits, reference.logits, strict=True))
     with pytest.raises(CompressorNotFoundError):  # pruning needs the compressor again
+        prune_wrap(model, ratio=0.5, scorer="compressor")
+
+
+@pytest.fixture
+def unwarned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No model told yet that it has no compressor (the session's models are shared between tests)."""
+    monkeypatch.setattr(methods, "_WARNED", weakref.WeakSet())
+
+
+def fallback_warnings(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, NoCompressorWarning)]
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_no_compressor_anywhere_offline_prunes_with_the_fallback_and_warns_once(
+        built, hub_cache: Path, unwarned: None, monkeypatch: pytest.MonkeyPatch, named: bool) -> None:
+    """``prune_wrap(model, ratio=0.25)`` with ``HF_HUB_OFFLINE=1`` and no compressor anywhere: one warning that names
+    the model, the repo looked for, the fallback and how to train one; then it generates, keeping exactly the tokens
+    ``scorer=FALLBACK_SCORER`` keeps; wrapping and generating again does not warn again."""
+    from conftest import make_inputs
+
+    model, processor = built("qwen2_vl")
+    if named:
+        monkeypatch.setattr(model.config, "_name_or_path", QWEN)
+    inputs = make_inputs(processor, "image", batch=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        prune_wrap(model, ratio=0.25)
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
         prune_wrap(model, ratio=0.5)
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    (message,) = fallback_warnings(record)
+    looked_for = (QWEN, QWEN_REPO, "HF_HUB_OFFLINE") if named else ("Qwen2VLForConditionalGeneration has no name",)
+    for part in (*looked_for, f"training-free scorer {FALLBACK_SCORER!r}", "hf-tokenprune label",
+                 "hf-tokenprune train", "docs/compressors.md", "docs/results.md"):
+        assert part in message
+    assert model.tokenprune.config.scorer is None
+    assert model.tokenprune.last_stats.scorer == f"{FALLBACK_SCORER} (no compressor found)"
+    fallback = model.tokenprune.last_stats.kept_indices
+    prune_wrap(model, ratio=0.5, scorer=FALLBACK_SCORER)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert all(len(k) > 0 for k in fallback)
+    assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+               for a, b in zip(fallback, model.tokenprune.last_stats.kept_indices, strict=True))
+
+
+def test_no_compressor_with_the_dynamic_budget_falls_back_to_a_relevance_distribution(
+        built, hub_cache: Path, unwarned: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import make_inputs
+
+    model, processor = built("qwen2_vl")
+    monkeypatch.setattr(model.config, "_name_or_path", QWEN)
+    with pytest.warns(NoCompressorWarning, match=f"training-free scorer {AUTO_FALLBACK_SCORER!r}"):
+        prune_wrap(model, budget="auto", mass=0.5)
+    with torch.no_grad():
+        model.generate(**make_inputs(processor, "image", batch=2), max_new_tokens=1, do_sample=False)
+    assert model.tokenprune.last_stats.scorer == f"{AUTO_FALLBACK_SCORER} (no compressor found)"
+
+
+def test_an_explicit_compressor_that_is_not_there_raises_with_the_default_scorer(built, hub_cache: Path,
+                                                                                 tmp_path: Path) -> None:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with pytest.raises(CompressorNotFoundError, match="does not exist"):
+            prune_wrap(built("qwen2_vl")[0], ratio=0.5, compressor=str(tmp_path / "no-compressor"))
+    assert fallback_warnings(record) == []
 
 
 @pytest.fixture
@@ -290,3 +362,34 @@ def test_trained_compressor_from_the_offline_cache_selects_like_the_local_direct
         kept.append(model.tokenprune.last_stats.kept_indices)
     assert all(len(k) > 0 for k in kept[0])
     assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(*kept, strict=True))
+
+
+def closed_port_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send the Hub's requests to a local port nobody listens on: every connection is refused, as without network."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    use_endpoint(monkeypatch, f"http://127.0.0.1:{port}")
+
+
+def test_no_compressor_and_no_network_falls_back_in_under_3_seconds(built, online_cache: Path, unwarned: None,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without HF_HUB_OFFLINE and with the Hub unreachable, the default scorer's lookup is one refused request, no
+    retries: the fallback is in place in well under the 23 s of huggingface_hub's default retries."""
+    model = built("qwen2_vl")[0]
+    monkeypatch.setattr(model.config, "_name_or_path", QWEN)
+    closed_port_endpoint(monkeypatch)
+    start = time.perf_counter()
+    with pytest.warns(NoCompressorWarning, match=re.escape(QWEN_REPO) + ".*could not reach the Hugging Face Hub"):
+        prune_wrap(model, ratio=0.25)
+    assert time.perf_counter() - start < 3
+    assert model.tokenprune.scorer.name == FALLBACK_SCORER
+
+
+def test_no_compressor_on_a_hub_without_the_repo_falls_back_after_one_request(
+        built, fake_hub: list[str], unwarned: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = built("qwen2_vl")[0]
+    monkeypatch.setattr(model.config, "_name_or_path", "me/missing-model")
+    with pytest.warns(NoCompressorWarning, match="does not exist on the Hub"):
+        prune_wrap(model, ratio=0.25)
+    assert fake_hub == ["HEAD /hf-tokenprune/missing-model-compressor/resolve/main/config.json"]

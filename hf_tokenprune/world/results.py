@@ -1,12 +1,13 @@
 """The testbed's results: ``python -m hf_tokenprune.world.results --out docs/``.
 
-On the shipped world models and held-out questions (every question kind by default), for every method
-(compressor, raw first-layer attention, the oracle ``R_v``, random, uniform; the FastV / PDrop / DART / ToMe
-baselines) at every fixed retention (50 / 25 / 12.5 / 6.25%), and for the compressor with the dynamic budget
-(``budget="auto"``) at a mean retention of 25%, 12.5% and 6.25%: the temperature of its relevance distribution
-chosen by accuracy on other held-out scenes (:func:`_select_temperature`), the threshold calibrated on the scores
-of the evaluated questions (no answers: a dataset-level mean retention, so the comparison with the fixed ratio is
-at equal retention), and, as shipped, the threshold of the calibration scenes (its retention and accuracy here):
+On the shipped world models and held-out questions (every question kind by default), for every method (compressor,
+raw first-layer attention, the oracle ``R_v``, random, uniform; the set selections DivPrune, CDPruner and
+compressor+dpp; the FastV / PDrop / DART / ToMe baselines) at every fixed retention (50 / 25 / 12.5 / 6.25%), and
+for the compressor with the dynamic budget (``budget="auto"``) at a mean retention of 25%, 12.5% and 6.25%: the
+temperature of its relevance distribution chosen by accuracy on other held-out scenes (:func:`_select_temperature`),
+the threshold calibrated on the scores of the evaluated questions (no answers: a dataset-level mean retention, so
+the comparison with the fixed ratio is at equal retention), and, as shipped, the threshold of the calibration scenes
+(its retention and accuracy here):
 
 * **accuracy** of the pruned model's greedy answer (through ``generate``, as users run it), overall and per
   question kind;
@@ -18,7 +19,8 @@ at equal retention), and, as shipped, the threshold of the calibration scenes (i
 
 The oracle ``R_v`` is the gradient-weighted relevance of the reference answer (teacher forced): an upper
 bound that needs the answer, not a pruning method. Writes ``world_results.json``, ``world_results.md`` and
-``world_accuracy.png`` (accuracy vs mean retention; matplotlib, if installed).
+``world_accuracy.png`` (accuracy vs mean retention; matplotlib, if installed); ``--add`` adds rows to the
+``world_results.json`` already there (same held-out questions) instead of starting a new one.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import get_adapter
 from ..calibrate import calibrate
-from ..config import LAYER_SCORERS
+from ..config import COMPRESSOR_SCORERS, LAYER_SCORERS
 from ..explain import visual_relevance
 from ..scorers import OracleScorer
 from ..wrap import prune_wrap, score_inputs, unwrap
@@ -42,7 +44,8 @@ from .evaluate import heldout_samples, inputs_for, predict, score_answers
 from .evidence import answer_tokens
 from .scenes import KINDS, Sample
 
-SCORERS = ("compressor", "attention", "oracle", "random", "uniform", "fastv", "pdrop", "dart", "tome")
+SCORERS = ("compressor", "attention", "oracle", "random", "uniform", "divprune", "cdpruner", "compressor+dpp", "fastv",
+           "pdrop", "dart", "tome")
 RATIOS = (1.0, 0.5, 0.25, 0.125, 0.0625)
 AUTO_SCORERS = ("compressor",)  # methods also run with budget="auto", calibrated to each of TARGETS
 TARGETS = (0.25, 0.125, 0.0625)
@@ -121,8 +124,8 @@ def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorer
         compressor = compressor or str(compressor_path(family))
     except FileNotFoundError:
         compressor = None
-        scorers = [s for s in scorers if s != "compressor"]
-        auto_scorers = [s for s in auto_scorers if s != "compressor"]
+        scorers = [s for s in scorers if s not in COMPRESSOR_SCORERS]
+        auto_scorers = [s for s in auto_scorers if s not in COMPRESSOR_SCORERS]
     rows = _per_sample(model, processor, samples, compressor)
     result: dict = {"n": len(samples), "pointing": {}, "accuracy": {}, "per_kind": {}, "answer_region_kept": {},
                     "retention": {}, "retention_per_kind": {}, "calibration": {}}
@@ -136,7 +139,8 @@ def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorer
     for name in scorers:
         for ratio in [r for r in ratios if r < 1.0]:
             scorer = OracleScorer() if name == "oracle" else name
-            prune_wrap(model, ratio=ratio, scorer=scorer, compressor=compressor if name == "compressor" else None)
+            prune_wrap(model, ratio=ratio, scorer=scorer,
+                       compressor=compressor if name in COMPRESSOR_SCORERS else None)
             measured = _run(model, processor, samples, rows, batch_size, f"{family} {name} {ratio}")
             if name in LAYER_SCORERS:  # every visual token enters the LLM; its last stage keeps less than `ratio`
                 measured["retention"] = ratio
@@ -147,7 +151,7 @@ def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorer
     evaluated = _batches(processor, samples, batch_size)
     calibrating = _batches(processor, calibration or [], batch_size)
     for name in auto_scorers if calibration else ():
-        scoring = dict(scorer=name, compressor=compressor if name == "compressor" else None)
+        scoring = dict(scorer=name, compressor=compressor if name in COMPRESSOR_SCORERS else None)
         for target in targets:
             key = str(target)
             temperature, selection = _select_temperature(model, processor, calibration, calibrating, target,
@@ -196,6 +200,22 @@ def _select_temperature(model, processor, calibration: list[Sample], batches: li
 
 def _batches(processor, samples: list[Sample], batch_size: int) -> list[dict]:
     return [inputs_for(processor, samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
+
+
+def add_rows(results: dict, added: dict) -> dict:
+    """``results`` with the rows of ``added`` (same settings and held-out questions: a second run of this module with
+    other methods) added or replacing those of the same name; the full model's rows must agree, else ValueError."""
+    for setting, new in added["settings"].items():
+        old = results["settings"].get(setting)
+        if old is None or old["n"] != new["n"] or old["accuracy"]["full"] != new["accuracy"]["full"]:
+            raise ValueError(f"{setting!r}: the results to add are not on the same held-out questions (setting, "
+                             "count or full-model accuracy differ)")
+        for field in ("accuracy", "per_kind", "answer_region_kept", "retention", "retention_per_kind", "pointing",
+                      "calibration"):
+            for name, value in new[field].items():
+                if name != "full":
+                    old[field][name] = value
+    return {"command": f"{results['command']}; then {added['command']}", "settings": results["settings"]}
 
 
 def _pct(value: float | None) -> str:
@@ -301,7 +321,11 @@ def _pareto_panel(ax, r: dict, kind: str | None) -> None:
         value = r["accuracy"][name][key] if kind is None else r["per_kind"][name][key].get(kind)
         return None if value is None else 100 * value
 
+    import matplotlib
+
     colours: dict[str, str] = {}
+    tab20 = matplotlib.colormaps["tab20"].colors  # a colour per method (more than 10): the dark half first
+    ax.set_prop_cycle(color=tab20[::2] + tab20[1::2])
     full = accuracy("full", "1.0")
     lowest = min(100 * v for n in r["retention"] for v in r["retention"][n].values())
     for name in r["accuracy"]:
@@ -345,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration", type=int, default=100,
                         help="held-out questions (other scenes than the evaluated ones) that calibrate the threshold")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--add", action="store_true",
+                        help="add these rows to the world_results.json in --out (same questions), keeping the others")
     parser.add_argument("--compressor", default=None,
                         help="compressor directory (one family; default: each family's shipped compressor)")
     args = parser.parse_args(argv)
@@ -367,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
                 **options)
     given = sys.argv[1:] if argv is None else argv
     results = {"command": " ".join(["python -m hf_tokenprune.world.results", *given]), "settings": settings}
+    if args.add:
+        results = add_rows(json.loads((out / "world_results.json").read_text()), results)
     (out / "world_results.json").write_text(json.dumps(results, indent=2))
     (out / "world_results.md").write_text(markdown(results))
     plot(results, out / "world_accuracy.png")
