@@ -249,7 +249,7 @@ class Continuation:
         if repeated:
             # a new turn given with tokens the cache already holds (generate() slices the conversation by the
             # pruned cache length, which is shorter than what the cache holds): drop them
-            for key in ("input_ids", "inputs_embeds", "mm_token_type_ids"):
+            for key in ("input_ids", "inputs_embeds", "mm_token_type_ids", "token_type_ids"):
                 if call.get(key) is not None:
                     call[key] = call[key][:, repeated:]
             if call.get("position_ids") is not None:
@@ -312,4 +312,4 @@ class Continuation:
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = text_mask
         kwargs["position_ids"] = self.owner.adapter.text_model_positions(positions)
-        return (), kwargs
+        return (), self.owner.adapter.attention_masks(kwargs, call, None)

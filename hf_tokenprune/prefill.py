@@ -163,6 +163,7 @@ class PrefillPruner:
         kwargs["attention_mask"] = full_mask
         kwargs["position_ids"] = adapter.text_model_positions(new_positions)
         kwargs = adapter.slice_extra(kwargs, call or {}, slicing)  # the family's other per-token inputs
+        kwargs = adapter.attention_masks(kwargs, call or {}, slicing)
         return PrunedPrefill(kwargs, recorded, stats)
 
 

@@ -170,6 +170,8 @@ class TokenPruneHandle:
             self._call, self._pending, self.last_stats = None, None, None
             return None
         call, self._call = self._call, None
+        if isinstance(kwargs.get("attention_mask"), dict):  # masks the multimodal model built: prune on its 2-D mask
+            kwargs = {**kwargs, "attention_mask": (call or {}).get("attention_mask")}
         if cache is not None and cache.get_seq_length() > 0:
             if layers is not None and layers.owns(cache):
                 layers.step(kwargs.get("attention_mask"))

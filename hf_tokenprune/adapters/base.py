@@ -34,6 +34,10 @@ It may override, where it differs from the default:
   positions; M-RoPE families (Qwen3-VL, GLM-4V) derive from :class:`~.qwen2_vl.Qwen2VLAdapter`;
 * :attr:`~Adapter.token_tensors` / :meth:`~Adapter.slice_extra`: per-token tensors the text model receives besides
   ``inputs_embeds`` / ``attention_mask`` / ``position_ids``, to slice with the kept tokens (default: none);
+* :attr:`~Adapter.mask_model` / :meth:`~Adapter.attention_masks`: where the multimodal model hands the text model
+  prepared attention masks (Gemma 3 / 4: one 4-D mask per layer type, with bidirectional image blocks and sliding
+  windows), the module whose 2-D mask they come from, and how to build them over the kept tokens (default: the text
+  model builds its own from the 2-D mask);
 * :attr:`~Adapter.multimodal_model` / :attr:`~Adapter.text_model`: ``model.model`` / ``model.model.get_decoder()``;
 * :attr:`~Adapter.images_after_cached_images` / :attr:`~Adapter.continued_turns_unsupported`: why a continued chat
   turn is refused on the family (default None: every continuation is supported);
@@ -247,6 +251,22 @@ class Adapter(ABC):
             sliced = slicing.sequence(kwargs[name])
             padding = ~slicing.slot_valid.view(*slicing.slot_valid.shape, *([1] * (sliced.dim() - 2)))
             kwargs[name] = sliced.masked_fill(padding.to(sliced.device), 0)
+        return kwargs
+
+    @property
+    def mask_model(self) -> nn.Module:
+        """The module whose 2-D ``attention_mask`` the text model's attention masks are built from: the text model
+        (default), or the multimodal model where it hands the text model prepared masks (a dict of them, which the
+        core then replaces by that 2-D mask to prune on). The masked reference masks the dropped tokens there."""
+        return self.text_model
+
+    def attention_masks(self, kwargs: dict[str, Any], call: Mapping[str, Any],
+                        slicing: Slicing | None) -> dict[str, Any]:
+        """The pruned text-model kwargs with the masks the text model takes, where :attr:`mask_model` is the
+        multimodal model: built from the pruned 2-D ``attention_mask`` (over the cache and the call's kept tokens) as
+        the multimodal model builds them (``call``: its kwargs; ``slicing``: the prefill's cut, None on a step over a
+        pruned cache). Called last on a pruned prefill and on every step over a pruned cache. Default: ``kwargs``
+        unchanged."""
         return kwargs
 
     def expansion_refusal(self, call: Mapping[str, Any]) -> str | None:
