@@ -1,5 +1,7 @@
 """Bad input gets a specific error before any compute, never a crash deep inside transformers."""
 
+import re
+
 import pytest
 import torch
 from conftest import chat, greedy, make_inputs
@@ -14,13 +16,16 @@ from hf_tokenprune import (
     tiny,
     unwrap,
 )
+from hf_tokenprune.adapters import ADAPTERS
 
 
 def test_unsupported_model_lists_the_supported_ones():
     llm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                        num_attention_heads=2))
-    with pytest.raises(UnsupportedModelError, match="llava, llava_onevision, qwen2_5_vl, qwen2_vl"):
+    with pytest.raises(UnsupportedModelError, match=re.escape(", ".join(sorted(ADAPTERS)))):
         prune_wrap(llm, ratio=0.5, scorer="attention")
+    assert {"llava", "llava_next", "llava_next_video", "llava_onevision", "mistral3", "qwen2_5_vl", "qwen2_vl"} <= set(
+        ADAPTERS)
 
 
 @pytest.mark.parametrize("ratio", [0.0, -1.0, 1.5])
