@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..adapters.base import UnsupportedMethodError
 from .base import AtInput, LayerInputs, LayerSchedule, LayerScorer
 from .dart import DARTScorer
 from .fastv import FastVScorer
@@ -39,6 +40,6 @@ def build_baseline(config: TokenPruneConfig, adapter: Adapter) -> Scorer | Layer
         schedule = LayerSchedule(((layer, config.ratio),), scorer)
     for layer, _ in schedule.stages:
         if (reason := adapter.inllm_refusal(layer)) is not None:
-            raise ValueError(f"scorer={config.scorer!r} would prune before decoder layer {layer}, which is not "
-                             f"supported: {reason}")
+            raise UnsupportedMethodError(f"scorer={config.scorer!r} would prune before decoder layer {layer}, which "
+                                         f"is not supported: {reason}")
     return schedule

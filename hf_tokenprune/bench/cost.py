@@ -65,9 +65,10 @@ class _Stamps(LogitsProcessor):
 
 
 def cache_bytes(cache: Any) -> int:
-    """Bytes of the keys and values held by a transformers cache."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if isinstance(t, torch.Tensor))
+    """Bytes of the keys and values held by a transformers cache (a linear-attention layer's conv and recurrent
+    states have a constant size, whatever the length, and are not counted)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
 
 
 class _PrefillProbe:

@@ -8,7 +8,9 @@
 * ``qwen3vl-2b-like``, ``qwen3vl-30b-a3b-like``, ``glm4.1v-9b-like``, ``glm4.5v-like``: random-initialised Qwen3-VL
   (DeepStack after the first 3 layers, as the real models), Qwen3-VL-MoE, GLM-4.1V and GLM-4.5V with the real LLM
   widths and a few layers (MoE: 16 of the experts, as many routed per token as the real model: the same FLOPs per
-  token), small vision towers; about 1,024 visual tokens.
+  token), small vision towers; about 1,024 visual tokens;
+* ``qwen3.5-0.8b-like``: a random-initialised Qwen3.5 with Qwen3.5-0.8B's LLM widths and its hybrid layer pattern
+  (one group: 3 Gated DeltaNet layers, then full attention), a one-block vision tower; 1024 px -> 1,024 visual tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from transformers import (
     PreTrainedModel,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
@@ -178,6 +182,29 @@ def glm4v_moe_model(layers: int = 4, image: int = 896) -> BenchModel:
                         "of 1408 + 1 shared per token)")
 
 
+def qwen3_5_like(layers: int = 4) -> PreTrainedModel:
+    """Random-weight Qwen3.5 with Qwen3.5-0.8B's LLM widths (1024 wide, MLP 3584; full attention: 8 heads, 2 KV heads
+    of 256, a quarter of each head rotated; Gated DeltaNet: 16 key and 16 value heads of 128, conv kernel 4) and its
+    layer pattern (layers 3, 7, ... full attention, the others linear); a one-block vision tower."""
+    rope = {"rope_type": "default", "rope_theta": 1e7, "mrope_section": [11, 11, 10], "mrope_interleaved": True,
+            "partial_rotary_factor": 0.25}
+    text = dict(vocab_size=2048, hidden_size=1024, intermediate_size=3584, num_hidden_layers=layers,
+                num_attention_heads=8, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+                linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+                max_position_embeddings=32768, bos_token_id=1, eos_token_id=None, pad_token_id=0, rope_parameters=rope)
+    vision = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=1024, num_position_embeddings=2304)
+    config = Qwen3_5Config(text_config=text, vision_config=vision, vision_start_token_id=2002, vision_end_token_id=2003,
+                           **_IDS)
+    return _seeded(Qwen3_5ForConditionalGeneration, config)
+
+
+def qwen3_5_model(layers: int = 4, image: int = 1024) -> BenchModel:
+    return _mrope_model("qwen3.5-0.8b-like", qwen3_5_like(layers), image,
+                        "Qwen3.5, 0.8B LLM widths (1024/3584; Gated DeltaNet layers 0-2, full attention at 3: 8 heads, "
+                        "2 KV heads of 256)")
+
+
 def realweights_model(image: int = 448) -> BenchModel:
     from .. import tiny
     from .realweights import build
@@ -195,4 +222,5 @@ MODELS: dict[str, Callable[[], BenchModel]] = {
     "qwen3vl-30b-a3b-like": qwen3vl_moe_model,
     "glm4.1v-9b-like": glm4v_model,
     "glm4.5v-like": glm4v_moe_model,
+    "qwen3.5-0.8b-like": qwen3_5_model,
 }
