@@ -29,7 +29,7 @@ GLM = ("glm4v", "glm4v_moe")  # Qwen-style processing and grids, GLM's media tok
 LLAVA_NEXT = ("llava_next", "llava_next_video")
 PIXTRAL = ("mistral3", "llava_pixtral")
 IDEFICS3 = ("smolvlm", "idefics3")
-FRAMES_AS_IMAGES = ("smolvlm", "internvl", *GLM)  # their video frames reach the model as image tokens
+FRAMES_AS_IMAGES = ("smolvlm", "internvl")  # their processors give the model a video's frames as images
 VIDEO_FAMILIES = [f for f in FAMILIES if "video" in MODALITIES[f]]
 IDS = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
 
@@ -43,12 +43,8 @@ IDS = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
 EXPECTED_IMAGE_TOKENS = {
     "qwen2_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "qwen2_5_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
-    "qwen3_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
-    "qwen3_vl_moe": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "qwen3_5": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "qwen3_5_moe": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
-    "glm4v": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
-    "glm4v_moe": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "llava_onevision": {28: 36, 56: 88, 84: 88, 112: 88, 224: 88, (84, 42): 52},
     "llava": {28: 36, 56: 36, 84: 36, 112: 36, 224: 36, (84, 42): 36},
     "llava_next": {28: 36, 56: 88, 84: 88, 112: 88, 224: 88, (84, 42): 52},
@@ -59,6 +55,8 @@ EXPECTED_IMAGE_TOKENS = {
     "idefics3": {28: 80, 56: 80, 84: 80, 112: 80, 224: 80, (84, 42): 48},
     "internvl": {28: 16, 56: 80, 84: 80, 112: 80, 224: 80, (84, 42): 48},
 }
+# Qwen3-VL and GLM-4V: Qwen2-VL's image processing (GLM's resize counts both frames of a temporal patch: same sizes)
+EXPECTED_IMAGE_TOKENS |= dict.fromkeys(("qwen3_vl", "qwen3_vl_moe", *GLM), EXPECTED_IMAGE_TOKENS["qwen2_vl"])
 # 4 frames of 56x56: Qwen -> grid (2, 8, 8) / 4 = 32; LLaVA-OV -> 4 frames * 2x2 pooled + 1 newline = 17;
 # LLaVA-NeXT-Video -> 4 frames * 2x2 pooled = 16; SmolVLM, InternVL -> 4 frames * one 16-token block = 64.
 EXPECTED_VIDEO_TOKENS = {"qwen2_vl": 32, "qwen2_5_vl": 32, "llava_onevision": 17, "llava_next_video": 16,
@@ -82,7 +80,7 @@ def _image_token_id(model) -> int:
 
 def _video_token_id(model) -> int:
     cfg = model.config
-    if cfg.model_type in FRAMES_AS_IMAGES:  # their video frames reach the model as images
+    if cfg.model_type in (*FRAMES_AS_IMAGES, *GLM):  # their video frames are image tokens
         return cfg.image_token_id
     return cfg.video_token_id if hasattr(cfg, "video_token_id") else cfg.video_token_index
 

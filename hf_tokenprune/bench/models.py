@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -160,26 +161,23 @@ def _mrope_model(name: str, model: PreTrainedModel, image: int, what: str) -> Be
                       f"random-init {what}, {text.num_hidden_layers} layers, {image} px image")
 
 
-def qwen3vl_model(layers: int = 4, image: int = 1024) -> BenchModel:
-    return _mrope_model("qwen3vl-2b-like", qwen3vl_like(layers), image,
-                        "Qwen3-VL, 2B LLM widths (2048/6144, 16 heads, 8 KV heads), DeepStack after layers 0-2")
+# the #17 families' cost models: name -> (builder of ``layers`` decoder layers, image side in px, what it is)
+_ISSUE_17_MODELS: dict[str, tuple[Callable[[int], PreTrainedModel], int, str]] = {
+    "qwen3vl-2b-like": (qwen3vl_like, 1024,
+                        "Qwen3-VL, 2B LLM widths (2048/6144, 16 heads, 8 KV heads), DeepStack after layers 0-2"),
+    "qwen3vl-30b-a3b-like": (partial(qwen3vl_like, moe=True), 1024,
+                             "Qwen3-VL-MoE, 30B-A3B LLM widths (2048, 32 heads, 4 KV heads, 8 of 16 experts of 768 per "
+                             "token), DeepStack after layers 0-2"),
+    "glm4.1v-9b-like": (glm4v_like, 896, "GLM-4.1V, 9B LLM widths (4096/13696, 32 heads, 2 KV heads)"),
+    "glm4.5v-like": (partial(glm4v_like, moe=True), 896,
+                     "GLM-4.5V, LLM widths (4096, 96 heads, 8 KV heads, a dense first layer, then 8 of 16 experts of "
+                     "1408 + 1 shared per token)"),
+}
 
 
-def qwen3vl_moe_model(layers: int = 4, image: int = 1024) -> BenchModel:
-    return _mrope_model("qwen3vl-30b-a3b-like", qwen3vl_like(layers, moe=True), image,
-                        "Qwen3-VL-MoE, 30B-A3B LLM widths (2048, 32 heads, 4 KV heads, 8 of 16 experts of 768 per "
-                        "token), DeepStack after layers 0-2")
-
-
-def glm4v_model(layers: int = 4, image: int = 896) -> BenchModel:
-    return _mrope_model("glm4.1v-9b-like", glm4v_like(layers), image,
-                        "GLM-4.1V, 9B LLM widths (4096/13696, 32 heads, 2 KV heads)")
-
-
-def glm4v_moe_model(layers: int = 4, image: int = 896) -> BenchModel:
-    return _mrope_model("glm4.5v-like", glm4v_like(layers, moe=True), image,
-                        "GLM-4.5V, LLM widths (4096, 96 heads, 8 KV heads, a dense first layer, then 8 of 16 experts "
-                        "of 1408 + 1 shared per token)")
+def _issue_17_model(name: str, layers: int = 4) -> BenchModel:
+    build, image, what = _ISSUE_17_MODELS[name]
+    return _mrope_model(name, build(layers), image, what)
 
 
 def qwen3_5_like(layers: int = 4) -> PreTrainedModel:
@@ -218,9 +216,6 @@ MODELS: dict[str, Callable[[], BenchModel]] = {
     "tiny": tiny_model,
     "qwen2vl-2b-like": qwen2vl_model,
     "llava-smollm2-dinov2": realweights_model,
-    "qwen3vl-2b-like": qwen3vl_model,
-    "qwen3vl-30b-a3b-like": qwen3vl_moe_model,
-    "glm4.1v-9b-like": glm4v_model,
-    "glm4.5v-like": glm4v_moe_model,
+    **{name: partial(_issue_17_model, name) for name in _ISSUE_17_MODELS},
     "qwen3.5-0.8b-like": qwen3_5_model,
 }

@@ -21,17 +21,11 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedTokenizerFast,
 )
-from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil, smart_resize
+from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
 from .processors import TorchFreeProcessorMixin, register_processor
-from .qwen2_vl import (
-    QWEN_DEFAULT_IMAGE_SIZE,
-    QWEN_MERGE_SIZE,
-    QWEN_MIN_PIXELS,
-    QWEN_PATCH_SIZE,
-    QWEN_TEMPORAL_PATCH_SIZE,
-    TinyQwen2VLVideoProcessor,
-)
+from .qwen2_vl import QWEN_MERGE_SIZE, QWEN_PATCH_SIZE, QWEN_TEMPORAL_PATCH_SIZE, qwen_processor
+from .qwen3_vl import TinyQwen3VLVideoProcessor
 from .registry import TinyFamily
 from .sizes import TEXT_HIDDEN_SIZE, VISION_HEADS, VISION_HIDDEN_SIZE, text_kwargs
 from .tokenizer import QWEN_CHAT_TEMPLATE, rebuilt_tokenizer, special_token_ids
@@ -63,13 +57,8 @@ def glm_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast
     return rebuilt_tokenizer(tokenizer, Tokenizer.from_str(json.dumps(spec)), chat_template=GLM_CHAT_TEMPLATE)
 
 
-class TinyGlm4vVideoProcessor(TinyQwen2VLVideoProcessor):
-    """Reproduces ``Glm4vVideoProcessor`` on given frames (the Qwen2-VL patching; ``smart_resize`` over all frames)."""
-
-    def _target_hw(self, frames: int, height: int, width: int) -> tuple[int, int]:
-        return smart_resize(max(frames, self.temporal_patch_size), height, width,
-                            temporal_factor=self.temporal_patch_size, factor=self.patch_size * self.merge_size,
-                            min_pixels=self.size["shortest_edge"], max_pixels=self.size["longest_edge"])
+class TinyGlm4vVideoProcessor(TinyQwen3VLVideoProcessor):
+    """Reproduces ``Glm4vVideoProcessor`` on given frames: the resize and patching of Qwen3-VL's."""
 
 
 class TinyGlm4vProcessor(TorchFreeProcessorMixin, Glm4vProcessor):
@@ -120,20 +109,9 @@ def _glm4v_moe_config(config_class: type[PreTrainedConfig], num_hidden_layers: i
 
 
 def _processor(tokenizer: PreTrainedTokenizerFast, image_size: int | None) -> TinyGlm4vProcessor:
-    image_size = image_size or QWEN_DEFAULT_IMAGE_SIZE
-    temporal = QWEN_TEMPORAL_PATCH_SIZE  # GLM's resize counts the pixels of every temporal patch's frames
-    common = dict(
-        size={"shortest_edge": temporal * QWEN_MIN_PIXELS, "longest_edge": temporal * image_size * image_size},
-        patch_size=QWEN_PATCH_SIZE,
-        temporal_patch_size=temporal,
-        merge_size=QWEN_MERGE_SIZE,
-    )
-    return TinyGlm4vProcessor(
-        image_processor=Glm4vImageProcessorPil(**common),
-        tokenizer=glm_tokenizer(tokenizer),
-        video_processor=TinyGlm4vVideoProcessor(**common),
-        chat_template=GLM_CHAT_TEMPLATE,
-    )
+    return qwen_processor(TinyGlm4vProcessor, glm_tokenizer(tokenizer), image_size,
+                          image_processor_class=Glm4vImageProcessorPil, video_processor_class=TinyGlm4vVideoProcessor,
+                          pixels_per_frame=QWEN_TEMPORAL_PATCH_SIZE, chat_template=GLM_CHAT_TEMPLATE)
 
 
 GLM4V = TinyFamily("glm4v", Glm4vForConditionalGeneration, _glm4v_config, _processor)

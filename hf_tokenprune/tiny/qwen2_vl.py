@@ -158,24 +158,29 @@ def _qwen2_5_vl_config(config_class: type[PreTrainedConfig], num_hidden_layers: 
     return qwen_config(config_class, text_kwargs(num_hidden_layers), vision, MROPE_SECTION)
 
 
-def _processor(processor_class: type[ProcessorMixin], tokenizer: PreTrainedTokenizerFast,
-               image_size: int | None) -> ProcessorMixin:
+def qwen_processor(processor_class: type[ProcessorMixin], tokenizer: PreTrainedTokenizerFast, image_size: int | None,
+                   *, image_processor_class: type = Qwen2VLImageProcessorPil,
+                   video_processor_class: type[TinyQwen2VLVideoProcessor] = TinyQwen2VLVideoProcessor,
+                   pixels_per_frame: int = 1, chat_template: str = QWEN_CHAT_TEMPLATE) -> ProcessorMixin:
+    """A Qwen-style processor (patch 7, 2x2 merge, 2-frame temporal patches; Qwen3-VL and GLM-4V too) with at most
+    ``image_size**2`` pixels per image (``pixels_per_frame``: GLM's resize counts both frames of a temporal patch)."""
     image_size = image_size or QWEN_DEFAULT_IMAGE_SIZE
     common = dict(
-        size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": image_size * image_size},
+        size={"shortest_edge": pixels_per_frame * QWEN_MIN_PIXELS,
+              "longest_edge": pixels_per_frame * image_size * image_size},
         patch_size=QWEN_PATCH_SIZE,
         temporal_patch_size=QWEN_TEMPORAL_PATCH_SIZE,
         merge_size=QWEN_MERGE_SIZE,
     )
     return processor_class(
-        image_processor=Qwen2VLImageProcessorPil(**common),
+        image_processor=image_processor_class(**common),
         tokenizer=tokenizer,
-        video_processor=TinyQwen2VLVideoProcessor(**common),
-        chat_template=QWEN_CHAT_TEMPLATE,
+        video_processor=video_processor_class(**common),
+        chat_template=chat_template,
     )
 
 
 QWEN2_VL = TinyFamily("qwen2_vl", Qwen2VLForConditionalGeneration, _qwen2_vl_config,
-                      partial(_processor, TinyQwen2VLProcessor))
+                      partial(qwen_processor, TinyQwen2VLProcessor))
 QWEN2_5_VL = TinyFamily("qwen2_5_vl", Qwen2_5_VLForConditionalGeneration, _qwen2_5_vl_config,
-                        partial(_processor, TinyQwen2_5_VLProcessor))
+                        partial(qwen_processor, TinyQwen2_5_VLProcessor))

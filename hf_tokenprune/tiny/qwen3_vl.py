@@ -7,11 +7,11 @@ tokens per image). Videos: each temporal group of two frames is its own ``<t sec
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from transformers import (
     PreTrainedConfig,
-    PreTrainedTokenizerFast,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeForConditionalGeneration,
     Qwen3VLProcessor,
@@ -21,17 +21,15 @@ from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
 
 from .processors import TorchFreeProcessorMixin, register_processor
 from .qwen2_vl import (
-    QWEN_DEFAULT_IMAGE_SIZE,
     QWEN_MERGE_SIZE,
-    QWEN_MIN_PIXELS,
     QWEN_PATCH_SIZE,
     QWEN_TEMPORAL_PATCH_SIZE,
     TinyQwen2VLVideoProcessor,
     qwen_config,
+    qwen_processor,
 )
 from .registry import TinyFamily
 from .sizes import TEXT_HEAD_DIM, TEXT_HIDDEN_SIZE, VISION_HEADS, VISION_HIDDEN_SIZE, text_kwargs
-from .tokenizer import QWEN_CHAT_TEMPLATE
 
 # interleaved over head_dim / 2 = 8 frequencies: T at 0, 3, 6, 7, H at 1, 4, W at 2, 5 (real: [24, 20, 20] of 64)
 QWEN3_MROPE_SECTION = [4, 2, 2]
@@ -84,20 +82,7 @@ def _qwen3_vl_moe_config(config_class: type[PreTrainedConfig], num_hidden_layers
     return qwen_config(config_class, text, _vision(), QWEN3_MROPE_SECTION)
 
 
-def _processor(tokenizer: PreTrainedTokenizerFast, image_size: int | None) -> TinyQwen3VLProcessor:
-    image_size = image_size or QWEN_DEFAULT_IMAGE_SIZE
-    common = dict(
-        size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": image_size * image_size},
-        patch_size=QWEN_PATCH_SIZE,
-        temporal_patch_size=QWEN_TEMPORAL_PATCH_SIZE,
-        merge_size=QWEN_MERGE_SIZE,
-    )
-    return TinyQwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessorPil(**common),
-        tokenizer=tokenizer,
-        video_processor=TinyQwen3VLVideoProcessor(**common),
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
+_processor = partial(qwen_processor, TinyQwen3VLProcessor, video_processor_class=TinyQwen3VLVideoProcessor)
 
 
 QWEN3_VL = TinyFamily("qwen3_vl", Qwen3VLForConditionalGeneration, _qwen3_vl_config, _processor)
