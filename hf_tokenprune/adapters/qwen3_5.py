@@ -18,6 +18,10 @@ Visual inputs are Qwen3-VL's (no DeepStack): a video is one run of placeholders 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from ..compat import TRANSFORMERS_VERSION
 from .qwen3_vl import FrameRunsAdapter
 
 
@@ -26,6 +30,17 @@ class Qwen3_5Adapter(FrameRunsAdapter):
 
     model_types = ("qwen3_5", "qwen3_5_moe")
     masking_removes_tokens = False
+
+    def expansion_refusal(self, call: Mapping[str, Any]) -> str | None:
+        """transformers 5.20 declares no image / video input modality for Qwen3.5 (``input_modalities``), so
+        ``generate`` does not pre-encode its visual inputs and repeats ``pixel_values`` patch by patch instead of per
+        image for beams or several return sequences: the unpruned model then runs on scrambled pictures."""
+        visual = any(call.get(p.pixels) is not None for p in self.placeholders) or call.get("mm_encoder_outputs")
+        if visual and not {"image", "video"} & set(getattr(self.model, "input_modalities", ())):
+            return (f"transformers {TRANSFORMERS_VERSION} declares no image input for {type(self.model).__name__}, "
+                    "so its generate() repeats the pixel values patch by patch instead of per image for beam search "
+                    "or several return sequences (the unpruned model silently sees scrambled pictures); fixed in 5.21")
+        return None
 
     def inllm_refusal(self, layer: int) -> str | None:
         """FastV and PDrop rank by a layer's softmax attention and DART by its key projection: a Gated DeltaNet

@@ -46,13 +46,14 @@ from ..features import (
 Feature = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _rotary(text_model: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
+def _positions(embeds: torch.Tensor) -> torch.Tensor:
+    """Text positions ``0, 1, 2, ...`` as the three M-RoPE rows ``rotary_emb`` takes."""
     return torch.arange(embeds.shape[1]).view(1, 1, -1).expand(3, embeds.shape[0], -1)
 
 
 def full_attention_on_embeddings(text_model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor,
                                  instruction: torch.Tensor) -> torch.Tensor:
-    return first_layer_attention(text_model, embeds, _rotary(text_model, embeds), mask, instruction)
+    return first_layer_attention(text_model, embeds, _positions(embeds), mask, instruction)
 
 
 def layer0_softmax(text_model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor,
@@ -75,7 +76,7 @@ def layer0_delta_rule(text_model: nn.Module, embeds: torch.Tensor, mask: torch.T
 def full_attention_actual(text_model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor,
                           instruction: torch.Tensor) -> torch.Tensor:
     index = feature_layer(text_model)
-    position_embeddings = text_model.rotary_emb(embeds, _rotary(text_model, embeds))
+    position_embeddings = text_model.rotary_emb(embeds, _positions(embeds))
     hidden = embeds
     for layer in text_model.layers[:index]:
         hidden = layer(hidden, position_embeddings=position_embeddings, attention_mask=None)
@@ -240,7 +241,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--skip-cost", action="store_true")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     for seed in range(args.seeds):
         start = time.perf_counter()
         model = train_recall(args.steps, seed=seed)
