@@ -9,6 +9,7 @@ in float32 after the projections.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 
@@ -43,10 +44,19 @@ def first_layer_attention(text_model: nn.Module, inputs_embeds: torch.Tensor, ro
     Returns:
         ``[batch, length]`` float32; the entries of visual positions form ``A^0_v``.
     """
+    index = feature_layer(text_model)
     with torch.no_grad():
-        cos, sin = text_model.rotary_emb(inputs_embeds, rotary_positions)
-    return received_attention(text_model.layers[feature_layer(text_model)], inputs_embeds, (cos, sin),
-                              attention_mask, instruction_mask)
+        cos, sin = layer_rotary(text_model, inputs_embeds, rotary_positions, index)
+    return received_attention(text_model.layers[index], inputs_embeds, (cos, sin), attention_mask, instruction_mask)
+
+
+def layer_rotary(text_model: nn.Module, x: torch.Tensor, rotary_positions: torch.Tensor,
+                 index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(cos, sin)`` decoder layer ``index`` gets: ``text_model.rotary_emb``'s, for the layer's type where the
+    rotary embedding differs per type (Gemma: local and global RoPE bases)."""
+    if "layer_type" in inspect.signature(text_model.rotary_emb.forward).parameters:
+        return text_model.rotary_emb(x, rotary_positions, text_model.config.layer_types[index])
+    return text_model.rotary_emb(x, rotary_positions)
 
 
 def feature_layer(text_model: nn.Module) -> int:
@@ -91,8 +101,9 @@ def received_attention(layer: nn.Module, hidden_states: torch.Tensor,
                        position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor | None,
                        query_mask: torch.Tensor) -> torch.Tensor:
     """Attention each position receives in decoder ``layer`` from the ``query_mask`` rows, averaged over heads and
-    rows (:func:`query_logits`, causal, padding from ``attention_mask``). ``hidden_states`` is the layer's input,
-    ``position_embeddings`` the ``(cos, sin)`` it receives. Returns ``[batch, length]`` float32.
+    rows (:func:`query_logits`, causal, padding from ``attention_mask``, the layer's sliding window where it has one).
+    ``hidden_states`` is the layer's input, ``position_embeddings`` the ``(cos, sin)`` it receives. Returns
+    ``[batch, length]`` float32.
     """
     length = hidden_states.shape[1]
     with torch.no_grad():
@@ -103,6 +114,9 @@ def received_attention(layer: nn.Module, hidden_states: torch.Tensor,
         logits = query_logits(layer, hidden_states, position_embeddings, q_order)  # [b, heads, n_q, length]
         keys = torch.arange(length, device=hidden_states.device)
         allowed = keys[None, None, :] <= q_order[:, :, None]  # causal
+        window = getattr(layer.self_attn, "sliding_window", None)
+        if window:
+            allowed = allowed & (keys[None, None, :] > q_order[:, :, None] - window)
         if attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, :]
         allowed = allowed | ~q_valid[:, :, None]  # padding query rows: any finite row, zeroed below

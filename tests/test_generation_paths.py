@@ -16,7 +16,8 @@ DEEPSTACK = ("visual_pos_masks", "deepstack_visual_embeds")
 def _capture_text_model_inputs(model):
     seen = []
     handle = get_adapter(model).text_model.register_forward_pre_hook(
-        lambda m, a, k: seen.append({key: k.get(key) for key in ("inputs_embeds", "position_ids", *DEEPSTACK)}),
+        lambda m, a, k: seen.append({key: k.get(key) for key in ("inputs_embeds", "position_ids", "attention_mask",
+                                                                 *DEEPSTACK)}),
         with_kwargs=True)
     return seen, handle
 
@@ -38,6 +39,8 @@ def test_contiguous_positions_equal_a_model_that_never_saw_the_dropped_tokens(bu
     text_model, head = get_adapter(model).text_model, model.get_output_embeddings()
     rows = 3 if family in ("qwen2_vl", "qwen2_5_vl") else 1  # M-RoPE rows
     extra = {k: seen[0][k] for k in DEEPSTACK if seen[0][k] is not None}  # as the pruned prefill passed them
+    if isinstance(seen[0]["attention_mask"], dict):  # masks the multimodal model builds (Gemma): as passed too
+        extra["attention_mask"] = seen[0]["attention_mask"]
     with model.tokenprune.disabled(), torch.no_grad():
         cache, logits, step_embeds, start = None, [], embeds, 0
         generated = out.sequences[:, inputs["input_ids"].shape[1]:]

@@ -30,6 +30,7 @@ SIZES = {"qwen2_vl": (100, 60), "qwen2_5_vl": (100, 60), "llava_onevision": (90,
          "qwen3_5": (100, 60), "qwen3_5_moe": (100, 60),
          "llava_next": (90, 50), "mistral3": (100, 60), "llava_pixtral": (60, 100),
          "smolvlm": (90, 40), "idefics3": (90, 40), "internvl": (90, 40),  # 1 x 2 tiles and the whole image
+         "gemma3": (90, 40),
          # square: the video processor center-crops frames, and frame boxes are in the crop's coordinates
          "llava_next_video": (84, 84)}
 
@@ -109,6 +110,9 @@ def token_inputs(model, inputs, kind: str) -> torch.Tensor:
         pixels = inputs["pixel_values"].flatten(0, 1)
         pixels = pixels[(pixels != 0).flatten(1).any(dim=1)]
         return model.model.connector.pixel_shuffle(patches(pixels, patch), config.scale_factor).flatten(0, 1)
+    if config.model_type == "gemma3":  # patch grids average-pooled in square kernels
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        return patches(inputs["pixel_values"], patch * side // int(config.mm_tokens_per_image ** 0.5)).flatten(0, 1)
     if config.model_type == "internvl":  # pixel-shuffled tiles (and video frames), the CLS token dropped
         grid = patches(inputs["pixel_values"], patch[0])
         side = int(grid.shape[1] ** 0.5)

@@ -131,9 +131,9 @@ def test_continuing_equals_pruning_the_whole_conversation_at_once(built, family,
 
 def new_visual_inputs(processor, kind: str, batch: int) -> dict:
     """The visual inputs of the next turn's new images only (the earlier ones are in the cache), as the processor
-    passes them on (InternVL's drops its image processor's tile counts)."""
+    passes them on (InternVL's and Gemma 3's drop their image processor's tile / crop counts)."""
     out = processor.image_processor(visual_inputs(kind, batch, turn=1)["images"], return_tensors="pt")
-    return {key: value for key, value in out.items() if key != "num_patches"}
+    return {key: value for key, value in out.items() if key not in ("num_patches", "num_crops")}
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -152,6 +152,10 @@ def test_a_new_image_in_the_next_turn_is_pruned_with_its_question(built, family,
     covered = output_cache(first).get_seq_length() + (turns[0][2].seq_len_before - turns[0][2].seq_len_after
                                                          if history else 0)
     new_turn = {**text_only(follow), **new_visual_inputs(processor, "image", batch)}
+    if get_adapter(model).images_in_continued_turns:  # Gemma 3: transformers fails there, unpruned too
+        with pytest.raises(PrunedCacheError, match="adds visual tokens, which is not supported"):
+            generate(model, new_turn, **with_cache(output_cache(first)))
+        return
     if refused_here(family, adds_visual=True):
         with pytest.raises(PrunedCacheError, match="fixed in transformers 5.23"):
             generate(model, new_turn, **with_cache(output_cache(first)))

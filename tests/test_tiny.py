@@ -30,6 +30,7 @@ LLAVA_NEXT = ("llava_next", "llava_next_video")
 PIXTRAL = ("mistral3", "llava_pixtral")
 IDEFICS3 = ("smolvlm", "idefics3")
 FRAMES_AS_IMAGES = ("smolvlm", "internvl")  # their processors give the model a video's frames as images
+GEMMA = ("gemma3",)
 VIDEO_FAMILIES = [f for f in FAMILIES if "video" in MODALITIES[f]]
 IDS = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
 
@@ -39,7 +40,8 @@ IDS = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
 # LLaVA-NeXT(-Video) = anyres over 28 px CLIP tiles (4x4 patches, CLS dropped) incl. base tile and row newlines;
 # Pixtral = one [IMG] per 14 px of the image resized to a longest edge <= 112 (row breaks are not counted);
 # SmolVLM / Idefics3 = 16 per 32 px tile of the image resized to a longest edge of 64, plus 16 for the global image;
-# InternVL = 16 per 32 px tile of the grid (at most 6) closest to the image's aspect ratio, plus a 16-token thumbnail.
+# InternVL = 16 per 32 px tile of the grid (at most 6) closest to the image's aspect ratio, plus a 16-token thumbnail;
+# Gemma 3 = every image resized to 32 px, 8 x 8 patches pooled to 4 x 4.
 EXPECTED_IMAGE_TOKENS = {
     "qwen2_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "qwen2_5_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
@@ -54,6 +56,7 @@ EXPECTED_IMAGE_TOKENS = {
     "smolvlm": {28: 80, 56: 80, 84: 80, 112: 80, 224: 80, (84, 42): 48},
     "idefics3": {28: 80, 56: 80, 84: 80, 112: 80, 224: 80, (84, 42): 48},
     "internvl": {28: 16, 56: 80, 84: 80, 112: 80, 224: 80, (84, 42): 48},
+    "gemma3": {28: 16, 56: 16, 84: 16, 112: 16, 224: 16, (84, 42): 16},
 }
 # Qwen3-VL and GLM-4V: Qwen2-VL's image processing (GLM's resize counts both frames of a temporal patch: same sizes)
 EXPECTED_IMAGE_TOKENS |= dict.fromkeys(("qwen3_vl", "qwen3_vl_moe", *GLM), EXPECTED_IMAGE_TOKENS["qwen2_vl"])
@@ -109,7 +112,7 @@ def _visual_feature_count(family: str, model, inputs) -> int:
     with torch.no_grad():
         if family in QWEN + GLM:
             out = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-        elif family in ("llava", "internvl"):
+        elif family in ("llava", "internvl", *GEMMA):
             out = model.get_image_features(inputs["pixel_values"])
         elif family in IDEFICS3:
             out = model.get_image_features(inputs["pixel_values"], inputs["pixel_attention_mask"])
@@ -167,6 +170,8 @@ def test_processor_chat_template_placeholders(family):
         assert text.startswith("<|im_start|>User:<image>hello<|im_end|>")
     elif family == "internvl":
         assert text.startswith("<|im_start|>user\n<IMG_CONTEXT>\nhello<|im_end|>")
+    elif family in GEMMA:
+        assert text.startswith("<|im_start|>user\n<start_of_image>hello<|im_end|>")
     else:
         assert text.startswith(f"<|im_start|>user {processor.image_token}\nhello<|im_end|>")
 
@@ -242,6 +247,13 @@ def test_model_config_consistent_with_tokenizer(family):
         assert vision.image_size[0] == processor.image_processor.size["height"]
         assert processor.image_seq_length == cfg.image_seq_length == (
             vision.image_size[0] // vision.patch_size[0] // 2) ** 2
+    elif family in GEMMA:
+        processor = _processor(family)
+        tokenizer = processor.tokenizer
+        assert [cfg.boi_token_id, cfg.eoi_token_id, cfg.image_token_id] == [
+            tokenizer.boi_token_id, tokenizer.eoi_token_id, tokenizer.image_token_id]
+        assert cfg.vision_config.image_size == processor.image_processor.size["height"]
+        assert processor.image_seq_length == cfg.mm_tokens_per_image
     elif family in PIXTRAL:
         processor = _processor(family)
         assert cfg.vision_config.model_type == "pixtral"
@@ -516,10 +528,10 @@ def test_make_image_and_video_deterministic():
 def test_module_exports():
     assert FAMILIES == ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava", "qwen3_vl", "qwen3_vl_moe", "glm4v",
                         "glm4v_moe", "qwen3_5", "qwen3_5_moe", "llava_next", "llava_next_video", "mistral3",
-                        "llava_pixtral", "smolvlm", "idefics3", "internvl")
+                        "llava_pixtral", "smolvlm", "idefics3", "internvl", "gemma3")
     assert (*FAMILIES, *made_up_family.FAMILIES) == tiny.FAMILIES  # live: the tests' registrations come after
     assert set(MODALITIES) == set(tiny.FAMILIES)
-    image_only = ("llava", "llava_next", "mistral3", "llava_pixtral", "idefics3")
+    image_only = ("llava", "llava_next", "mistral3", "llava_pixtral", "idefics3", "gemma3")
     assert all(MODALITIES[f] == ("image",) for f in image_only)
     assert all(MODALITIES[f] == ("image", "video") for f in FAMILIES if f not in image_only)
     for family in FAMILIES:  # a family has a video processor iff it takes videos

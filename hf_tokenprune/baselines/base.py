@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..features import feature_layer
+from ..features import feature_layer, layer_rotary
 from ..pruning import pack
 from ..scorers.base import ScoreInputs, Scorer
 
@@ -74,9 +74,10 @@ class AtInput(Scorer):
         mask = inputs.attention_mask
         real = mask.bool() if mask is not None else torch.ones(embeds.shape[:2], dtype=torch.bool,
                                                                device=embeds.device)
-        with torch.no_grad():
-            position_embeddings = text_model.rotary_emb(embeds, inputs.rotary_positions)
         # layer 0, or where the first layers are linear attention the first softmax one (as for A^0_v)
-        layer_inputs = LayerInputs(text_model.layers[feature_layer(text_model)], embeds, position_embeddings, real,
-                                   layout.visual_mask, layout.instruction_mask)
+        index = feature_layer(text_model)
+        with torch.no_grad():
+            position_embeddings = layer_rotary(text_model, embeds, inputs.rotary_positions, index)
+        layer_inputs = LayerInputs(text_model.layers[index], embeds, position_embeddings, real, layout.visual_mask,
+                                   layout.instruction_mask)
         return pack(self.scorer.score(layer_inputs), layout.visual_mask)[0]

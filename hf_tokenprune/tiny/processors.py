@@ -12,6 +12,8 @@ processing are the stock code. :func:`register_processor` registers such a subcl
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,28 @@ def _frames_to_float(video: Any) -> np.ndarray:
     if np.issubdtype(video.dtype, np.floating) and video.size and video.max() <= 1.0:
         return video.astype(np.float32) * 255.0  # float video in [0, 1]
     return video.astype(np.float32)
+
+
+def is_image(media: Any) -> bool:
+    return isinstance(media, PIL.Image.Image)
+
+
+def is_video(media: Any) -> bool:
+    """One video: a 4-D array / tensor or a list of PIL frames."""
+    return getattr(media, "ndim", 0) == 4 or (isinstance(media, (list, tuple)) and bool(media)
+                                              and all(map(is_image, media)))
+
+
+def per_prompt(media: Any, text: Any, placeholder: str, is_one: Callable[[Any], bool] = is_image) -> Any:
+    """A flat list of images (``is_one`` tells one; videos: :func:`is_video`) split over the prompts by their
+    ``placeholder`` counts, as ``Idefics3Processor`` does with images, for processors that want a list per prompt;
+    anything else unchanged."""
+    if not (isinstance(media, (list, tuple)) and media and all(map(is_one, media)) and isinstance(text, (list, tuple))):
+        return media
+    counts = [t.count(placeholder) for t in text]
+    if sum(counts) != len(media):
+        return media  # the stock checks report it
+    return [list(media[start:start + n]) for start, n in zip(accumulate(counts, initial=0), counts)]
 
 
 def resize_frames(video: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -23,7 +23,8 @@ class TinyFamily:
     ``modalities``: the input kinds the model and processor take. ``tokens``: special tokens the family needs beyond
     the shared tokenizer's (Pixtral's ``[IMG]``, ``[IMG_BREAK]``, ``[IMG_END]``): :func:`build_processor` appends them
     to the vocabulary (ids :func:`added_token_ids`), :func:`build_model` never generates them, and the family's config
-    sizes its vocabulary for them.
+    sizes its vocabulary for them. ``randomize``: weights the architecture initialises to zero (Gemma 3's image
+    projection), drawn at random by :func:`build_model` so that random visual features differ.
     """
 
     name: str
@@ -32,6 +33,7 @@ class TinyFamily:
     processor: Callable[[PreTrainedTokenizerFast, int | None], ProcessorMixin]
     modalities: tuple[str, ...] = ("image", "video")
     tokens: tuple[str, ...] = ()
+    randomize: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, TinyFamily] = {}
@@ -122,6 +124,9 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = spec.model_class._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+        with torch.no_grad():
+            for name in spec.randomize:
+                model.get_parameter(name).normal_(std=config.get_text_config().initializer_range)
     ids = special_token_ids()
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],

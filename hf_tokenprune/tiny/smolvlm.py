@@ -16,12 +16,9 @@ config too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from itertools import accumulate
 from typing import Any
 
 import numpy as np
-import PIL.Image
 from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -34,7 +31,14 @@ from transformers import (
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from .processors import TinyVideoProcessor, TorchFreeProcessorMixin, register_processor, resize_frames
+from .processors import (
+    TinyVideoProcessor,
+    TorchFreeProcessorMixin,
+    is_video,
+    per_prompt,
+    register_processor,
+    resize_frames,
+)
 from .registry import TinyFamily, added_token_ids
 from .sizes import VISION_HEADS, VISION_HIDDEN_SIZE, text_kwargs
 from .tokenizer import special_token_ids
@@ -55,22 +59,6 @@ SMOLVLM_CHAT_TEMPLATE = (
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
-
-
-def _is_video(media: Any) -> bool:
-    return getattr(media, "ndim", 0) == 4 or (isinstance(media, (list, tuple)) and bool(media)
-                                              and all(isinstance(f, PIL.Image.Image) for f in media))
-
-
-def _per_prompt(media: Any, text: Any, placeholder: str, is_one: Callable[[Any], bool]) -> Any:
-    """A flat list of images (videos: ``is_one`` tells one) split over the prompts by their ``placeholder`` counts,
-    as ``Idefics3Processor`` does with images; anything else unchanged."""
-    if not (isinstance(media, (list, tuple)) and media and all(map(is_one, media)) and isinstance(text, (list, tuple))):
-        return media
-    counts = [t.count(placeholder) for t in text]
-    if sum(counts) != len(media):
-        return media  # the stock checks report it
-    return [list(media[start:start + n]) for start, n in zip(accumulate(counts, initial=0), counts)]
 
 
 class TinySmolVLMVideoProcessor(TinyVideoProcessor):
@@ -105,8 +93,8 @@ class TinySmolVLMProcessor(TorchFreeProcessorMixin, SmolVLMProcessor):
     one wants a list per prompt: images always, videos on transformers < 5.25)."""
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, **kwargs):
-        images = _per_prompt(images, text, self.image_token, lambda m: isinstance(m, PIL.Image.Image))
-        videos = _per_prompt(videos, text, self.video_token, _is_video)
+        images = per_prompt(images, text, self.image_token)
+        videos = per_prompt(videos, text, self.video_token, is_video)
         return super().prepare_inputs_layout(images=images, text=text, videos=videos, **kwargs)
 
 
