@@ -41,7 +41,7 @@ def test_unknown_scorer(built):
 
 def test_compressor_scorer_without_a_compressor_says_what_to_pass(built):
     with pytest.raises(ValueError, match="compressor=<Hub repo id"):
-        prune_wrap(built("qwen2_vl")[0], ratio=0.5)
+        prune_wrap(built("qwen2_vl")[0], ratio=0.5, scorer="compressor")
 
 
 def test_compressor_for_another_family(built):
