@@ -156,10 +156,10 @@ def delta_rule_attention(linear_attn: nn.Module, hidden_states: torch.Tensor, at
     decay = (cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     lower = (beta[..., :, None] * decay * (k @ k.transpose(-1, -2))).tril(-1)
     mixing = torch.eye(length, device=q.device) + lower
-    if rows is not None:
-        index = rows[:, None, :, None].expand(-1, q.shape[1], -1, length)
-        q, decay = torch.gather(q, 2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1])), \
-            torch.gather(decay, 2, index)
+    if rows is not None:  # only these query rows: gather them from q and from the decays
+        index = rows[:, None, :, None].expand(-1, q.shape[1], -1, -1)
+        q = torch.gather(q, 2, index.expand(-1, -1, -1, q.shape[-1]))
+        decay = torch.gather(decay, 2, index.expand(-1, -1, -1, length))
     scores = (q @ k.transpose(-1, -2)) * decay
     matrix = torch.linalg.solve_triangular(mixing, scores, upper=False, left=False, unitriangular=True)
     return matrix * beta[..., None, :], v

@@ -293,7 +293,8 @@ def test_pipeline_runs_on_the_pruned_model(built, family):
 @pytest.mark.parametrize(("family", "kind"), CASES)
 def test_next_turns_continue_the_pruned_cache_like_the_masked_reference(built, family, kind, batch):
     """Three turns, the later ones text-only: the first turn's dropped tokens stay out of the cache, and each turn's
-    logits equal the unpruned model over the whole conversation with those tokens masked out."""
+    logits equal the unpruned model over the whole conversation with those tokens masked out (Qwen3.5: the
+    unwrapped model over the conversation with them removed, test_multiturn.reference)."""
     model, processor, conversations, visual, inputs, out = first_turn(built, family, kind, batch)
     stats = model.tokenprune.last_stats
     assert all(a < b for a, b in zip(stats.visual_tokens_after, stats.visual_tokens_before))
