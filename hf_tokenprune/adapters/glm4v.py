@@ -5,6 +5,7 @@ GLM marks image and video tokens with the same ``image_token_id`` (``<|image|>``
 images or its videos, by the visual inputs it brings (transformers scatters either kind into every ``<|image|>``
 position, so one call cannot hold both). Each video frame is its own ``<|begin_of_image|>...<|end_of_image|>`` run
 followed by its timestamp (:class:`~.qwen3_vl.FrameRunsAdapter`). Positions, items and geometry are Qwen2-VL's.
+Beam search and several return sequences on videos are refused (:meth:`Glm4vAdapter.expansion_refusal`).
 """
 
 from __future__ import annotations
