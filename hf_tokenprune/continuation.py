@@ -228,10 +228,6 @@ class Continuation:
             if bool(torch.isin(cached, torch.tensor(adapter.visual_token_ids, device=cached.device)).any()):
                 raise PrunedCacheError(f"this turn adds visual tokens after a cache that holds visual tokens, which "
                                        f"is not supported on {adapter.model_type}: {reason}")
-        reason = adapter.images_in_continued_turns
-        if reason is not None and adds_visual:
-            raise PrunedCacheError(f"this turn continues a cache and adds visual tokens, which is not supported on "
-                                   f"{adapter.model_type}: {reason}")
         reason = adapter.continued_turns_unsupported
         if reason is not None and (adds_visual or layout.positions == "contiguous"):
             what = "adds visual tokens" if adds_visual else 'renumbers positions (positions="contiguous")'

@@ -26,6 +26,8 @@ def _apply_rotary(attention: nn.Module) -> Callable[..., tuple[torch.Tensor, tor
     if rotary is None:
         raise NotImplementedError(f"{type(attention).__module__} has no apply_rotary_pos_emb(q, k, cos, sin): "
                                   "hf_tokenprune cannot recompute this family's attention scores")
+    if list(inspect.signature(rotary).parameters)[:3] == ["x", "cos", "sin"]:  # one tensor at a time (Gemma 4)
+        return lambda q, k, cos, sin: (rotary(q, cos, sin), rotary(k, cos, sin))
     return rotary
 
 

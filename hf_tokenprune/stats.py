@@ -104,7 +104,11 @@ def _layer_types(text_config) -> list[str]:
     return list(getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers)
 
 
-def _attention_shape(text_config) -> tuple[int, int, int]:
+def _attention_shape(text_config, layer: int) -> tuple[int, int, int]:
+    """``(heads, kv_heads, head_dim)`` of decoder layer ``layer``: its own where they vary per layer (Gemma 4's
+    global layers have wider heads)."""
+    if getattr(text_config, "is_heterogeneous", False):
+        text_config = text_config.per_layer_config[layer]
     heads = text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
     return heads, getattr(text_config, "num_key_value_heads", None) or heads, head_dim
@@ -113,12 +117,14 @@ def _attention_shape(text_config) -> tuple[int, int, int]:
 def kv_cache_bytes(text_config, batch: int, length: int | Sequence[int], dtype: torch.dtype) -> int:
     """Bytes of keys and values for ``batch x length`` tokens over all softmax-attention layers (``length``: one per
     layer, or the same for all). Linear-attention layers keep no keys and values: their conv and recurrent states
-    have a constant size, whatever the length, and are not counted."""
-    _, kv_heads, head_dim = _attention_shape(text_config)
-    per_token = 2 * kv_heads * head_dim
-    tokens = sum(n for n, kind in zip(_per_layer(text_config, length), _layer_types(text_config), strict=True)
-                 if kind != LINEAR_ATTENTION)
-    return per_token * batch * tokens * torch.empty((), dtype=dtype).element_size()
+    have a constant size, whatever the length, and are not counted; nor are layers that reuse an earlier layer's
+    (Gemma 4's shared KV layers)."""
+    layers = _per_layer(text_config, length)
+    sharing = getattr(text_config, "kv_sharing_modes", None) or [None] * len(layers)
+    values = sum(2 * _attention_shape(text_config, i)[1] * _attention_shape(text_config, i)[2] * n
+                 for i, (n, kind) in enumerate(zip(layers, _layer_types(text_config), strict=True))
+                 if kind != LINEAR_ATTENTION and sharing[i] != "reuse")
+    return values * batch * torch.empty((), dtype=dtype).element_size()
 
 
 def _mlp_params(text_config, layer: int) -> int:
@@ -152,7 +158,7 @@ def _layer_flops(text_config, layer: int, kind: str, n: int) -> float:
         # per value head: decay, read (k^T S), rank-1 write and output read of the d_k x d_v state
         state = 4 * value_heads * text_config.linear_key_head_dim * value_dim
         return float(mlp + 2 * params * n + 2 * conv_dim * text_config.linear_conv_kernel_dim * n + 2 * state * n)
-    heads, kv_heads, head_dim = _attention_shape(text_config)
+    heads, kv_heads, head_dim = _attention_shape(text_config, layer)
     gate = 2 if getattr(text_config, "model_type", None) in GATED_ATTENTION_MODEL_TYPES else 1
     params = hidden * head_dim * ((1 + gate) * heads + 2 * kv_heads)
     return float(mlp + 2 * params * n + 2 * n * n * heads * head_dim)

@@ -167,7 +167,10 @@ def test_first_layer_attention_is_float32_in_a_bfloat16_model(built, family):
 
 
 # transformers' GLM-4.5V vision embeddings pass their disk-offloaded (meta) weight to F.grid_sample: unpruned too
-OFFLOAD_FAILS = {"glm4v_moe": "transformers' GLM-4.5V vision tower fails under disk offload, unpruned too"}
+OFFLOAD_FAILS = {"glm4v_moe": "transformers' GLM-4.5V vision tower fails under disk offload, unpruned too",
+                 "gemma4": "transformers' Gemma 4 reads the text model's embedding weight outside its module (the pad "
+                           "embedding of the per-layer inputs), which disk offload leaves on the meta device, unpruned "
+                           "too"}
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.skip(reason=OFFLOAD_FAILS[f]))

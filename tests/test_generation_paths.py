@@ -10,14 +10,15 @@ from hf_tokenprune.adapters import get_adapter
 from hf_tokenprune.compat import output_cache, with_cache
 
 # Qwen3-VL's DeepStack inputs of the text model
-DEEPSTACK = ("visual_pos_masks", "deepstack_visual_embeds")
+PASSED = ("visual_pos_masks", "deepstack_visual_embeds", "per_layer_inputs")  # beside the embeddings (DeepStack,
+# Gemma 4's per-layer inputs)
 
 
 def _capture_text_model_inputs(model):
     seen = []
     handle = get_adapter(model).text_model.register_forward_pre_hook(
         lambda m, a, k: seen.append({key: k.get(key) for key in ("inputs_embeds", "position_ids", "attention_mask",
-                                                                 *DEEPSTACK)}),
+                                                                 *PASSED)}),
         with_kwargs=True)
     return seen, handle
 
@@ -38,7 +39,7 @@ def test_contiguous_positions_equal_a_model_that_never_saw_the_dropped_tokens(bu
     assert embeds.shape[1] == kept_length
     text_model, head = get_adapter(model).text_model, model.get_output_embeddings()
     rows = 3 if family in ("qwen2_vl", "qwen2_5_vl") else 1  # M-RoPE rows
-    extra = {k: seen[0][k] for k in DEEPSTACK if seen[0][k] is not None}  # as the pruned prefill passed them
+    extra = {k: seen[0][k] for k in PASSED if seen[0][k] is not None}  # as the pruned prefill passed them
     if isinstance(seen[0]["attention_mask"], dict):  # masks the multimodal model builds (Gemma): as passed too
         extra["attention_mask"] = seen[0]["attention_mask"]
     with model.tokenprune.disabled(), torch.no_grad():

@@ -30,7 +30,7 @@ SIZES = {"qwen2_vl": (100, 60), "qwen2_5_vl": (100, 60), "llava_onevision": (90,
          "qwen3_5": (100, 60), "qwen3_5_moe": (100, 60),
          "llava_next": (90, 50), "mistral3": (100, 60), "llava_pixtral": (60, 100),
          "smolvlm": (90, 40), "idefics3": (90, 40), "internvl": (90, 40),  # 1 x 2 tiles and the whole image
-         "gemma3": (90, 40),
+         "gemma3": (90, 40), "gemma4": (90, 40),
          # square: the video processor center-crops frames, and frame boxes are in the crop's coordinates
          "llava_next_video": (84, 84)}
 
@@ -113,6 +113,15 @@ def token_inputs(model, inputs, kind: str) -> torch.Tensor:
     if config.model_type == "gemma3":  # patch grids average-pooled in square kernels
         side = config.vision_config.image_size // config.vision_config.patch_size
         return patches(inputs["pixel_values"], patch * side // int(config.mm_tokens_per_image ** 0.5)).flatten(0, 1)
+    if config.model_type == "gemma4":  # each image's (frame's) patches average-pooled by position in k x k cells
+        k, videos = config.vision_config.pooling_kernel_size, "_videos" if kind == "video" else ""
+        cells = []
+        for pixels, where in zip(inputs[f"pixel_values{videos}"], inputs[f"{kind}_position_ids"], strict=True):
+            real = where[:, 0] >= 0
+            cell = where[real] // k
+            order = (cell[:, 0] + (cell[:, 0].max() + 1) * cell[:, 1]).argsort(stable=True)  # row by row
+            cells.append(pixels[real][order].reshape(-1, k * k * pixels.shape[-1]))
+        return torch.cat(cells)
     if config.model_type == "internvl":  # pixel-shuffled tiles (and video frames), the CLS token dropped
         grid = patches(inputs["pixel_values"], patch[0])
         side = int(grid.shape[1] ** 0.5)

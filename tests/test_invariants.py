@@ -313,9 +313,12 @@ def test_next_turns_continue_the_pruned_cache_like_the_masked_reference(built, f
         # the masked reference's cache holds the dropped tokens too, the pruned-sequence one does not
         held = dropped if get_adapter(model).masking_removes_tokens else 0
         assert output_cache(ref).get_seq_length() - output_cache(out).get_seq_length() == held
-    with model.tokenprune.disabled(), torch.no_grad():  # and the check is sensitive: unmasked, the logits differ
-        unmasked = model(**inputs)
-    assert (unmasked.logits[:, -1] - ref.logits[0]).abs().max() > 1e-4
+    # and the check is sensitive: unmasked, the logits differ (through generate: on transformers 5.20 a plain forward
+    # of Gemma 4 with videos fails, unpruned too, not passing num_frames_per_video on)
+    with model.tokenprune.disabled(), torch.no_grad():
+        unmasked = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+    assert (unmasked.logits[0] - ref.logits[0]).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -1,7 +1,7 @@
 """Relevance labels, compressor training and pruning with the trained compressor (fixed and auto budgets), end to end
 on the tiny families of issues #17 (Qwen3-VL, Qwen3-VL-MoE, GLM-4.1V, GLM-4.5V) and #18 (LLaVA-NeXT, LLaVA-NeXT-Video,
-Mistral 3, LLaVA with a Pixtral tower, SmolVLM, Idefics3, InternVL): images and, where the family takes them, a
-video."""
+Mistral 3, LLaVA with a Pixtral tower, SmolVLM, Idefics3, InternVL, Gemma 3, Gemma 4): images and, where the family
+takes them, a video."""
 
 import pytest
 import torch
@@ -17,7 +17,7 @@ from hf_tokenprune.training.store import read_labels
 # video frames as separate timestamped runs; Qwen-style (t, h, w) token grids
 TIMESTAMPED = ("qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe")
 FAMILIES = (*TIMESTAMPED, "llava_next", "llava_next_video", "mistral3", "llava_pixtral", "smolvlm", "idefics3",
-            "internvl")
+            "internvl", "gemma3", "gemma4")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

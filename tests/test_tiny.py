@@ -41,7 +41,8 @@ IDS = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
 # Pixtral = one [IMG] per 14 px of the image resized to a longest edge <= 112 (row breaks are not counted);
 # SmolVLM / Idefics3 = 16 per 32 px tile of the image resized to a longest edge of 64, plus 16 for the global image;
 # InternVL = 16 per 32 px tile of the grid (at most 6) closest to the image's aspect ratio, plus a 16-token thumbnail;
-# Gemma 3 = every image resized to 32 px, 8 x 8 patches pooled to 4 x 4.
+# Gemma 3 = every image resized to 32 px, 8 x 8 patches pooled to 4 x 4;
+# Gemma 4 = every image resized keeping its aspect ratio to at most 70 tokens of 2 x 2 pooled 4 px patches (64 square).
 EXPECTED_IMAGE_TOKENS = {
     "qwen2_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
     "qwen2_5_vl": {28: 4, 56: 16, 84: 36, 112: 64, 224: 64, (84, 42): 18},
@@ -57,14 +58,16 @@ EXPECTED_IMAGE_TOKENS = {
     "idefics3": {28: 80, 56: 80, 84: 80, 112: 80, 224: 80, (84, 42): 48},
     "internvl": {28: 16, 56: 80, 84: 80, 112: 80, 224: 80, (84, 42): 48},
     "gemma3": {28: 16, 56: 16, 84: 16, 112: 16, 224: 16, (84, 42): 16},
+    "gemma4": {28: 64, 56: 64, 84: 64, 112: 64, 224: 64, (84, 42): 55},
 }
 # Qwen3-VL and GLM-4V: Qwen2-VL's image processing (GLM's resize counts both frames of a temporal patch: same sizes)
 EXPECTED_IMAGE_TOKENS |= dict.fromkeys(("qwen3_vl", "qwen3_vl_moe", *GLM), EXPECTED_IMAGE_TOKENS["qwen2_vl"])
 # 4 frames of 56x56: Qwen -> grid (2, 8, 8) / 4 = 32; LLaVA-OV -> 4 frames * 2x2 pooled + 1 newline = 17;
-# LLaVA-NeXT-Video -> 4 frames * 2x2 pooled = 16; SmolVLM, InternVL -> 4 frames * one 16-token block = 64.
+# LLaVA-NeXT-Video -> 4 frames * 2x2 pooled = 16; SmolVLM, InternVL -> 4 frames * one 16-token block = 64;
+# Gemma 4 -> 4 frames * 64 (as images).
 EXPECTED_VIDEO_TOKENS = {"qwen2_vl": 32, "qwen2_5_vl": 32, "llava_onevision": 17, "llava_next_video": 16,
                          "smolvlm": 64, "internvl": 64, "qwen3_vl": 32, "qwen3_vl_moe": 32, "glm4v": 32,
-                         "glm4v_moe": 32, "qwen3_5": 32, "qwen3_5_moe": 32}
+                         "glm4v_moe": 32, "qwen3_5": 32, "qwen3_5_moe": 32, "gemma4": 256}
 
 
 @functools.cache
@@ -116,6 +119,8 @@ def _visual_feature_count(family: str, model, inputs) -> int:
             out = model.get_image_features(inputs["pixel_values"])
         elif family in IDEFICS3:
             out = model.get_image_features(inputs["pixel_values"], inputs["pixel_attention_mask"])
+        elif family == "gemma4":
+            out = model.get_image_features(inputs["pixel_values"], inputs["image_position_ids"])
         elif family == "llava_onevision":
             out = model.get_image_features(
                 inputs["pixel_values"], inputs["image_sizes"], batch_num_images=inputs["batch_num_images"]
@@ -172,6 +177,8 @@ def test_processor_chat_template_placeholders(family):
         assert text.startswith("<|im_start|>user\n<IMG_CONTEXT>\nhello<|im_end|>")
     elif family in GEMMA:
         assert text.startswith("<|im_start|>user\n<start_of_image>hello<|im_end|>")
+    elif family == "gemma4":
+        assert text.startswith("<|im_start|>user\n<image_soft_token>hello<|im_end|>")
     else:
         assert text.startswith(f"<|im_start|>user {processor.image_token}\nhello<|im_end|>")
 
@@ -254,6 +261,18 @@ def test_model_config_consistent_with_tokenizer(family):
             tokenizer.boi_token_id, tokenizer.eoi_token_id, tokenizer.image_token_id]
         assert cfg.vision_config.image_size == processor.image_processor.size["height"]
         assert processor.image_seq_length == cfg.mm_tokens_per_image
+    elif family == "gemma4":
+        processor = _processor(family)
+        tokenizer = processor.tokenizer
+        assert [cfg.boi_token_id, cfg.eoi_token_id, cfg.image_token_id, cfg.boa_token_id, cfg.eoa_token_index,
+                cfg.audio_token_id] == [tokenizer.boi_token_id, tokenizer.eoi_token_id, tokenizer.image_token_id,
+                                        tokenizer.boa_token_id, tokenizer.eoa_token_id, tokenizer.audio_token_id]
+        assert cfg.video_token_id == tokenizer.convert_tokens_to_ids("<|video|>")
+        for media in (processor.image_processor, processor.video_processor):
+            assert (media.patch_size, media.pooling_kernel_size, media.max_soft_tokens) == (
+                cfg.vision_config.patch_size, cfg.vision_config.pooling_kernel_size, processor.image_seq_length)
+        assert processor.feature_extractor.feature_size == cfg.audio_config.subsampling_conv_channels[0]
+        assert text.use_bidirectional_attention == "vision"
     elif family in PIXTRAL:
         processor = _processor(family)
         assert cfg.vision_config.model_type == "pixtral"
@@ -338,7 +357,7 @@ def test_batch_different_image_sizes_left_padding(family):
     processor.tokenizer.padding_side = "left"
     prompts = [
         processor.apply_chat_template(_chat(q, with_image=True), add_generation_prompt=True)
-        for q in ("what colour ?", "is there a red circle on the left of the image ?")
+        for q in ("what colour ?", "is there a red circle on the left side of the image ?")  # longer in every family
     ]
     images = [make_image(1, 56), make_image(2, (84, 42))]
     inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
@@ -381,6 +400,12 @@ def test_video_generate(family):
             )
             feats = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
             assert sum(f.shape[0] for f in feats.pooler_output) == n_tokens
+        elif family == "gemma4":  # every frame an image
+            assert torch.equal(inputs["mm_token_type_ids"] == 2, inputs["input_ids"] == _video_token_id(model))
+            assert inputs["num_frames_per_video"].tolist() == [4] and inputs["pixel_values_videos"].shape[0] == 4
+            feats = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_position_ids"],
+                                                   inputs["num_frames_per_video"])
+            assert sum(f.numel() for f in feats.pooler_output) // model.config.text_config.hidden_size == n_tokens
         elif family in FRAMES_AS_IMAGES:
             assert _visual_feature_count(family, model, inputs) == n_tokens
         else:
@@ -410,6 +435,8 @@ def test_video_batch_via_processor_call(family):
     if family in QWEN + GLM:
         # 42x70 px -> 6x10 patches of 7 px; 2 frames -> 1 temporal step; 2x2 merge -> 15
         assert per_row == [32, 15]
+    elif family == "gemma4":  # every frame resized keeping its aspect ratio: 70 x 42 px -> 6 x 10 tokens
+        assert per_row == [EXPECTED_VIDEO_TOKENS[family], 4 * 60]
     else:  # every frame resized (and cropped) to one tile
         assert per_row == [EXPECTED_VIDEO_TOKENS[family]] * 2
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4)
@@ -528,7 +555,7 @@ def test_make_image_and_video_deterministic():
 def test_module_exports():
     assert FAMILIES == ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava", "qwen3_vl", "qwen3_vl_moe", "glm4v",
                         "glm4v_moe", "qwen3_5", "qwen3_5_moe", "llava_next", "llava_next_video", "mistral3",
-                        "llava_pixtral", "smolvlm", "idefics3", "internvl", "gemma3")
+                        "llava_pixtral", "smolvlm", "idefics3", "internvl", "gemma3", "gemma4")
     assert (*FAMILIES, *made_up_family.FAMILIES) == tiny.FAMILIES  # live: the tests' registrations come after
     assert set(MODALITIES) == set(tiny.FAMILIES)
     image_only = ("llava", "llava_next", "mistral3", "llava_pixtral", "idefics3", "gemma3")

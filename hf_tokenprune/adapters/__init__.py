@@ -13,6 +13,7 @@ from .base import (
     VisualLayout,
 )
 from .gemma3 import Gemma3Adapter
+from .gemma4 import Gemma4Adapter
 from .glm4v import Glm4vAdapter
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .internvl import InternVLAdapter
@@ -29,7 +30,7 @@ from .regions import ItemRegions, TokenRegions, VisualItem
 ADAPTERS: dict[str, type[Adapter]] = {
     t: cls for cls in (Qwen2VLAdapter, Qwen3VLAdapter, Glm4vAdapter, LlavaOnevisionAdapter, LlavaAdapter,
                        Qwen3_5Adapter, LlavaNextAdapter, LlavaNextVideoAdapter, PixtralAdapter,
-                       Idefics3Adapter, SmolVLMAdapter, InternVLAdapter, Gemma3Adapter)
+                       Idefics3Adapter, SmolVLMAdapter, InternVLAdapter, Gemma3Adapter, Gemma4Adapter)
     for t in cls.model_types
 }
 

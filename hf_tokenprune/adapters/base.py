@@ -39,9 +39,8 @@ It may override, where it differs from the default:
   windows), the module whose 2-D mask they come from, and how to build them over the kept tokens (default: the text
   model builds its own from the 2-D mask);
 * :attr:`~Adapter.multimodal_model` / :attr:`~Adapter.text_model`: ``model.model`` / ``model.model.get_decoder()``;
-* :attr:`~Adapter.images_after_cached_images` / :attr:`~Adapter.continued_turns_unsupported` /
-  :attr:`~Adapter.images_in_continued_turns`: why a continued chat turn is refused on the family (default None: every
-  continuation is supported);
+* :attr:`~Adapter.images_after_cached_images` / :attr:`~Adapter.continued_turns_unsupported`: why a continued chat
+  turn is refused on the family (default None: every continuation is supported);
 * :meth:`~Adapter.inllm_refusal`: why in-LLM pruning cannot cut the sequence before a decoder layer (default None);
 * :meth:`~Adapter.expansion_refusal`: why ``generate`` cannot repeat a call's samples (beam search) with the installed
   transformers, unpruned too (default None);
@@ -161,9 +160,6 @@ class Adapter(ABC):
     # why a turn that continues a cache cannot add visual tokens or renumber positions ("contiguous") with the
     # installed transformers, where it cannot (else None)
     continued_turns_unsupported: ClassVar[str | None] = None
-    # why a turn that continues a cache cannot add visual tokens, whatever the cache holds (the unpruned model fails
-    # too), where it cannot (else None)
-    images_in_continued_turns: ClassVar[str | None] = None
     #: keyword arguments of the text model, ``[batch, length, ...]`` tensors, that the prefill slices like
     #: ``inputs_embeds`` (see :meth:`slice_extra`)
     token_tensors: ClassVar[tuple[str, ...]] = ()

@@ -17,12 +17,12 @@ positions of the cached tokens, which decode steps need for the window, are kept
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.masking_utils import blockwise_overlay, create_causal_mask
+from transformers.masking_utils import create_causal_mask
 from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
 from ..compat import cache_kwarg, with_cache
@@ -35,24 +35,38 @@ if TYPE_CHECKING:
 _POSITIONS = "_tokenprune_slot_positions"  # the cache attribute holding its slots' position ids
 
 
-def _position_window(positions: torch.Tensor, width: int) -> Callable:
-    """A mask function keeping the keys whose position is less than ``width`` before the query's (``positions``:
-    ``[batch, keys]`` over the cache's slots)."""
+def _position_window(slots: torch.Tensor, past: int, width: int) -> torch.Tensor:
+    """``[batch, new, slots]``: the keys whose position is less than ``width`` before the query's (``slots``: the
+    position of every slot of the cache, the call's ``new`` tokens the last)."""
+    return slots[:, past:, None] - slots[:, None, :] < width
 
-    def inner(batch_idx, head_idx, q_idx, kv_idx):
-        return positions[batch_idx, q_idx] - positions[batch_idx, kv_idx] < width
 
-    return inner
+def _overlay(base: torch.Tensor, extra: torch.Tensor | None, within: torch.Tensor | None) -> torch.Tensor:
+    """``base`` (a 4-D mask as transformers builds it: boolean, or additive floats) also allowing ``extra`` and only
+    ``within`` (``[batch, queries, slots]``, the base's keys the last of the slots)."""
+    if not isinstance(base, torch.Tensor) or base.dim() != 4:
+        raise ValueError(f"hf_tokenprune rebuilds Gemma's attention masks as 4-D tensors over the kept tokens, not as "
+                         f"{type(base).__name__}: load the model with attn_implementation='sdpa' or 'eager'")
+    allowed = base if base.dtype == torch.bool else base == 0
+    keys = base.shape[-1]
+
+    def aligned(x: torch.Tensor) -> torch.Tensor:
+        x = x[..., -keys:] if x.shape[-1] >= keys else nn.functional.pad(x, (0, keys - x.shape[-1]), value=False)
+        return x[:, None].to(allowed.device)
+
+    if extra is not None:
+        allowed = allowed | aligned(extra)
+    if within is not None:
+        allowed = allowed & aligned(within)
+    if base.dtype == torch.bool:
+        return allowed
+    return torch.zeros_like(base).masked_fill(~allowed, torch.finfo(base.dtype).min)
 
 
 class Gemma3Adapter(PlaceholderAdapter):
     model_types = ("gemma3",)
     #: the multimodal call's keyword marking the image tokens (1) its masks make bidirectional
     token_types: ClassVar[str] = "token_type_ids"
-    images_in_continued_turns = (
-        "transformers lays the image blocks of a turn that continues a cache over the cache's first positions instead "
-        "of the new tokens (5.20: a size error; later: a mask whose image block is neither bidirectional nor causal), "
-        "the unpruned model too: start a new conversation with the images in its first turn")
 
     def input_item_lengths(self, call: Mapping[str, Any], placeholder: Placeholder) -> list[int] | None:
         pixels = call.get(placeholder.pixels)
@@ -84,16 +98,37 @@ class Gemma3Adapter(PlaceholderAdapter):
         blocks = torch.full_like(slots, -1)
         types = call.get(self.token_types) if slicing is not None else None
         if types is not None:
-            kept = slicing.sequence(types.to(slots.device)).masked_fill(~slicing.slot_valid.to(slots.device), 0)
-            blocks[:, past:] = get_block_sequence_ids_for_mask(kept, device=slots.device)
-        common = dict(config=config, inputs_embeds=kwargs["inputs_embeds"], attention_mask=mask,
-                      position_ids=positions, or_mask_function=blockwise_overlay(blocks), **with_cache(cache))
-        masks = {"full_attention": create_causal_mask(**common)}
-        if "sliding_attention" in config.layer_types:
-            masks["sliding_attention"] = create_causal_mask(
-                **common, and_mask_function=_position_window(slots, config.sliding_window),
-                layer_idx=config.layer_types.index("sliding_attention"))
+            kept = slicing.sequence(self._call_types(call, types.to(slots.device)))
+            blocks[:, past:] = self.block_ids(kept.masked_fill(~slicing.slot_valid.to(slots.device), 0))
+        new = blocks[:, past:, None]
+        same_block = (new >= 0) & (new == blocks[:, None, :])  # [batch, new, slots]
+        masks = {}
+        for kind in dict.fromkeys(config.layer_types):  # transformers' masks with their padding, over each kind's keys
+            base = create_causal_mask(config=config, inputs_embeds=kwargs["inputs_embeds"], attention_mask=mask,
+                                      position_ids=positions, allow_is_causal_skip=False,
+                                      layer_idx=config.layer_types.index(kind), **with_cache(cache))
+            window = _position_window(slots, past, config.sliding_window) if kind == "sliding_attention" else None
+            masks[kind] = _overlay(base, same_block if kind in self.bidirectional else None, window)
         return {**kwargs, "attention_mask": masks}
+
+    @staticmethod
+    def _call_types(call: Mapping[str, Any], types: torch.Tensor) -> torch.Tensor:
+        """``types`` over the call's tokens: ``generate`` passes a continued conversation's types whole (the cached
+        tokens' first), and a draft's candidates, appended to the prompt but not to its types, are text."""
+        ids = call.get("input_ids")
+        length = (ids if ids is not None else call["inputs_embeds"]).shape[1]
+        return types[:, -length:] if types.shape[1] >= length else nn.functional.pad(
+            types, (0, length - types.shape[1]))
+
+    @property
+    def bidirectional(self) -> tuple[str, ...]:
+        """The layer types whose masks make a run of image tokens bidirectional (Gemma 3: all)."""
+        return "full_attention", "sliding_attention"
+
+    def block_ids(self, types: torch.Tensor) -> torch.Tensor:
+        """``[batch, n]``: the bidirectional block of each token of ``types`` (the call's token types), -1 for
+        others."""
+        return get_block_sequence_ids_for_mask(types, device=types.device)
 
     def inllm_refusal(self, layer: int) -> str | None:
         return (f"{self.model_type}'s text model gets one prepared 4-D mask per layer type from the multimodal model "

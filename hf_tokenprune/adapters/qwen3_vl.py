@@ -42,12 +42,13 @@ def split_by_runs(totals: list[int], runs: list[int]) -> list[int]:
     return pieces
 
 
-class FrameRunsAdapter(Qwen2VLAdapter):
-    """An M-RoPE family whose video frames are separate placeholder runs with timestamp text between them: for
-    pruning each frame is an item of its own; :meth:`token_regions` keeps one item per video."""
+class FrameRuns:
+    """For a placeholder adapter whose video frames are separate placeholder runs with timestamp text between them
+    (the M-RoPE families below, Gemma 4): for pruning each frame is an item of its own; :meth:`token_regions` keeps
+    one item per video."""
 
     def item_lengths(self, call: dict[str, Any], token_id: int) -> list[int] | None:
-        """Images: as Qwen2-VL. Videos: each video's tokens split into its frames' placeholder runs."""
+        """Images: as the adapter's own. Videos: each video's tokens split into its frames' placeholder runs."""
         lengths = super().item_lengths(call, token_id)
         input_ids = call.get("input_ids")
         if lengths is None or input_ids is None or self._placeholder(token_id, call).kind != "video":
@@ -60,6 +61,10 @@ class FrameRunsAdapter(Qwen2VLAdapter):
         if kind != "video" or not runs:
             return runs
         return [(runs[0][0], sum(n for _, n in runs))]
+
+
+class FrameRunsAdapter(FrameRuns, Qwen2VLAdapter):
+    """An M-RoPE family whose video frames are separate placeholder runs (:class:`FrameRuns`)."""
 
 
 class Qwen3VLAdapter(FrameRunsAdapter):

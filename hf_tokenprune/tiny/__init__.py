@@ -10,6 +10,7 @@ under a second per call. Adding a family: a module defining its :class:`TinyFami
 from __future__ import annotations
 
 from .gemma3 import GEMMA3, GEMMA3_CHAT_TEMPLATE, GEMMA3_IMAGE_TOKENS, GEMMA3_TOKENS, TinyGemma3Processor
+from .gemma4 import GEMMA4, GEMMA4_CHAT_TEMPLATE, GEMMA4_TOKENS, TinyGemma4Processor, TinyGemma4VideoProcessor
 from .glm4v import GLM4V, GLM4V_MOE, GLM_CHAT_TEMPLATE, GLM_TOKENS, TinyGlm4vProcessor, TinyGlm4vVideoProcessor
 from .images import draw_shape, make_image, make_video
 from .internvl import (
@@ -95,7 +96,7 @@ from .tokenizer import (
 
 for _family in (QWEN2_VL, QWEN2_5_VL, LLAVA_ONEVISION, LLAVA, QWEN3_VL, QWEN3_VL_MOE, GLM4V, GLM4V_MOE, QWEN3_5,
                 QWEN3_5_MOE, LLAVA_NEXT, LLAVA_NEXT_VIDEO, MISTRAL3, LLAVA_PIXTRAL,
-                SMOLVLM, IDEFICS3, INTERNVL, GEMMA3):
+                SMOLVLM, IDEFICS3, INTERNVL, GEMMA3, GEMMA4):
     register_family(_family)
 del _family
 
@@ -127,4 +128,5 @@ __all__ = [
     "INTERNVL", "TinyInternVLProcessor", "TinyInternVLVideoProcessor", "INTERNVL_CHAT_TEMPLATE", "INTERNVL_TOKENS",
     "INTERNVL_TILE", "INTERNVL_BLOCK",
     "GEMMA3", "TinyGemma3Processor", "GEMMA3_CHAT_TEMPLATE", "GEMMA3_TOKENS", "GEMMA3_IMAGE_TOKENS",
+    "GEMMA4", "TinyGemma4Processor", "TinyGemma4VideoProcessor", "GEMMA4_CHAT_TEMPLATE", "GEMMA4_TOKENS",
 ]

@@ -9,37 +9,16 @@ one by ``[IMG_END]`` instead.
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any
 
 from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.models.pixtral import image_processing_pil_pixtral
 from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
-from .processors import TorchFreeProcessorMixin, register_processor
+from .processors import TorchFreeProcessorMixin, import_without_torchvision, register_processor
 from .registry import TinyFamily, added_token_ids
 from .sizes import VISION_HEADS, VISION_HIDDEN_SIZE, text_kwargs
 from .tokenizer import LLAVA_CHAT_TEMPLATE
-
-
-def _import_pixtral_processor() -> type:
-    """transformers' ``processing_pixtral`` imports ``get_resize_output_image_size`` (used only to count tokens from
-    image sizes) from the torchvision image processor module; without torchvision it is served, for that import
-    only, from the PIL module, which defines the same function."""
-    name = "transformers.models.pixtral.image_processing_pixtral"
-    try:
-        from transformers.models.pixtral.processing_pixtral import PixtralProcessor
-    except ImportError:
-        stub = types.ModuleType(name)
-        stub.get_resize_output_image_size = image_processing_pil_pixtral.get_resize_output_image_size
-        sys.modules[name] = stub
-        try:
-            from transformers.models.pixtral.processing_pixtral import PixtralProcessor
-        finally:
-            del sys.modules[name]
-    return PixtralProcessor
-
 
 PIXTRAL_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
 PIXTRAL_MAX_IMAGE_SIZE = 112  # the tower's image_size: the longest edge an image is resized to (at most)
@@ -47,7 +26,9 @@ PIXTRAL_MAX_IMAGE_SIZE = 112  # the tower's image_size: the longest edge an imag
 PIXTRAL_CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE.replace("'<image>'", "'[IMG]'")
 
 
-class TinyPixtralProcessor(TorchFreeProcessorMixin, _import_pixtral_processor()):
+class TinyPixtralProcessor(TorchFreeProcessorMixin, import_without_torchvision(
+        "transformers.models.pixtral.processing_pixtral", "PixtralProcessor",
+        "transformers.models.pixtral.image_processing_pixtral", image_processing_pil_pixtral)):
     """Stock ``PixtralProcessor`` that reloads its image processor as the PIL class."""
 
 

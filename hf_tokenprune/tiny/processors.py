@@ -11,15 +11,24 @@ processing are the stock code. :func:`register_processor` registers such a subcl
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import sys
 from collections.abc import Callable
 from itertools import accumulate
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
-from transformers import AutoImageProcessor, AutoProcessor, PreTrainedConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoFeatureExtractor,
+    AutoImageProcessor,
+    AutoProcessor,
+    PreTrainedConfig,
+    PreTrainedTokenizerFast,
+)
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ProcessorMixin
@@ -47,6 +56,20 @@ def _frames_to_float(video: Any) -> np.ndarray:
     if np.issubdtype(video.dtype, np.floating) and video.size and video.max() <= 1.0:
         return video.astype(np.float32) * 255.0  # float video in [0, 1]
     return video.astype(np.float32)
+
+
+def import_without_torchvision(module: str, name: str, torchvision_module: str, pil_module: ModuleType) -> Any:
+    """``name`` from transformers' ``module``. Where that module imports from the torchvision image processor module
+    ``torchvision_module`` (Pixtral's processor a token-count helper, Gemma 4's on transformers < 5.25 its kwargs and
+    one), those names are served, for that import only, from ``pil_module``, which defines the same ones."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError:
+        sys.modules[torchvision_module] = pil_module
+        try:
+            return getattr(importlib.import_module(module), name)
+        finally:
+            del sys.modules[torchvision_module]
 
 
 def is_image(media: Any) -> bool:
@@ -171,9 +194,9 @@ class TorchFreeProcessorMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load the tokenizer as the fast tokenizer it was saved as, the image processor as its PIL class and the
-        video processor as our numpy class; the rest of the stock loading (processor config, chat template) is
-        unchanged.
+        """Load the tokenizer as the fast tokenizer it was saved as, the image processor as its PIL class, the
+        video processor as our numpy class and an audio feature extractor as saved; the rest of the stock loading
+        (processor config, chat template) is unchanged.
 
         Built from the public ``get_processor_dict`` and the constructor, so it does not depend on how a
         transformers release resolves sub-processors internally."""
@@ -198,6 +221,8 @@ class TorchFreeProcessorMixin:
                 if class_name not in _VIDEO_PROCESSOR_CLASSES:
                     raise ValueError(f"unknown tiny video processor {class_name!r}")
                 parts[attribute] = _VIDEO_PROCESSOR_CLASSES[class_name](**config)
+            elif attribute == "feature_extractor":  # audio (Gemma 4): numpy already
+                parts[attribute] = AutoFeatureExtractor.from_pretrained(pretrained_model_name_or_path, **kwargs)
             else:  # pragma: no cover - the tiny processors only have these attributes
                 raise ValueError(f"unexpected processor attribute {attribute!r}")
         accepted = inspect.signature(cls.__init__).parameters

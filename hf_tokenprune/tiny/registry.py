@@ -24,7 +24,9 @@ class TinyFamily:
     the shared tokenizer's (Pixtral's ``[IMG]``, ``[IMG_BREAK]``, ``[IMG_END]``): :func:`build_processor` appends them
     to the vocabulary (ids :func:`added_token_ids`), :func:`build_model` never generates them, and the family's config
     sizes its vocabulary for them. ``randomize``: weights the architecture initialises to zero (Gemma 3's image
-    projection), drawn at random by :func:`build_model` so that random visual features differ.
+    projection), drawn at random by :func:`build_model` so that random visual features differ. ``eager``: sub-configs
+    whose models have no sdpa attention (Gemma 4's audio tower), built with eager attention whatever
+    :func:`build_model` is asked for.
     """
 
     name: str
@@ -34,6 +36,7 @@ class TinyFamily:
     modalities: tuple[str, ...] = ("image", "video")
     tokens: tuple[str, ...] = ()
     randomize: tuple[str, ...] = ()
+    eager: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, TinyFamily] = {}
@@ -123,7 +126,9 @@ def build_model(
     config = spec.config(spec.model_class.config_class, num_hidden_layers, image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = spec.model_class._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+        attention = {"": attn_implementation, **dict.fromkeys(config.sub_configs, attn_implementation),
+                     **dict.fromkeys(spec.eager, "eager")} if spec.eager else attn_implementation
+        model = spec.model_class._from_config(config, attn_implementation=attention, dtype=dtype)
         with torch.no_grad():
             for name in spec.randomize:
                 model.get_parameter(name).normal_(std=config.get_text_config().initializer_range)
