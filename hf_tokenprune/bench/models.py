@@ -11,6 +11,11 @@
   token), small vision towers; about 1,024 visual tokens;
 * ``qwen3.5-0.8b-like``: a random-initialised Qwen3.5 with Qwen3.5-0.8B's LLM widths and its hybrid layer pattern
   (one group: 3 Gated DeltaNet layers, then full attention), a one-block vision tower; 1024 px -> 1,024 visual tokens.
+* ``smolvlm2-2.2b-like``: a random-initialised SmolVLM with SmolVLM2-2.2B's LLM widths, 512 px tiles pixel-shuffled
+  4 x 4 into 64 tokens, an image split into 3 x 5 tiles plus the global image (16 blocks, 1,024 visual tokens
+  between their row / column markers);
+* ``gemma3-4b-like``: a random-initialised Gemma 3 with Gemma-3-4B's LLM widths (sliding-window layers, then a global
+  one), an image and its three pan-and-scan crops of 256 tokens each (1,024 visual tokens, four bidirectional blocks).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Any
 
 import torch
 from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
     Glm4vConfig,
     Glm4vForConditionalGeneration,
     Glm4vMoeConfig,
@@ -36,6 +43,8 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
     Qwen3VLMoeForConditionalGeneration,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
 )
 
 QUESTION = "What colour is the shape in the top left corner of the picture?"
@@ -203,6 +212,79 @@ def qwen3_5_model(layers: int = 4, image: int = 1024) -> BenchModel:
                         "2 KV heads of 256)")
 
 
+def smolvlm_like(layers: int = 4) -> SmolVLMForConditionalGeneration:
+    """Random-weight SmolVLM with SmolVLM2-2.2B's LLM widths (2048 wide, MLP 8192, 32 heads, 32 KV heads), ``layers``
+    decoder layers, a one-block vision tower on 512 px tiles of 32 x 32 patches, pixel-shuffled 4 x 4 (64 tokens)."""
+    text = dict(model_type="llama", vocab_size=2048, hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers,
+                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=16384, bos_token_id=1,
+                eos_token_id=None, pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 130000.0})
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=512,
+                  patch_size=16)
+    config = SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=4, image_token_id=2000)
+    return _seeded(SmolVLMForConditionalGeneration, config)
+
+
+def smolvlm_inputs(model: PreTrainedModel, rows: int = 3, cols: int = 5) -> dict[str, torch.Tensor]:
+    """Processor-equivalent inputs of a SmolVLM: one image split into ``rows x cols`` tiles plus the global image,
+    each block after its markers (fake token 2001, ``<global-img>`` 2002, row / column tokens from 2010), 20 text
+    tokens after it."""
+    block = [model.config.image_token_id] * model.model.image_seq_len
+    ids = [1, 2]
+    for r in range(rows):
+        ids += [token for c in range(cols) for token in (2001, 2010 + 6 * r + c, *block)]
+    ids += [2001, 2002, *block, 2001, *range(10, 30)]
+    input_ids = torch.tensor([ids])
+    side = model.config.vision_config.image_size
+    generator = torch.Generator().manual_seed(0)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "pixel_values": torch.randn(1, rows * cols + 1, 3, side, side, generator=generator),
+            "pixel_attention_mask": torch.ones(1, rows * cols + 1, side, side, dtype=torch.long)}
+
+
+def gemma3_like(layers: int = 4) -> Gemma3ForConditionalGeneration:
+    """Random-weight Gemma 3 with Gemma-3-4B's LLM widths (2560 wide, MLP 10240, 8 heads, 4 KV heads of 256, a
+    1024-token sliding window in every layer but the last of ``layers``), a one-block vision tower on 896 px images
+    of 64 x 64 patches pooled to 16 x 16 tokens."""
+    text = dict(vocab_size=2048, hidden_size=2560, intermediate_size=10240, num_hidden_layers=layers,
+                num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                sliding_window=1024, layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+                max_position_embeddings=32768, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    vision = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=896, patch_size=14, vision_use_head=False)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, boi_token_index=2001,
+                          eoi_token_index=2002, image_token_index=2000)
+    return _seeded(Gemma3ForConditionalGeneration, config)
+
+
+def gemma3_inputs(model: PreTrainedModel, runs: int = 4) -> dict[str, torch.Tensor]:
+    """Processor-equivalent inputs of a Gemma 3: an image and its pan-and-scan crops, ``runs`` blocks of
+    ``mm_tokens_per_image`` image tokens between start / end tokens, 20 text tokens after them."""
+    cfg = model.config
+    ids = [1, 2]
+    for _ in range(runs):
+        ids += [cfg.boi_token_id, *[cfg.image_token_id] * cfg.mm_tokens_per_image, cfg.eoi_token_id]
+    input_ids = torch.tensor([ids + list(range(10, 30))])
+    side = cfg.vision_config.image_size
+    generator = torch.Generator().manual_seed(0)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "token_type_ids": (input_ids == cfg.image_token_id).long(),
+            "pixel_values": torch.randn(runs, 3, side, side, generator=generator)}
+
+
+def smolvlm_model(layers: int = 4) -> BenchModel:
+    model = smolvlm_like(layers)
+    return BenchModel("smolvlm2-2.2b-like", model, smolvlm_inputs(model),
+                      f"random-init SmolVLM, SmolVLM2-2.2B LLM widths (2048/8192, 32 heads, 32 KV heads), {layers} "
+                      "layers, 3 x 5 tiles + the global image of 64 tokens")
+
+
+def gemma3_model(layers: int = 4) -> BenchModel:
+    model = gemma3_like(layers)
+    return BenchModel("gemma3-4b-like", model, gemma3_inputs(model),
+                      f"random-init Gemma 3, 4B LLM widths (2560/10240, 8 heads, 4 KV heads of 256, 1024-token "
+                      f"sliding window), {layers} layers, an image + 3 pan-and-scan crops of 256 tokens")
+
+
 def realweights_model(image: int = 448) -> BenchModel:
     from .. import tiny
     from .realweights import build
@@ -218,4 +300,6 @@ MODELS: dict[str, Callable[[], BenchModel]] = {
     "llava-smollm2-dinov2": realweights_model,
     **{name: partial(_issue_17_model, name) for name in _ISSUE_17_MODELS},
     "qwen3.5-0.8b-like": qwen3_5_model,
+    "smolvlm2-2.2b-like": smolvlm_model,
+    "gemma3-4b-like": gemma3_model,
 }
