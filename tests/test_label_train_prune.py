@@ -5,7 +5,7 @@ takes them, a video."""
 
 import pytest
 import torch
-from conftest import greedy, make_inputs, masked_greedy
+from conftest import forward_error, greedy, make_inputs, masked_greedy
 from test_labels import STEPS, not_wrong, write_jsonl
 
 from hf_tokenprune import prune_wrap, tiny
@@ -27,7 +27,9 @@ def test_labels_train_and_prune_end_to_end(built, family, tmp_path):
                if s.video is None or "video" in tiny.MODALITIES[family]]
     summary = generate_labels(model, processor, samples, tmp_path / "labels", judge=not_wrong, max_new_tokens=STEPS,
                               progress=False)
-    assert (summary.labels_added, summary.dropped, summary.failed) == (len(samples) - 2, 2, 0)
+    # where transformers fails a plain forward of the family's video, unwrapped too, labelling s04 fails (recorded)
+    failed = int(any(s.video is not None for s in samples) and forward_error(family, "video") is not None)
+    assert (summary.labels_added, summary.dropped, summary.failed) == (len(samples) - 2 - failed, 2, failed)
     records = {r.sample_id: r for r in read_labels(tmp_path / "labels")}
     if family in TIMESTAMPED:  # 56x56 px: 4x4 merged tokens per image, per 2 video frames
         assert records["s00"].grid.tolist() == [[1, 4, 4]] and records["s04"].grid.tolist() == [[2, 4, 4]]
