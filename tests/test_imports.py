@@ -18,8 +18,9 @@ CORE = {"__init__", "adapters", "baselines", "calibrate", "compat", "compressor"
         "features", "guards", "hub", "inllm", "methods", "prefill", "pruning", "scorers", "stats", "wrap", "atomic"}
 # Tools over the core (relevance labels, the masked reference): they may import the core only.
 TOOLS = {"explain", "verify"}
-# Leaves: offline-model builders, labels and training, benchmarks, the toy world, pictures, the command line.
-LEAVES = {"tiny", "training", "bench", "world", "viz", "demo", "check", "cli"}
+# Leaves: offline-model builders, labels and training, benchmarks, the toy world, the real-LM testbed, pictures,
+# the command line.
+LEAVES = {"tiny", "training", "bench", "world", "testbed", "viz", "demo", "check", "cli"}
 
 
 def modules() -> dict[str, Path]:

@@ -20,14 +20,14 @@ from hf_tokenprune.scorers import VisionZipScorer
 # LLaVA-1.5 of made_up_family.py; the others refuse
 VISIONZIP_FAMILIES = ("qwen2_vl", "llava", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "qwen3_5",
                       "qwen3_5_moe", *made_up_family.FAMILIES)
-EAGER_CASES = [("llava", "image"), ("qwen2_vl", "image"), ("qwen2_vl", "video"), ("qwen3_vl", "image"),
-               ("glm4v", "video"), ("qwen3_5", "image")]
+EAGER_CASES = [("llava", "image"), ("llava_dinov2", "image"), ("qwen2_vl", "image"), ("qwen2_vl", "video"),
+               ("qwen3_vl", "image"), ("glm4v", "video"), ("qwen3_5", "image")]
 
 
 def eager_layer_attention(model, layer, monkeypatch) -> list[torch.Tensor]:
     """Record the attention probabilities the model's own eager attention computes inside ``layer``: one
     ``[batch, heads, queries, keys]`` tensor per call (per image / frame in the Qwen-style towers)."""
-    attention = getattr(layer, "self_attn", None) or layer.attn
+    attention = getattr(layer, "self_attn", None) or getattr(layer, "attention", None) or layer.attn
     module = sys.modules[type(attention).__module__]
     eager, seen, inside = module.eager_attention_forward, [], []
 
@@ -43,12 +43,33 @@ def eager_layer_attention(model, layer, monkeypatch) -> list[torch.Tensor]:
     return seen
 
 
+def llava_with_dinov2_tower():
+    """The tiny LLaVA-1.5 with a tiny DINOv2 tower (CLS token, layer scale, ``encoder.layer``) in place of CLIP, its
+    last layer's patches as features: the real-weights testbed's architecture (``bench/realweights.py``)."""
+    from transformers import Dinov2Config, LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = tiny.build_model("llava").config
+    vision = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                          patch_size=cfg.vision_config.patch_size, image_size=cfg.vision_config.image_size)
+    config = LlavaConfig(vision_config=vision.to_dict(), text_config=cfg.text_config.to_dict(),
+                         image_token_index=cfg.image_token_index, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", image_seq_length=cfg.image_seq_length)
+    config._attn_implementation = "eager"
+    config.vision_config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlavaForConditionalGeneration(config).eval()
+
+
 @pytest.mark.parametrize(("family", "kind"), EAGER_CASES)
 def test_recomputed_vision_attention_equals_eager_attention(family, kind, monkeypatch):
     """The attention recomputed from the captured layer input equals the probabilities of the tower's own eager
-    attention in that layer (CLS row for CLIP; mean over heads and queries of each image / frame, summed per
-    merged 2 x 2 group, for the Qwen-style towers), at the call's visual tokens in order."""
-    model = tiny.build_model(family, attn_implementation="eager")
+    attention in that layer (CLS row for CLIP and DINOv2; mean over heads and queries of each image / frame, summed
+    per merged 2 x 2 group, for the Qwen-style towers), at the call's visual tokens in order."""
+    if family == "llava_dinov2":
+        model, family = llava_with_dinov2_tower(), "llava"
+    else:
+        model = tiny.build_model(family, attn_implementation="eager")
     processor = tiny.build_processor(family)
     inputs = make_inputs(processor, kind)
     adapter = get_adapter(model)

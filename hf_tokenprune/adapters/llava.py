@@ -34,19 +34,22 @@ class LlavaAdapter(PlaceholderAdapter):
         return cls
 
     def vision_attention_layer(self) -> nn.Module:
-        """The CLIP layer whose output the projector receives (``vision_feature_layer``: ``hidden_states[j]`` is
-        the output of layer ``j - 1``, ``hidden_states[-j]`` of layer ``-j``; LLaVA-1.5's -2, as VisionZip)."""
+        """The CLIP (or DINOv2) layer whose output the projector receives (``vision_feature_layer``:
+        ``hidden_states[j]`` is the output of layer ``j - 1``, ``hidden_states[-j]`` of layer ``-j``; LLaVA-1.5's
+        -2, as VisionZip)."""
         cfg = self.model.config
         layer = cfg.vision_feature_layer
-        if cfg.vision_config.model_type != "clip_vision_model":
-            raise UnsupportedMethodError(f"scorer='visionzip' ranks LLaVA tokens by the CLS attention of a CLIP "
-                                         f"tower; this one is {cfg.vision_config.model_type!r} (no CLS token)")
+        towers = {"clip_vision_model": "layers", "dinov2": "layer"}  # the encoder's list of layers
+        if cfg.vision_config.model_type not in towers:
+            raise UnsupportedMethodError(f"scorer='visionzip' ranks LLaVA tokens by the CLS attention of a CLIP or "
+                                         f"DINOv2 tower; this one is {cfg.vision_config.model_type!r}")
         if not isinstance(layer, int) or layer == 0 or cfg.vision_feature_select_strategy != "default":
             raise UnsupportedMethodError(
-                "scorer='visionzip' needs one CLIP feature layer and the CLS dropped (vision_feature_layer an int "
+                "scorer='visionzip' needs one feature layer and the CLS dropped (vision_feature_layer an int "
                 f"other than 0, vision_feature_select_strategy='default'); got {layer!r}, "
                 f"{cfg.vision_feature_select_strategy!r}")
-        return self.multimodal_model.vision_tower.encoder.layers[layer - 1 if layer > 0 else layer]
+        layers = getattr(self.multimodal_model.vision_tower.encoder, towers[cfg.vision_config.model_type])
+        return layers[layer - 1 if layer > 0 else layer]
 
     def vision_attention(self, records: Sequence[tuple[tuple, dict]], call: Mapping[str, Any]) -> torch.Tensor:
         """The CLS query's attention to each patch (one LLM token per patch), averaged over heads."""

@@ -50,15 +50,17 @@ def argument(args: tuple, kwargs: dict, name: str, index: int) -> Any:
 
 
 def cls_attention(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """CLIP encoder ``layer``: the attention its CLS query (position 0) pays to every patch, averaged over heads.
-    ``hidden_states``: the layer's input ``[images, 1 + patches, hidden]``. Returns ``[images, patches]``."""
-    attn = layer.self_attn
+    """CLIP or DINOv2 encoder ``layer``: the attention its CLS query (position 0) pays to every patch, averaged over
+    heads. ``hidden_states``: the layer's input ``[images, 1 + patches, hidden]``. Returns ``[images, patches]``."""
+    clip = hasattr(layer, "self_attn")
+    attn, norm = (layer.self_attn, layer.layer_norm1) if clip else (layer.attention, layer.norm1)
+    heads, scale = (attn.num_heads, attn.scale) if clip else (attn.num_attention_heads, attn.scaling)
     with torch.no_grad():
-        x = layer.layer_norm1(hidden_states)
+        x = norm(hidden_states)
         images, length, _ = x.shape
-        q = attn.q_proj(x[:, :1]).view(images, 1, attn.num_heads, attn.head_dim).transpose(1, 2).float()
-        k = attn.k_proj(x).view(images, length, attn.num_heads, attn.head_dim).transpose(1, 2).float()
-        probs = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(dim=-1)  # [images, heads, 1, length]
+        q = attn.q_proj(x[:, :1]).view(images, 1, heads, attn.head_dim).transpose(1, 2).float()
+        k = attn.k_proj(x).view(images, length, heads, attn.head_dim).transpose(1, 2).float()
+        probs = ((q @ k.transpose(-1, -2)) * scale).softmax(dim=-1)  # [images, heads, 1, length]
         return probs[:, :, 0, 1:].mean(dim=1)
 
 

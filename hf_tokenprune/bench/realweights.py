@@ -120,9 +120,10 @@ def convert(out: Path, image_size: int = 448, seed: int = 0) -> Path:
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     lm = AutoModelForCausalLM.from_pretrained(lm_dir, gguf_file=GGUF_NAME, dtype=torch.float32)
     vision_state = dinov2_state_dict(vit_dir / ONNX_PATH)
-    text_config = lm.config
-    text_config.vocab_size = len(tokenizer)
-    config = LlavaConfig(vision_config=_dinov2_config(vision_state).to_dict(), text_config=text_config.to_dict(),
+    text_config = lm.config.to_dict()
+    text_config["vocab_size"] = len(tokenizer)
+    text_config.pop("quantization_config", None)  # de-quantised to float: a GGUF one makes it unsaveable
+    config = LlavaConfig(vision_config=_dinov2_config(vision_state).to_dict(), text_config=text_config,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                          vision_feature_select_strategy="default", vision_feature_layer=-1,
                          image_seq_length=(image_size // PATCH) ** 2, projector_hidden_act="gelu",
@@ -156,7 +157,8 @@ def build(image_size: int = 448, cache_dir: Path | None = None):
 
     from .. import tiny  # noqa: F401  (registers the PIL-processor reloading with AutoProcessor)
 
-    path = (cache_dir or default_cache_dir()) / f"llava-smollm2-135m-dinov2-small-{image_size}"
+    # v2: without the GGUF quantization_config that v1 conversions carried
+    path = (cache_dir or default_cache_dir()) / f"llava-smollm2-135m-dinov2-small-{image_size}-v2"
     if not (path / "model.safetensors").exists():
         convert(path, image_size)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()

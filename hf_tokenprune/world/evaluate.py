@@ -20,9 +20,11 @@ def chat_prompts(processor: ProcessorMixin, samples: list[Sample]) -> list[str]:
 
 
 def heldout_samples(n: int, *, video: bool = False, seed: int = 0, start: int = 0,
-                    kinds: tuple[str, ...] = LOOKUP) -> list[Sample]:
-    """``n`` held-out samples (one question of ``kinds`` per scene, 96-144 objects on 16x16 cells)."""
-    return [s for i in range(start, start + n) for s in make_samples("test", i, seed=seed, video=video, kinds=kinds)]
+                    kinds: tuple[str, ...] = LOOKUP, n_objects: tuple[int, int] = (96, 144)) -> list[Sample]:
+    """``n`` held-out samples: one question of ``kinds`` about each of the test scenes ``start .. start + n - 1``
+    (``n_objects`` objects on 16x16 cells)."""
+    return [s for i in range(start, start + n)
+            for s in make_samples("test", i, seed=seed, video=video, kinds=kinds, n_objects=n_objects)]
 
 
 def inputs_for(processor: ProcessorMixin, samples: list[Sample]) -> dict[str, torch.Tensor]:

@@ -14,20 +14,22 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .scenes import Sample, make_samples
+from .scenes import KINDS, Sample, make_samples
 
 
 def export(out: str | Path, *, split: str = "train", scenes: int = 1000, questions: int = 2, videos: int = 0,
-           seed: int = 0, start: int = 0) -> Path:
-    """Write ``scenes`` image scenes (and ``videos`` video scenes) with ``questions`` questions each; returns
-    the JSONL path."""
+           seed: int = 0, start: int = 0, objects: tuple[int, int] = (96, 144),
+           kinds: tuple[str, ...] = KINDS) -> Path:
+    """Write ``scenes`` image scenes of ``objects`` objects (and ``videos`` video scenes) with ``questions``
+    questions of ``kinds`` each; returns the JSONL path."""
     out = Path(out)
     (out / "media").mkdir(parents=True, exist_ok=True)
     path = out / "data.jsonl"
     with path.open("w") as f:
         jobs = [(i, False) for i in range(start, start + scenes)] + [(i, True) for i in range(start, start + videos)]
         for index, video in tqdm(jobs, desc=f"export {split}"):
-            samples = make_samples(split, index, seed=seed, video=video, per_scene=questions)
+            samples = make_samples(split, index, seed=seed, video=video, per_scene=questions, n_objects=objects,
+                                   kinds=kinds)
             stem = f"{'video' if video else 'image'}-{split}-{index}"
             if video:
                 media = [f"media/{stem}-{t}.png" for t in range(len(samples[0].media))]
@@ -60,9 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--questions", type=int, default=2, help="questions per scene")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start", type=int, default=0, help="first scene index")
+    parser.add_argument("--objects", type=int, nargs=2, default=(96, 144), metavar=("MIN", "MAX"),
+                        help="objects per image scene")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), help="question kinds")
     args = parser.parse_args(argv)
     print(export(args.out, split=args.split, scenes=args.scenes, questions=args.questions, videos=args.videos,
-                 seed=args.seed, start=args.start))
+                 seed=args.seed, start=args.start, objects=tuple(args.objects), kinds=tuple(args.kinds)))
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def _run(model, processor, samples: list[Sample], rows: list[dict] | None, batch
     """Answers of the wrapped ``model`` to ``samples``: accuracy (overall, per kind), answer region kept (with the
     samples' ``rows`` from :func:`_per_sample`, else None), and the mean of every sample's retention
     (:attr:`~hf_tokenprune.PruneStats.retention`)."""
-    answers, kept_region, retention = [], [], []
+    answers, kept_region, retention, flops = [], [], [], []
     for i in tqdm(range(0, len(samples), batch_size), desc=label, leave=False):
         if isinstance(model.tokenprune.scorer, OracleScorer):
             model.tokenprune.scorer.values = [r["oracle"] for r in rows[i:i + batch_size]]
@@ -95,53 +95,59 @@ def _run(model, processor, samples: list[Sample], rows: list[dict] | None, batch
             for r, kept in zip(rows[i:i + batch_size], stats.kept_indices, strict=True):
                 kept_region.append(bool(r["answer_tokens"][kept].any()))
         retention += stats.retention
+        flops += [stats.prefill_flops_ratio] * len(stats.retention)
     scored = score_answers(samples, answers)
     by_kind: dict[str, list[float]] = {}
     for s, kept in zip(samples, retention, strict=True):
         by_kind.setdefault(s.question.kind, []).append(kept)
     return {"accuracy": scored["accuracy"], "per_kind": scored["per_kind"],
             "answer_region_kept": sum(kept_region) / len(kept_region) if rows else None,
-            "retention": sum(retention) / len(retention),
+            "retention": sum(retention) / len(retention), "prefill_flops": sum(flops) / len(flops),
             "retention_per_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}}
 
 
 def _record(result: dict, name: str, key: str, measured: dict) -> None:
-    for field in ("accuracy", "per_kind", "answer_region_kept", "retention", "retention_per_kind"):
-        result[field].setdefault(name, {})[key] = measured[field]
+    for field in ("accuracy", "per_kind", "answer_region_kept", "retention", "retention_per_kind", "prefill_flops"):
+        if field in measured:
+            result[field].setdefault(name, {})[key] = measured[field]
 
 
-def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorers=SCORERS, ratios=RATIOS,
-             auto_scorers=AUTO_SCORERS, targets=TARGETS, temperatures=TEMPERATURES,
-             calibration: list[Sample] | None = None, compressor: str | None = None) -> dict:
-    """For one family and one set of samples: accuracy (overall and per question kind), answer region kept and
-    achieved mean retention of every scorer at every fixed ratio and, for ``auto_scorers``, of ``budget="auto"`` at
-    each mean retention of ``targets`` (temperature chosen on the ``calibration`` questions,
-    :func:`_select_temperature`; threshold calibrated on the scores of ``samples``; and the transfer of the
-    ``calibration`` threshold); and pointing. ``compressor``: its directory (default: the shipped one of
-    ``family``)."""
-    model, processor = load(family)
+def shipped_compressor(family: str) -> str | None:
+    """The shipped compressor directory of world model ``family``, None if it has none."""
     try:
-        compressor = compressor or str(compressor_path(family))
+        return str(compressor_path(family))
     except FileNotFoundError:
-        compressor = None
+        return None
+
+
+def evaluate(model, processor, samples: list[Sample], *, label: str, compressor: str | None,
+             batch_size: int = 32, scorers=SCORERS, ratios=RATIOS, auto_scorers=AUTO_SCORERS, targets=TARGETS,
+             temperatures=TEMPERATURES, calibration: list[Sample] | None = None) -> dict:
+    """For one model (``label``: in progress bars) and one set of samples: accuracy (overall and per question kind),
+    answer region kept, achieved mean retention and prefill-FLOP ratio of every scorer at every fixed ratio and, for
+    ``auto_scorers``, of ``budget="auto"`` at each mean retention of ``targets`` (temperature chosen on the
+    ``calibration`` questions, :func:`_select_temperature`; threshold calibrated on the scores of ``samples``; and
+    the transfer of the ``calibration`` threshold); and pointing. ``compressor``: its directory (None: the
+    compressor-based methods are left out)."""
+    if compressor is None:
         scorers = [s for s in scorers if s not in COMPRESSOR_SCORERS]
         auto_scorers = [s for s in auto_scorers if s not in COMPRESSOR_SCORERS]
     rows = _per_sample(model, processor, samples, compressor)
     result: dict = {"n": len(samples), "pointing": {}, "accuracy": {}, "per_kind": {}, "answer_region_kept": {},
-                    "retention": {}, "retention_per_kind": {}, "calibration": {}}
+                    "retention": {}, "retention_per_kind": {}, "prefill_flops": {}, "calibration": {}}
     for name in ("oracle", "compressor", "attention"):
         if name in rows[0]:
             hits = [bool(r["answer_tokens"][int(r[name].argmax())]) for r in rows]
             result["pointing"][name] = sum(hits) / len(hits)
     full = score_answers(samples, predict(model, processor, samples, batch_size))
     result["accuracy"]["full"], result["per_kind"]["full"] = {"1.0": full["accuracy"]}, {"1.0": full["per_kind"]}
-    result["retention"]["full"] = {"1.0": 1.0}
+    result["retention"]["full"] = result["prefill_flops"]["full"] = {"1.0": 1.0}
     for name in scorers:
         for ratio in [r for r in ratios if r < 1.0]:
             scorer = OracleScorer() if name == "oracle" else name
             prune_wrap(model, ratio=ratio, scorer=scorer,
                        compressor=compressor if name in COMPRESSOR_SCORERS else None)
-            measured = _run(model, processor, samples, rows, batch_size, f"{family} {name} {ratio}")
+            measured = _run(model, processor, samples, rows, batch_size, f"{label} {name} {ratio}")
             if name in LAYER_SCORERS:  # every visual token enters the LLM; its last stage keeps less than `ratio`
                 measured["retention"] = ratio
                 measured["retention_per_kind"] = dict.fromkeys(measured["retention_per_kind"], ratio)
@@ -160,11 +166,11 @@ def evaluate(family: str, samples: list[Sample], *, batch_size: int = 32, scorer
             own = calibrate(model, evaluated, target, temperature=temperature, **scoring)
             prune_wrap(model, budget="auto", mass=own.mass, temperature=temperature, **scoring)
             _record(result, f"{name}-auto", key, _run(model, processor, samples, rows, batch_size,
-                                                      f"{family} {name} auto {target}"))
+                                                      f"{label} {name} auto {target}"))
             # the threshold of the calibration questions, as a user ships it: what it keeps here
             prune_wrap(model, budget="auto", mass=selection[f"{temperature:g}"]["mass"], temperature=temperature,
                        **scoring)
-            shipped = _run(model, processor, samples, None, batch_size, f"{family} {name} auto {target} transfer")
+            shipped = _run(model, processor, samples, None, batch_size, f"{label} {name} auto {target} transfer")
             unwrap(model)
             result["calibration"].setdefault(f"{name}-auto", {})[key] = {
                 **own.to_dict(), "selection": selection,
@@ -211,8 +217,8 @@ def add_rows(results: dict, added: dict) -> dict:
             raise ValueError(f"{setting!r}: the results to add are not on the same held-out questions (setting, "
                              "count or full-model accuracy differ)")
         for field in ("accuracy", "per_kind", "answer_region_kept", "retention", "retention_per_kind", "pointing",
-                      "calibration"):
-            for name, value in new[field].items():
+                      "prefill_flops", "calibration"):
+            for name, value in new.get(field, {}).items():
                 if name != "full":
                     old[field][name] = value
     return {"command": f"{results['command']}; then {added['command']}", "settings": results["settings"]}
@@ -227,15 +233,16 @@ def markdown(results: dict) -> str:
     for setting, r in results["settings"].items():
         fixed = [n for n in r["accuracy"] if n != "full" and not n.endswith("-auto")]
         ratios = sorted({k for n in fixed for k in r["accuracy"][n]}, key=float, reverse=True)
+        flops = r.get("prefill_flops", {})  # measured since the real-LM testbed; older results lack it
+        columns = [("acc", "accuracy"), ("answer kept", "answer_region_kept")]
+        columns += [("prefill FLOPs", "prefill_flops")] if flops else []
+        header = [f"{title} @{float(k) * 100:g}%" for title, _ in columns for k in ratios]
         lines += [f"### {setting} ({r['n']} held-out questions; full token set: "
                   f"{100 * r['accuracy']['full']['1.0']:.1f}%)", "",
-                  "| scorer | " + " | ".join(f"acc @{float(k) * 100:g}%" for k in ratios) + " | "
-                  + " | ".join(f"answer kept @{float(k) * 100:g}%" for k in ratios) + " |",
-                  "|---" * (1 + 2 * len(ratios)) + "|"]
+                  "| " + " | ".join(["scorer", *header]) + " |", "|---" * (1 + len(header)) + "|"]
         for name in fixed:
-            accs, kept = r["accuracy"][name], r["answer_region_kept"][name]
-            lines.append(f"| {name} | " + " | ".join(_pct(accs.get(k)) for k in ratios) + " | "
-                         + " | ".join(_pct(kept.get(k)) for k in ratios) + " |")
+            cells = [_pct(r[field].get(name, {}).get(k)) for _, field in columns for k in ratios]
+            lines.append("| " + " | ".join([name, *cells]) + " |")
         lines += ["", "Pointing (top token overlaps the answer box): "
                   + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["pointing"].items()), ""]
         lines += _budget_table(r, fixed)
@@ -284,10 +291,12 @@ def _budget_table(r: dict, fixed: list[str]) -> list[str]:
     return [*lines, ""]
 
 
-def plot(results: dict, path: Path) -> bool:
-    """Pareto plots, one row per setting: accuracy vs achieved mean retention of every method (fixed ratios as
-    lines, dynamic budgets as stars), overall and then on each question kind (the x axis stays the mean retention
-    over all questions: the budget a user pays); False if matplotlib is missing."""
+def plot(results: dict, path: Path, x: str = "retention") -> bool:
+    """Pareto plots, one row per setting: accuracy vs achieved mean retention (``x="prefill_flops"``: vs the mean
+    measured prefill FLOPs, relative to the full model's, where in-LLM methods pay for the layers that see every
+    token) of every method (fixed ratios as lines, dynamic budgets as stars), overall and then on each question
+    kind (the x axis stays the mean over all questions: the budget a user pays); False if matplotlib is
+    missing."""
     try:
         import matplotlib
 
@@ -304,7 +313,7 @@ def plot(results: dict, path: Path) -> bool:
         for ax in row[len(panels[setting]):]:
             ax.set_visible(False)
         for ax, kind in zip(row, panels[setting], strict=False):
-            _pareto_panel(ax, r, kind)
+            _pareto_panel(ax, r, kind, x)
             ax.set_title(setting if kind is None else f"{setting}: {kind}")
             if kind is None:
                 ax.legend(fontsize=6)
@@ -314,8 +323,8 @@ def plot(results: dict, path: Path) -> bool:
     return True
 
 
-def _pareto_panel(ax, r: dict, kind: str | None) -> None:
-    """One panel of :func:`plot`: accuracy overall (``kind`` None) or on one question kind."""
+def _pareto_panel(ax, r: dict, kind: str | None, x: str) -> None:
+    """One panel of :func:`plot`: accuracy overall (``kind`` None) or on one question kind, against ``x``."""
 
     def accuracy(name: str, key: str) -> float | None:
         value = r["accuracy"][name][key] if kind is None else r["per_kind"][name][key].get(kind)
@@ -327,12 +336,12 @@ def _pareto_panel(ax, r: dict, kind: str | None) -> None:
     tab20 = matplotlib.colormaps["tab20"].colors  # a colour per method (more than 10): the dark half first
     ax.set_prop_cycle(color=tab20[::2] + tab20[1::2])
     full = accuracy("full", "1.0")
-    lowest = min(100 * v for n in r["retention"] for v in r["retention"][n].values())
+    lowest = min(100 * v for n in r[x] for v in r[x][n].values())
     for name in r["accuracy"]:
         if name == "full":
             continue
         keys = sorted(r["accuracy"][name], key=float, reverse=True)
-        xs = [100 * r["retention"][name][k] for k in keys]
+        xs = [100 * r[x][name][k] for k in keys]
         ys = [accuracy(name, k) for k in keys]
         if name.endswith("-auto"):  # in the colour of its fixed-ratio line
             ax.plot(xs, ys, marker="*", markersize=15, linestyle="none", label=f"{name} (calibrated)",
@@ -345,7 +354,7 @@ def _pareto_panel(ax, r: dict, kind: str | None) -> None:
     ax.set_xscale("log", base=2)
     nominal = [t for t in (6.25, 12.5, 25, 50, 100) if lowest * 0.9 <= t]
     ax.set_xticks(nominal, [f"{t:g}" for t in nominal])
-    ax.set_xlabel("mean visual tokens kept (%)")
+    ax.set_xlabel("mean visual tokens kept (%)" if x == "retention" else "prefill FLOPs (% of the full model's)")
     ax.set_ylabel("held-out accuracy (%)")
     ax.grid(alpha=0.3)
 
@@ -379,16 +388,18 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     options = dict(batch_size=args.batch_size, scorers=args.scorers, ratios=args.ratios, auto_scorers=args.auto,
-                   targets=args.targets, temperatures=args.temperatures, compressor=args.compressor)
+                   targets=args.targets, temperatures=args.temperatures)
     kinds = tuple(args.kinds)
     settings = {}
     for family in args.families:
+        model, processor = load(family)
+        options["compressor"] = args.compressor or shipped_compressor(family)
         settings[f"{family} images"] = evaluate(
-            family, heldout_samples(args.images, kinds=kinds),
+            model, processor, heldout_samples(args.images, kinds=kinds), label=family,
             calibration=heldout_samples(args.calibration, start=CALIBRATION_START, kinds=kinds), **options)
         if family == "qwen2_vl" and args.videos:
             settings[f"{family} videos"] = evaluate(
-                family, heldout_samples(args.videos, video=True, kinds=kinds),
+                model, processor, heldout_samples(args.videos, video=True, kinds=kinds), label=family,
                 calibration=heldout_samples(args.calibration, video=True, start=CALIBRATION_START, kinds=kinds),
                 **options)
     given = sys.argv[1:] if argv is None else argv

@@ -132,11 +132,12 @@ class Batches(torch.utils.data.Dataset):
         return pack_scenes(self.processor, self.samples(step), self.family)
 
 
-def pack_scenes(processor, samples: list[Sample], family: str) -> dict[str, torch.Tensor]:
+def pack_scenes(processor, samples: list[Sample], family: str | None) -> dict[str, torch.Tensor]:
     """One row per scene: the shared prompt prefix (up to and including the visual tokens) once, then each
     question + answer block. ``blocks[b, i]`` numbers the block of token ``i`` (0 = prefix, -1 = padding);
     :func:`block_attention` and :func:`block_positions` make each block see only the prefix and itself, at the
-    positions it would have alone — the same logits as one sequence per question, for a fraction of the cost."""
+    positions it would have alone — the same logits as one sequence per question, for a fraction of the cost.
+    ``family``: a world model's family, whose aux-loss ``cell_labels`` the batch gets (None: no ``cell_labels``)."""
     tokenizer = processor.tokenizer
     scenes: dict[int, list[Sample]] = {}
     for sample in samples:
@@ -184,7 +185,8 @@ def pack_scenes(processor, samples: list[Sample], family: str) -> dict[str, torc
     batch["blocks"] = blocks
     batch["key_positions"], batch["key_boxes"], batch["evidence_boxes"] = key_positions, key_boxes, evidence_boxes
     batch["object_boxes"] = object_boxes
-    batch["cell_labels"] = torch.cat([_cell_labels(s, family) for s in firsts])
+    if family is not None:
+        batch["cell_labels"] = torch.cat([_cell_labels(s, family) for s in firsts])
     return batch
 
 
@@ -192,11 +194,13 @@ BOX_FIELDS = ("key_positions", "key_boxes", "evidence_boxes", "object_boxes")  #
 
 
 def _key_offset(tokenizer, key: str, ids: list[int]) -> int | None:
-    """Index of the key word's token among a question block's ``ids`` (None: the question has no key word)."""
-    if not key:
-        return None
-    (token,) = tokenizer(key, add_special_tokens=False)["input_ids"]
-    return ids.index(token)
+    """Index of the key word's token among a question block's ``ids`` (None: the question has no key word, or the
+    tokenizer splits it; a BPE tokenizer spells it with its leading space)."""
+    for spelling in (key, f" {key}") if key else ():
+        token = tokenizer(spelling, add_special_tokens=False)["input_ids"]
+        if len(token) == 1 and token[0] in ids:
+            return ids.index(token[0])
+    return None
 
 
 def block_attention(blocks: torch.Tensor, dtype: torch.dtype, dropped: torch.Tensor | None = None) -> torch.Tensor:
@@ -428,10 +432,11 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
     return log
 
 
-def answer_loss_of(model: nn.Module, batch: dict[str, torch.Tensor],
-                   dropped: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of every block's answer word and end of turn, on a :func:`pack_scenes` batch (``dropped``:
-    see :func:`block_attention`)."""
+def answer_loss_of(model: nn.Module, batch: dict[str, torch.Tensor], dropped: torch.Tensor | None = None,
+                   answer_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of every block's answer and end of turn, on a :func:`pack_scenes` batch (``dropped``: see
+    :func:`block_attention`). ``answer_lengths``: tokens of each block's answer, blocks in row-major order (None:
+    one token each, the world tokenizer's words)."""
     batch = {k: v for k, v in batch.items() if k not in BOX_FIELDS}
     blocks = batch.pop("blocks")
     mask2d = batch.pop("attention_mask")
@@ -445,11 +450,12 @@ def answer_loss_of(model: nn.Module, batch: dict[str, torch.Tensor],
     hidden = model.model(**batch, attention_mask=block_attention(blocks, model.dtype, dropped),
                          position_ids=block_positions(positions, blocks), use_cache=False).last_hidden_state
     rows, ends = answer_slots(blocks)
-    ids = batch["input_ids"]
-    at = torch.stack([ends - 2, ends - 1], dim=1)
-    targets = torch.stack([ids[rows, ends - 1], ids[rows, ends]], dim=1)
-    logits = model.lm_head(hidden[rows[:, None], at])
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    predicted = 1 + (torch.ones_like(ends) if answer_lengths is None else answer_lengths.to(ends.device))
+    offsets = torch.arange(int(predicted.max()), device=ends.device)
+    valid = offsets < predicted[:, None]
+    targets_at = torch.where(valid, ends[:, None] - predicted[:, None] + 1 + offsets, ends[:, None])
+    logits = model.lm_head(hidden[rows[:, None], targets_at - 1])
+    return F.cross_entropy(logits[valid], batch["input_ids"][rows[:, None], targets_at][valid])
 
 
 def _checkpoint(directory: Path, model: nn.Module, aux: nn.Module, optimizer, log: dict) -> None:

