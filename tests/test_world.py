@@ -195,11 +195,11 @@ def test_key_attention_loss_is_the_eager_layer0_attention_on_the_named_objects(f
     answer_loss_of(model, batch)
     hook.remove()
     rows = visual_rows(get_adapter(model), batch)
-    loss = key_attention_loss(model, batch, captured[0], rows)
+    targets = key_targets(rows, batch)
+    loss = key_attention_loss(layer0, batch, captured[0], targets)
     plain = {k: v for k, v in batch.items() if k not in ("blocks", *BOX_FIELDS)}
     with torch.no_grad():
         attentions = model(**plain, output_attentions=True).attentions[0]  # [B, heads, L, L]
-    targets = key_targets(rows, batch)
     key_rows = torch.stack([attentions[b, :, int(batch["key_positions"][b, 0])].mean(0) for b in range(2)])
     masses = (key_rows * targets[:, 0]).sum(-1)
     assert torch.allclose(loss.detach(), -torch.log(masses + 1e-6).mean(), atol=1e-5)

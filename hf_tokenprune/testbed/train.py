@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..world.evaluate import accuracy, heldout_samples
-from ..world.scenes import Sample, make_samples
-from ..world.train import STEP_STRIDE, AuxHead, _lr, _token_grid, answer_loss_of, pack_scenes
+from ..world.scenes import CELL, Sample, make_samples
+from ..world.train import STEP_STRIDE, AuxHead, _lr, _token_grid, answer_loss_of, key_attention_loss, pack_scenes
 from .model import LORA, PROJECTOR, add_lora, attach_lora, base, projector, save_trained
 
 KINDS = ("colour_of_shape", "shape_of_colour", "count_of_colour", "majority_colour")
@@ -53,11 +53,14 @@ def step_samples(step: int, steps: int, seed: int, images: int, questions: int) 
 
 
 def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int = 8, lr: float = 1e-3,
-          lora_rank: int = 0, lora_lr: float = 3e-4, aux: float = 1.0, init: str | Path | None = None,
+          lora_rank: int = 0, lora_lr: float = 3e-4, aux: float = 1.0, key_attention: float = 0.0,
+          key_layer: int = 10, init: str | Path | None = None,
           seed: int = 0, checkpoint_every: int = 10, eval_every: int = 100, eval_samples: int = 60,
           resume: bool = False, max_minutes: float | None = None, cache_dir: Path | None = None) -> dict:
     """Train the projector (and a LoRA of ``lora_rank``; 0: none), starting from the trained weights of ``init``
-    (an earlier run's directory) if given; ``aux``: weight of the auxiliary cell loss. Writes
+    (an earlier run's directory) if given; ``aux``: weight of the auxiliary cell loss; ``key_attention``: weight of
+    :func:`~..world.train.key_attention_loss` on LM layer ``key_layer`` (never 0: the first layer stays as
+    pretrained), which has the question's key word attend to the objects it names (0: off). Writes
     ``out/projector.safetensors`` (``out/lora/``), the processor and ``out/training_log.json`` (returned)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +82,8 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
             parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     log: dict = {"steps": steps, "images": images, "questions": questions, "lr": lr, "lora_rank": lora_rank,
-                 "lora_lr": lora_lr, "aux": aux, "init": None if init is None else str(init), "seed": seed,
+                 "lora_lr": lora_lr, "aux": aux, "key_attention": key_attention, "key_layer": key_layer,
+                 "init": None if init is None else str(init), "seed": seed,
                  "kinds": list(KINDS), "objects": list(OBJECTS), "history": [], "train_seconds": 0.0}
     ckpt = out / "checkpoint"
     start = 0
@@ -93,8 +97,15 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         log = json.loads((ckpt / "state.json").read_text())
         start = log["next_step"]
+    if key_attention and not 0 < key_layer < len(model.model.language_model.layers):
+        raise ValueError(f"key_layer must be an LM layer other than 0, got {key_layer}")
     features: list[torch.Tensor] = []
-    hook = projector(model).register_forward_hook(lambda module, args, output: features.append(output))
+    layer_input: list[tuple] = []
+    key_module = model.model.language_model.layers[key_layer]
+    hooks = [projector(model).register_forward_hook(lambda module, args, output: features.append(output)),
+             key_module.register_forward_pre_hook(
+                 lambda module, args, kwargs: layer_input.append((args[0] if args else kwargs["hidden_states"],
+                                                                  kwargs["position_embeddings"])), with_kwargs=True)]
     heldout = heldout_samples(eval_samples, n_objects=OBJECTS)
     warmup = max(1, steps // 20)
     began = time.perf_counter() - log["train_seconds"]
@@ -109,8 +120,13 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
             lengths = torch.tensor([len(processor.tokenizer(s.question.answer, add_special_tokens=False)["input_ids"])
                                     for s in samples])  # "triangle", "diamond": two tokens
             features.clear()
-            answer = answer_loss_of(model, pack_scenes(processor, samples, None), answer_lengths=lengths)
+            layer_input.clear()
+            batch = pack_scenes(processor, samples, None)
+            answer = answer_loss_of(model, batch, answer_lengths=lengths)
             loss = answer + aux * head.loss(features[0].flatten(0, 1), cell_labels(samples))
+            if key_attention:
+                loss = loss + key_attention * key_attention_loss(key_module, batch, layer_input[0],
+                                                                 key_cells(samples, batch, model.config.image_token_id))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -132,7 +148,8 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
                 bar.write(f"stopping after {max_minutes} minutes at step {done}; continue with --resume")
                 break
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         bar.close()
     _checkpoint(ckpt, model, peft_model, head, optimizer, log, done, began)
     save_trained(model, out, peft_model)
@@ -146,6 +163,23 @@ def cell_labels(samples: list[Sample]) -> torch.Tensor:
     scenes in the order :func:`~..world.train.pack_scenes` packs them (one DINOv2 patch per 8-pixel cell)."""
     scenes = {id(s.scene): s for s in samples}.values()
     return torch.cat([_token_grid(s.scene, s.media, 0, 8).reshape(-1, 2) for s in scenes])
+
+
+def key_cells(samples: list[Sample], batch: dict[str, torch.Tensor], image_token_id: int) -> torch.Tensor:
+    """``[B, Q, L]`` bool: for question block ``j`` of row ``b`` of a :func:`~..world.train.pack_scenes` batch, the
+    visual tokens (one per 8-pixel cell, row-major) of the objects its key word names."""
+    image = batch["input_ids"] == image_token_id
+    targets = torch.zeros(*batch["key_positions"].shape, batch["input_ids"].shape[1], dtype=torch.bool)
+    scenes: dict[int, list[Sample]] = {}
+    for sample in samples:
+        scenes.setdefault(id(sample.scene), []).append(sample)
+    for b, group in enumerate(scenes.values()):
+        where = image[b].nonzero().flatten()
+        cols = group[0].scene.cols
+        for j, sample in enumerate(group):
+            for _, x0, y0, _, _ in sample.question.key_boxes:
+                targets[b, j, where[(y0 // CELL) * cols + x0 // CELL]] = True
+    return targets
 
 
 def _checkpoint(directory: Path, model, peft_model, head: AuxHead, optimizer, log: dict, done: int,
@@ -167,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on layers 1-29's attention (0: none)")
     parser.add_argument("--lora-lr", type=float, default=3e-4)
     parser.add_argument("--aux", type=float, default=1.0, help="weight of the auxiliary cell loss")
+    parser.add_argument("--key-attention", type=float, default=0.0,
+                        help="weight of the loss that has --key-layer's attention go from the question's key word to "
+                             "the objects it names (0: off)")
+    parser.add_argument("--key-layer", type=int, default=10, help="LM layer of --key-attention (not 0)")
     parser.add_argument("--init", default=None, help="start from the trained weights of this earlier run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=10)
@@ -176,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     train(args.out, steps=args.steps, images=args.images, questions=args.questions, lr=args.lr,
-          lora_rank=args.lora_rank, lora_lr=args.lora_lr, aux=args.aux, init=args.init, seed=args.seed,
+          lora_rank=args.lora_rank, lora_lr=args.lora_lr, aux=args.aux, key_attention=args.key_attention,
+          key_layer=args.key_layer, init=args.init, seed=args.seed,
           checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_samples=args.eval_samples,
           resume=args.resume, max_minutes=args.max_minutes)
 

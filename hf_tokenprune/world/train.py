@@ -299,20 +299,21 @@ def dropped_tokens(rows: VisualRows, batch: dict[str, torch.Tensor], rate: float
     return hit & drop & visual & ~evidence
 
 
-def key_attention_loss(model: nn.Module, batch: dict[str, torch.Tensor], layer_input: tuple,
-                       rows: VisualRows) -> torch.Tensor:
-    """``-log`` of the layer-0 attention (mean over heads) that each question's key word pays to the visual tokens
-    showing the objects it names (:func:`key_targets`), averaged over the questions that have a key word.
-    ``layer_input``: ``(hidden_states, position_embeddings)`` that layer 0 received in this step's forward."""
+def key_attention_loss(layer: nn.Module, batch: dict[str, torch.Tensor], layer_input: tuple,
+                       targets: torch.Tensor) -> torch.Tensor:
+    """``-log`` of decoder ``layer``'s attention (mean over heads) that each question's key word pays to its
+    ``targets`` (``[B, Q, L]`` bool: the visual tokens showing the objects it names, :func:`key_targets`), averaged
+    over the questions that have a key word. ``layer_input``: ``(hidden_states, position_embeddings)`` that
+    ``layer`` received in this step's forward."""
     positions = batch["key_positions"]
     hidden, position_embeddings = layer_input
     index = positions.clamp(min=0).to(hidden.device)
-    logits = query_logits(get_adapter(model).text_model.layers[0], hidden, position_embeddings, index)
+    logits = query_logits(layer, hidden, position_embeddings, index)
     mask = block_attention(batch["blocks"], torch.float32)[:, 0]
     mask = torch.gather(mask, 1, index[..., None].expand(-1, -1, logits.shape[-1]))  # [B, Q, L]
     probs = (logits + mask[:, None]).softmax(dim=-1).mean(dim=1)
     valid = (positions >= 0).to(probs.device)
-    mass = (probs * key_targets(rows, batch).to(probs.device)).sum(dim=-1)[valid]
+    mass = (probs * targets.to(probs.device)).sum(dim=-1)[valid]
     return -torch.log(mass + 1e-6).mean() if mass.numel() else hidden.new_zeros(())
 
 
@@ -392,7 +393,8 @@ def train(family: str, out: str | Path, *, steps: int = 3000, images: int = 16, 
             aux_loss = aux.loss(features[0].reshape(-1, features[0].shape[-1]), labels)
             loss = answer_loss + aux_loss
             if key_attention:
-                key_loss = key_attention_loss(model, batch, layer_input[0], rows)
+                key_loss = key_attention_loss(get_adapter(model).text_model.layers[0], batch, layer_input[0],
+                                              key_targets(rows, batch))
                 loss = loss + key_attention * key_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
