@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..world.evaluate import accuracy, heldout_samples
-from ..world.scenes import CELL, Sample, make_samples
+from ..world.scenes import CELL, COLOURS, SHAPES, Sample, make_samples
 from ..world.train import STEP_STRIDE, AuxHead, _lr, _token_grid, answer_loss_of, key_attention_loss, pack_scenes
 from .model import LORA, PROJECTOR, add_lora, attach_lora, base, projector, save_trained
 
@@ -53,12 +53,14 @@ def step_samples(step: int, steps: int, seed: int, images: int, questions: int) 
 
 
 def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int = 8, lr: float = 1e-3,
-          lora_rank: int = 0, lora_lr: float = 3e-4, aux: float = 1.0, key_attention: float = 0.0,
-          key_layer: int = 10, init: str | Path | None = None,
+          lora_rank: int = 0, lora_lr: float = 3e-4, aux: float = 1.0, words: float = 0.0, key_attention: float = 0.0,
+          key_layer: int = 10, init: str | Path | None = None, device: str = "cpu",
           seed: int = 0, checkpoint_every: int = 10, eval_every: int = 100, eval_samples: int = 60,
           resume: bool = False, max_minutes: float | None = None, cache_dir: Path | None = None) -> dict:
     """Train the projector (and a LoRA of ``lora_rank``; 0: none), starting from the trained weights of ``init``
-    (an earlier run's directory) if given; ``aux``: weight of the auxiliary cell loss; ``key_attention``: weight of
+    (an earlier run's directory) if given; ``aux``: weight of the auxiliary cell loss; ``words``: weight of
+    :func:`word_loss` (object tokens towards the LM's embeddings of their colour and shape words; 0: off);
+    ``key_attention``: weight of
     :func:`~..world.train.key_attention_loss` on LM layer ``key_layer`` (never 0: the first layer stays as
     pretrained), which has the question's key word attend to the objects it names (0: off). Writes
     ``out/projector.safetensors`` (``out/lora/``), the processor and ``out/training_log.json`` (returned)."""
@@ -73,7 +75,8 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
             if peft_model is not None:
                 raise ValueError(f"{init} has a LoRA already: continue it without --lora-rank")
             peft_model = attach_lora(model, Path(init) / LORA, trainable=True)
-    head = AuxHead(model.config.text_config.hidden_size)
+    model.to(device)
+    head = AuxHead(model.config.text_config.hidden_size).to(device)
     groups = [{"params": [*projector(model).parameters(), *head.parameters()], "peak": lr}]
     if peft_model is not None:
         groups.append({"params": [p for n, p in peft_model.named_parameters() if "lora_" in n], "peak": lora_lr})
@@ -82,7 +85,7 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
             parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     log: dict = {"steps": steps, "images": images, "questions": questions, "lr": lr, "lora_rank": lora_rank,
-                 "lora_lr": lora_lr, "aux": aux, "key_attention": key_attention, "key_layer": key_layer,
+                 "lora_lr": lora_lr, "aux": aux, "words": words, "key_attention": key_attention, "key_layer": key_layer,
                  "init": None if init is None else str(init), "seed": seed,
                  "kinds": list(KINDS), "objects": list(OBJECTS), "history": [], "train_seconds": 0.0}
     ckpt = out / "checkpoint"
@@ -97,6 +100,7 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         log = json.loads((ckpt / "state.json").read_text())
         start = log["next_step"]
+    vocabulary = tuple(t.to(device) for t in word_embeddings(model, processor.tokenizer))
     if key_attention and not 0 < key_layer < len(model.model.language_model.layers):
         raise ValueError(f"key_layer must be an LM layer other than 0, got {key_layer}")
     features: list[torch.Tensor] = []
@@ -121,9 +125,12 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
                                     for s in samples])  # "triangle", "diamond": two tokens
             features.clear()
             layer_input.clear()
-            batch = pack_scenes(processor, samples, None)
+            batch = {k: v.to(device) for k, v in pack_scenes(processor, samples, None).items()}
             answer = answer_loss_of(model, batch, answer_lengths=lengths)
-            loss = answer + aux * head.loss(features[0].flatten(0, 1), cell_labels(samples))
+            cells = cell_labels(samples).to(device)
+            loss = answer + aux * head.loss(features[0].flatten(0, 1), cells)
+            if words:
+                loss = loss + words * word_loss(features[0].flatten(0, 1), cells, vocabulary)
             if key_attention:
                 loss = loss + key_attention * key_attention_loss(key_module, batch, layer_input[0],
                                                                  key_cells(samples, batch, model.config.image_token_id))
@@ -158,6 +165,30 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
     return log
 
 
+def word_embeddings(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([shapes + 1, hidden], [colours + 1, hidden])``: the LM's input embedding of each shape and colour word (its
+    first token, with the leading space) in :data:`~..world.scenes.SHAPES` / :data:`~..world.scenes.COLOURS` order,
+    after row 0 for an empty cell: " empty" and zero."""
+    table = model.get_input_embeddings().weight.detach()
+
+    def embedding(word: str) -> torch.Tensor:
+        return table[tokenizer(f" {word}", add_special_tokens=False)["input_ids"][0]]
+
+    shapes = torch.stack([embedding("empty"), *map(embedding, SHAPES)])
+    colours = torch.stack([torch.zeros(table.shape[1]), *map(embedding, COLOURS)])
+    return shapes, colours
+
+
+def word_loss(features: torch.Tensor, cells: torch.Tensor, vocabulary: tuple[torch.Tensor, torch.Tensor]
+              ) -> torch.Tensor:
+    """Mean squared distance of each visual token's projected feature (``[N, hidden]``; ``cells``: its
+    :func:`cell_labels`) to the sum of the LM's embeddings of its shape and colour words (:func:`word_embeddings`;
+    an empty cell: " empty"): the visual token then reads, to the LM, like the words that name what it shows."""
+    shapes, colours = vocabulary
+    target = shapes[cells[:, 0]] + colours[cells[:, 1]]
+    return (features - target.to(features.dtype)).pow(2).sum(-1).mean()
+
+
 def cell_labels(samples: list[Sample]) -> torch.Tensor:
     """``[scenes * 256, 2]`` (shape + 1, colour + 1; 0 = nothing) of each scene's 16 x 16 visual tokens, row-major,
     scenes in the order :func:`~..world.train.pack_scenes` packs them (one DINOv2 patch per 8-pixel cell)."""
@@ -168,7 +199,7 @@ def cell_labels(samples: list[Sample]) -> torch.Tensor:
 def key_cells(samples: list[Sample], batch: dict[str, torch.Tensor], image_token_id: int) -> torch.Tensor:
     """``[B, Q, L]`` bool: for question block ``j`` of row ``b`` of a :func:`~..world.train.pack_scenes` batch, the
     visual tokens (one per 8-pixel cell, row-major) of the objects its key word names."""
-    image = batch["input_ids"] == image_token_id
+    image = (batch["input_ids"] == image_token_id).cpu()
     targets = torch.zeros(*batch["key_positions"].shape, batch["input_ids"].shape[1], dtype=torch.bool)
     scenes: dict[int, list[Sample]] = {}
     for sample in samples:
@@ -201,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on layers 1-29's attention (0: none)")
     parser.add_argument("--lora-lr", type=float, default=3e-4)
     parser.add_argument("--aux", type=float, default=1.0, help="weight of the auxiliary cell loss")
+    parser.add_argument("--words", type=float, default=0.0,
+                        help="weight of the loss that moves object tokens towards their colour + shape word embeddings")
     parser.add_argument("--key-attention", type=float, default=0.0,
                         help="weight of the loss that has --key-layer's attention go from the question's key word to "
                              "the objects it names (0: off)")
@@ -211,11 +244,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-samples", type=int, default=60)
     parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     train(args.out, steps=args.steps, images=args.images, questions=args.questions, lr=args.lr,
-          lora_rank=args.lora_rank, lora_lr=args.lora_lr, aux=args.aux, key_attention=args.key_attention,
-          key_layer=args.key_layer, init=args.init, seed=args.seed,
+          lora_rank=args.lora_rank, lora_lr=args.lora_lr, aux=args.aux, words=args.words,
+          key_attention=args.key_attention,
+          key_layer=args.key_layer, init=args.init, device=args.device, seed=args.seed,
           checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_samples=args.eval_samples,
           resume=args.resume, max_minutes=args.max_minutes)
 
