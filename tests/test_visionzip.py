@@ -43,14 +43,17 @@ def eager_layer_attention(model, layer, monkeypatch) -> list[torch.Tensor]:
     return seen
 
 
-def llava_with_dinov2_tower():
+def llava_with_dinov2_tower(config_scale: int = 1):
     """The tiny LLaVA-1.5 with a tiny DINOv2 tower (CLS token, layer scale, ``encoder.layer``) in place of CLIP, its
-    last layer's patches as features: the real-weights testbed's architecture (``bench/realweights.py``)."""
+    last layer's patches as features: the real-weights testbed's architecture (``bench/realweights.py``).
+    ``config_scale``: the tower's configured image size over the processor's (DINOv2 interpolates its position
+    embeddings; the real-weights one is configured for 518 px and runs at 224)."""
     from transformers import Dinov2Config, LlavaConfig, LlavaForConditionalGeneration
 
     cfg = tiny.build_model("llava").config
     vision = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                          patch_size=cfg.vision_config.patch_size, image_size=cfg.vision_config.image_size)
+                          patch_size=cfg.vision_config.patch_size,
+                          image_size=cfg.vision_config.image_size * config_scale)
     config = LlavaConfig(vision_config=vision.to_dict(), text_config=cfg.text_config.to_dict(),
                          image_token_index=cfg.image_token_index, vision_feature_layer=-1,
                          vision_feature_select_strategy="default", image_seq_length=cfg.image_seq_length)
@@ -92,6 +95,17 @@ def test_recomputed_vision_attention_equals_eager_attention(family, kind, monkey
     expected[inputs["input_ids"] == token] = values.float()
     assert torch.allclose(got, expected, atol=1e-6)
     assert got[inputs["input_ids"] == token].std() > 0  # not uniform: the comparison can fail
+
+
+def test_token_regions_follow_the_processed_image_not_the_towers_configured_size():
+    model, processor = llava_with_dinov2_tower(config_scale=2), tiny.build_processor("llava")
+    inputs = make_inputs(processor, "image")
+    sizes = [(64, 48), (48, 64)]  # make_inputs' images are resized by the processor anyway
+    regions = get_adapter(model).token_regions(inputs, 0, original_sizes=sizes)
+    (token,) = get_adapter(model).placeholder_ids(inputs)
+    assert len(regions) == int((inputs["input_ids"][0] == token).sum())
+    with torch.no_grad():  # and the model runs at that size
+        model(**inputs)
 
 
 def reference_zip(attention: torch.Tensor, embeds: torch.Tensor, k: int) -> tuple[set[int], torch.Tensor]:

@@ -67,15 +67,15 @@ class LlavaAdapter(PlaceholderAdapter):
 
     def item_regions(self, inputs: Mapping[str, Any], kind: str, index: int,
                      original_size: tuple[int, int] | None) -> ItemRegions:
-        """CLIP preprocessing: resize the shortest edge to the tower's input size ``S``, center-crop ``S x S``
-        (the LLaVA-1.5 processors: ``size={"shortest_edge": S}``, ``crop_size=S``). Needs ``original_size``."""
+        """CLIP preprocessing: resize the shortest edge to the tower's input size ``S`` (the side of
+        ``pixel_values``: a DINOv2 tower runs at any multiple of its patch), center-crop ``S x S`` (the LLaVA-1.5
+        processors: ``size={"shortest_edge": S}``, ``crop_size=S``). Needs ``original_size``."""
         if original_size is None:
             raise ValueError("LLaVA-1.5 token geometry needs the original image sizes (the processor output does "
                              "not carry them): pass original_sizes=[image.size for image in images]")
         if index >= inputs["pixel_values"].shape[0]:
             raise IndexError(index)
-        vision = self.model.config.vision_config
-        crop, patch = vision.image_size, vision.patch_size
+        crop, patch = int(inputs["pixel_values"].shape[-1]), self.model.config.vision_config.patch_size
         width, height = original_size
         # transformers' get_resize_output_image_size(default_to_square=False) and center_crop
         short, long = sorted((width, height))
