@@ -1,4 +1,5 @@
-"""The testbed's results: ``python -m hf_tokenprune.world.results --out docs/``.
+"""The toy world's results: ``python -m hf_tokenprune.world.results --out docs/`` (:func:`evaluate` takes any model
+that answers world questions; the real-LM testbed uses it too).
 
 On the shipped world models and held-out questions (every question kind by default), for every method (compressor,
 raw first-layer attention, the oracle ``R_v``, random, uniform; the set selections DivPrune, CDPruner and
