@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     setting = world_results.evaluate(
         model, processor, samples, label="testbed", compressor=compressor, batch_size=args.batch_size,
         scorers=args.scorers, ratios=args.ratios, auto_scorers=args.auto, targets=(0.25,),
-        temperatures=world_results.TEMPERATURES, calibration=samples_of(args.calibration_scenes, tuple(args.kinds)))
+        calibration=samples_of(args.calibration_scenes, tuple(args.kinds)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"real-weights LLaVA (SmolLM2-135M + DINOv2-small), test scenes {args.scenes.start}:{args.scenes.stop}"

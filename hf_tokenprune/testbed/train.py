@@ -106,10 +106,11 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
     features: list[torch.Tensor] = []
     layer_input: list[tuple] = []
     key_module = model.model.language_model.layers[key_layer]
-    hooks = [projector(model).register_forward_hook(lambda module, args, output: features.append(output)),
-             key_module.register_forward_pre_hook(
-                 lambda module, args, kwargs: layer_input.append((args[0] if args else kwargs["hidden_states"],
-                                                                  kwargs["position_embeddings"])), with_kwargs=True)]
+    hooks = [projector(model).register_forward_hook(lambda module, args, output: features.append(output))]
+    if key_attention:
+        hooks.append(key_module.register_forward_pre_hook(
+            lambda module, args, kwargs: layer_input.append((args[0] if args else kwargs["hidden_states"],
+                                                             kwargs["position_embeddings"])), with_kwargs=True))
     heldout = heldout_samples(eval_samples, n_objects=OBJECTS)
     warmup = max(1, steps // 20)
     began = time.perf_counter() - log["train_seconds"]
@@ -119,7 +120,7 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
     try:
         for step in range(start, steps):
             for group in optimizer.param_groups:
-                group["lr"] = _lr(step, steps, lr, warmup)
+                group["lr"] = _lr(step, steps, group["peak"], warmup)
             samples = step_samples(step, steps, seed, images, questions)
             lengths = torch.tensor([len(processor.tokenizer(s.question.answer, add_special_tokens=False)["input_ids"])
                                     for s in samples])  # "triangle", "diamond": two tokens
