@@ -9,6 +9,7 @@ in float32 after the projections.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -22,9 +23,15 @@ from transformers.activations import ACT2FN
 def _apply_rotary(attention: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """The family's ``apply_rotary_pos_emb(q, k, cos, sin)`` from the modeling module of its attention class: it
     knows how the family rotates (half-split or interleaved pairs, the whole head or a part of it, as GLM-4V)."""
-    rotary = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
+    return _module_rotary(type(attention).__module__)
+
+
+@functools.cache
+def _module_rotary(module: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`_apply_rotary` of a modeling module, looked up (and its signature read) once per module."""
+    rotary = getattr(sys.modules[module], "apply_rotary_pos_emb", None)
     if rotary is None:
-        raise NotImplementedError(f"{type(attention).__module__} has no apply_rotary_pos_emb(q, k, cos, sin): "
+        raise NotImplementedError(f"{module} has no apply_rotary_pos_emb(q, k, cos, sin): "
                                   "hf_tokenprune cannot recompute this family's attention scores")
     if list(inspect.signature(rotary).parameters)[:3] == ["x", "cos", "sin"]:  # one tensor at a time (Gemma 4)
         return lambda q, k, cos, sin: (rotary(q, cos, sin), rotary(k, cos, sin))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -121,7 +122,7 @@ def kv_cache_bytes(text_config, batch: int, length: int | Sequence[int], dtype: 
     (Gemma 4's shared KV layers)."""
     layers = _per_layer(text_config, length)
     sharing = getattr(text_config, "kv_sharing_modes", None) or [None] * len(layers)
-    values = sum(2 * _attention_shape(text_config, i)[1] * _attention_shape(text_config, i)[2] * n
+    values = sum(2 * math.prod(_attention_shape(text_config, i)[1:]) * n
                  for i, (n, kind) in enumerate(zip(layers, _layer_types(text_config), strict=True))
                  if kind != LINEAR_ATTENTION and sharing[i] != "reuse")
     return values * batch * torch.empty((), dtype=dtype).element_size()
