@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_tokenprune.bench import realweights
-from hf_tokenprune.testbed import results, train
+from hf_tokenprune.testbed import profile, results, train
 from hf_tokenprune.testbed.model import ASSETS, PROJECTOR
 
 
@@ -36,6 +36,27 @@ def test_training_steps_follow_the_curriculum_and_depend_on_seed_and_step_only()
     assert all(train.OBJECTS[0] <= len(s.scene.objects) <= train.OBJECTS[1]
                for s in train.step_samples(99, 100, 0, 2, 4))
     assert {s.question.kind for s in first} <= set(train.KINDS)
+
+
+def test_training_kinds_and_a_smaller_final_object_range():
+    assert train.object_range(0.0, (16, 48)) == train.CURRICULUM[0][1]
+    assert train.object_range(1.0, (16, 48)) == (16, 48)
+    assert train.object_range(1.0, (8, 16)) == train.object_range(0.0, (8, 16)) == (8, 16)
+    late = train.step_samples(99, 100, 0, 3, 4, kinds=("colour_of_shape",), objects=(16, 48))
+    assert {s.question.kind for s in late} == {"colour_of_shape"}
+    assert all(16 <= len(s.scene.objects) <= 48 for s in late)
+
+
+def test_the_vision_probe_reads_what_the_features_hold_and_nothing_more():
+    generator = torch.Generator().manual_seed(0)
+    cells = torch.stack([torch.randint(0, 7, (600,), generator=generator),
+                         torch.randint(0, 7, (600,), generator=generator)], dim=1)
+    noise = torch.randn(600, 16, generator=generator)
+    shape_only = noise.clone()
+    shape_only[:, :7] += 5 * torch.nn.functional.one_hot(cells[:, 0], 7)  # the shape in features 0-6, the colour nowhere
+    result = profile.probe_accuracy((shape_only[:400], cells[:400]), (shape_only[400:], cells[400:]))
+    assert result["shape"]["all_tokens"] > 0.95
+    assert result["colour"]["all_tokens"] < 0.35  # chance: 1/7
 
 
 def test_cell_labels_and_the_word_loss():

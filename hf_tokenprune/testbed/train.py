@@ -36,25 +36,31 @@ OBJECTS = (48, 96)  # objects per scene after the curriculum, and in the held-ou
 CURRICULUM = ((0.0, (8, 16)), (0.15, (16, 32)), (0.3, (24, 48)), (0.45, (32, 64)), (0.6, OBJECTS))
 
 
-def object_range(progress: float) -> tuple[int, int]:
-    return [r for start, r in CURRICULUM if progress >= start][-1]
+def object_range(progress: float, objects: tuple[int, int] = OBJECTS) -> tuple[int, int]:
+    """Objects per scene at ``progress`` (0-1) of a run that ends on ``objects``: the :data:`CURRICULUM` stages
+    below ``objects``, then ``objects``."""
+    stages = [(start, r) for start, r in CURRICULUM if r[1] < objects[1]] + [
+        (next((start for start, r in CURRICULUM if r[1] >= objects[1]), CURRICULUM[-1][0]), objects)]
+    return [r for start, r in stages if progress >= start][-1]
 
 
-def step_samples(step: int, steps: int, seed: int, images: int, questions: int) -> list[Sample]:
+def step_samples(step: int, steps: int, seed: int, images: int, questions: int, kinds: tuple[str, ...] = KINDS,
+                 objects: tuple[int, int] = OBJECTS) -> list[Sample]:
     """Training step ``step``'s scenes and questions, from ``(seed, step)`` alone."""
-    low, high = object_range(step / steps)
+    low, high = object_range(step / steps, objects)
     rng = random.Random(f"testbed/{seed}/{step}")
     out = []
     for i in range(images):
         n = rng.randint(low, high)
         out += make_samples("train", step * STEP_STRIDE + i, seed=seed, per_scene=questions, n_objects=(n, n),
-                            kinds=KINDS)
+                            kinds=kinds)
     return out
 
 
 def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int = 8, lr: float = 1e-3,
           lora_rank: int = 0, lora_lr: float = 3e-4, aux: float = 1.0, words: float = 0.0, key_attention: float = 0.0,
-          key_layer: int = 10, init: str | Path | None = None, device: str = "cpu",
+          key_layer: int = 10, kinds: tuple[str, ...] = KINDS, objects: tuple[int, int] = OBJECTS,
+          init: str | Path | None = None, device: str = "cpu",
           seed: int = 0, checkpoint_every: int = 10, eval_every: int = 100, eval_samples: int = 60,
           resume: bool = False, max_minutes: float | None = None, cache_dir: Path | None = None) -> dict:
     """Train the projector (and a LoRA of ``lora_rank``; 0: none), starting from the trained weights of ``init``
@@ -62,7 +68,8 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
     :func:`word_loss` (object tokens towards the LM's embeddings of their colour and shape words; 0: off);
     ``key_attention``: weight of
     :func:`~..world.train.key_attention_loss` on LM layer ``key_layer`` (never 0: the first layer stays as
-    pretrained), which has the question's key word attend to the objects it names (0: off). Writes
+    pretrained), which has the question's key word attend to the objects it names (0: off); ``kinds``: the question
+    kinds trained; ``objects``: objects per scene after the curriculum and in the held-out evaluation. Writes
     ``out/projector.safetensors`` (``out/lora/``), the processor and ``out/training_log.json`` (returned)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +94,7 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
     log: dict = {"steps": steps, "images": images, "questions": questions, "lr": lr, "lora_rank": lora_rank,
                  "lora_lr": lora_lr, "aux": aux, "words": words, "key_attention": key_attention, "key_layer": key_layer,
                  "init": None if init is None else str(init), "seed": seed,
-                 "kinds": list(KINDS), "objects": list(OBJECTS), "history": [], "train_seconds": 0.0}
+                 "kinds": list(kinds), "objects": list(objects), "history": [], "train_seconds": 0.0}
     ckpt = out / "checkpoint"
     start = 0
     if resume and (ckpt / "state.json").exists():
@@ -111,7 +118,7 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
         hooks.append(key_module.register_forward_pre_hook(
             lambda module, args, kwargs: layer_input.append((args[0] if args else kwargs["hidden_states"],
                                                              kwargs["position_embeddings"])), with_kwargs=True))
-    heldout = heldout_samples(eval_samples, n_objects=OBJECTS)
+    heldout = heldout_samples(eval_samples, n_objects=objects)
     warmup = max(1, steps // 20)
     began = time.perf_counter() - log["train_seconds"]
     bar = tqdm(total=steps, initial=start, desc="train testbed projector")
@@ -121,7 +128,7 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
         for step in range(start, steps):
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step, steps, group["peak"], warmup)
-            samples = step_samples(step, steps, seed, images, questions)
+            samples = step_samples(step, steps, seed, images, questions, kinds, objects)
             lengths = torch.tensor([len(processor.tokenizer(s.question.answer, add_special_tokens=False)["input_ids"])
                                     for s in samples])  # "triangle", "diamond": two tokens
             features.clear()
@@ -129,12 +136,14 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
             batch = {k: v.to(device) for k, v in pack_scenes(processor, samples, None).items()}
             answer = answer_loss_of(model, batch, answer_lengths=lengths)
             cells = cell_labels(samples).to(device)
-            loss = answer + aux * head.loss(features[0].flatten(0, 1), cells)
+            parts = {"answer_loss": answer, "aux_loss": head.loss(features[0].flatten(0, 1), cells)}
             if words:
-                loss = loss + words * word_loss(features[0].flatten(0, 1), cells, vocabulary)
+                parts["word_loss"] = word_loss(features[0].flatten(0, 1), cells, vocabulary)
             if key_attention:
-                loss = loss + key_attention * key_attention_loss(key_module, batch, layer_input[0],
-                                                                 key_cells(samples, batch, model.config.image_token_id))
+                parts["key_loss"] = key_attention_loss(key_module, batch, layer_input[0],
+                                                       key_cells(samples, batch, model.config.image_token_id))
+            weights = {"answer_loss": 1.0, "aux_loss": aux, "word_loss": words, "key_loss": key_attention}
+            loss = sum(weights[name] * value for name, value in parts.items())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -142,8 +151,9 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
             done = step + 1
             bar.update(1)
             bar.set_postfix(answer=f"{answer.item():.3f}", loss=f"{loss.item():.3f}",
-                            objects=object_range(step / steps))
-            log["history"].append({"step": done, "answer_loss": round(answer.item(), 4), "loss": round(loss.item(), 4)})
+                            objects=object_range(step / steps, objects))
+            log["history"].append({"step": done, "loss": round(loss.item(), 4),
+                                   **{name: round(value.item(), 4) for name, value in parts.items()}})
             if done % eval_every == 0 or done == steps:
                 model.eval()
                 result = accuracy(model, processor, heldout, batch_size=16)
@@ -239,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="weight of the loss that has --key-layer's attention go from the question's key word to "
                              "the objects it names (0: off)")
     parser.add_argument("--key-layer", type=int, default=10, help="LM layer of --key-attention (not 0)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="question kinds to train, comma-separated")
+    parser.add_argument("--objects", type=int, nargs=2, default=OBJECTS, metavar=("LOW", "HIGH"),
+                        help="objects per scene after the curriculum and in the held-out evaluation")
     parser.add_argument("--init", default=None, help="start from the trained weights of this earlier run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=10)
@@ -251,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     train(args.out, steps=args.steps, images=args.images, questions=args.questions, lr=args.lr,
           lora_rank=args.lora_rank, lora_lr=args.lora_lr, aux=args.aux, words=args.words,
           key_attention=args.key_attention,
-          key_layer=args.key_layer, init=args.init, device=args.device, seed=args.seed,
+          key_layer=args.key_layer, kinds=tuple(args.kinds.split(",")), objects=tuple(args.objects), init=args.init, device=args.device, seed=args.seed,
           checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_samples=args.eval_samples,
           resume=args.resume, max_minutes=args.max_minutes)
 
