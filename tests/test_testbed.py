@@ -45,6 +45,8 @@ def test_training_kinds_and_a_smaller_final_object_range():
     late = train.step_samples(99, 100, 0, 3, 4, kinds=("colour_of_shape",), objects=(16, 48))
     assert {s.question.kind for s in late} == {"colour_of_shape"}
     assert all(16 <= len(s.scene.objects) <= 48 for s in late)
+    first = train.step_samples(0, 100, 0, 3, 4, objects=(16, 48), curriculum=False)
+    assert all(16 <= len(s.scene.objects) <= 48 for s in first)
 
 
 def test_the_vision_probe_reads_what_the_features_hold_and_nothing_more():

@@ -45,9 +45,10 @@ def object_range(progress: float, objects: tuple[int, int] = OBJECTS) -> tuple[i
 
 
 def step_samples(step: int, steps: int, seed: int, images: int, questions: int, kinds: tuple[str, ...] = KINDS,
-                 objects: tuple[int, int] = OBJECTS) -> list[Sample]:
-    """Training step ``step``'s scenes and questions, from ``(seed, step)`` alone."""
-    low, high = object_range(step / steps, objects)
+                 objects: tuple[int, int] = OBJECTS, curriculum: bool = True) -> list[Sample]:
+    """Training step ``step``'s scenes and questions, from ``(seed, step)`` alone (``curriculum=False``: every
+    step on ``objects``)."""
+    low, high = object_range(step / steps if curriculum else 1.0, objects)
     rng = random.Random(f"testbed/{seed}/{step}")
     out = []
     for i in range(images):
@@ -60,16 +61,17 @@ def step_samples(step: int, steps: int, seed: int, images: int, questions: int, 
 def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int = 8, lr: float = 1e-3,
           lora_rank: int = 0, lora_lr: float = 3e-4, aux: float = 1.0, words: float = 0.0, key_attention: float = 0.0,
           key_layer: int = 10, kinds: tuple[str, ...] = KINDS, objects: tuple[int, int] = OBJECTS,
-          init: str | Path | None = None, device: str = "cpu",
+          curriculum: bool = True, init: str | Path | None = None, device: str = "cpu",
           seed: int = 0, checkpoint_every: int = 10, eval_every: int = 100, eval_samples: int = 60,
           resume: bool = False, max_minutes: float | None = None, cache_dir: Path | None = None) -> dict:
     """Train the projector (and a LoRA of ``lora_rank``; 0: none), starting from the trained weights of ``init``
-    (an earlier run's directory) if given; ``aux``: weight of the auxiliary cell loss; ``words``: weight of
+    (an earlier run's directory; its auxiliary head too where its checkpoint is there) if given; ``aux``: weight of the auxiliary cell loss; ``words``: weight of
     :func:`word_loss` (object tokens towards the LM's embeddings of their colour and shape words; 0: off);
     ``key_attention``: weight of
     :func:`~..world.train.key_attention_loss` on LM layer ``key_layer`` (never 0: the first layer stays as
     pretrained), which has the question's key word attend to the objects it names (0: off); ``kinds``: the question
-    kinds trained; ``objects``: objects per scene after the curriculum and in the held-out evaluation. Writes
+    kinds trained; ``objects``: objects per scene after the curriculum (``curriculum=False``: from the first step)
+    and in the held-out evaluation. Writes
     ``out/projector.safetensors`` (``out/lora/``), the processor and ``out/training_log.json`` (returned)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,8 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
             peft_model = attach_lora(model, Path(init) / LORA, trainable=True)
     model.to(device)
     head = AuxHead(model.config.text_config.hidden_size).to(device)
+    if init is not None and (Path(init) / "checkpoint" / "aux.safetensors").exists():
+        head.load_state_dict(load_file(Path(init) / "checkpoint" / "aux.safetensors"))  # a fresh head upsets the projector
     groups = [{"params": [*projector(model).parameters(), *head.parameters()], "peak": lr}]
     if peft_model is not None:
         groups.append({"params": [p for n, p in peft_model.named_parameters() if "lora_" in n], "peak": lora_lr})
@@ -94,7 +98,7 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
     log: dict = {"steps": steps, "images": images, "questions": questions, "lr": lr, "lora_rank": lora_rank,
                  "lora_lr": lora_lr, "aux": aux, "words": words, "key_attention": key_attention, "key_layer": key_layer,
                  "init": None if init is None else str(init), "seed": seed,
-                 "kinds": list(kinds), "objects": list(objects), "history": [], "train_seconds": 0.0}
+                 "kinds": list(kinds), "objects": list(objects), "curriculum": curriculum, "history": [], "train_seconds": 0.0}
     ckpt = out / "checkpoint"
     start = 0
     if resume and (ckpt / "state.json").exists():
@@ -128,7 +132,7 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
         for step in range(start, steps):
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step, steps, group["peak"], warmup)
-            samples = step_samples(step, steps, seed, images, questions, kinds, objects)
+            samples = step_samples(step, steps, seed, images, questions, kinds, objects, curriculum)
             lengths = torch.tensor([len(processor.tokenizer(s.question.answer, add_special_tokens=False)["input_ids"])
                                     for s in samples])  # "triangle", "diamond": two tokens
             features.clear()
@@ -151,7 +155,7 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
             done = step + 1
             bar.update(1)
             bar.set_postfix(answer=f"{answer.item():.3f}", loss=f"{loss.item():.3f}",
-                            objects=object_range(step / steps, objects))
+                            objects=object_range(step / steps if curriculum else 1.0, objects))
             log["history"].append({"step": done, "loss": round(loss.item(), 4),
                                    **{name: round(value.item(), 4) for name, value in parts.items()}})
             if done % eval_every == 0 or done == steps:
@@ -252,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kinds", default=",".join(KINDS), help="question kinds to train, comma-separated")
     parser.add_argument("--objects", type=int, nargs=2, default=OBJECTS, metavar=("LOW", "HIGH"),
                         help="objects per scene after the curriculum and in the held-out evaluation")
+    parser.add_argument("--no-curriculum", dest="curriculum", action="store_false",
+                        help="every step on --objects (a later phase)")
     parser.add_argument("--init", default=None, help="start from the trained weights of this earlier run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=10)
@@ -264,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     train(args.out, steps=args.steps, images=args.images, questions=args.questions, lr=args.lr,
           lora_rank=args.lora_rank, lora_lr=args.lora_lr, aux=args.aux, words=args.words,
           key_attention=args.key_attention,
-          key_layer=args.key_layer, kinds=tuple(args.kinds.split(",")), objects=tuple(args.objects), init=args.init, device=args.device, seed=args.seed,
+          key_layer=args.key_layer, kinds=tuple(args.kinds.split(",")), objects=tuple(args.objects),
+          curriculum=args.curriculum, init=args.init, device=args.device, seed=args.seed,
           checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_samples=args.eval_samples,
           resume=args.resume, max_minutes=args.max_minutes)
 
