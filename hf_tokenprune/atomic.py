@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a torn one."""
+"""File writes: atomic ones (a reader sees the old file or the new one, never a torn one), and the default mode for
+files that writers such as safetensors create ``0o600``."""
 
 from __future__ import annotations
 
@@ -20,3 +21,10 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def default_mode(path: Path) -> None:
+    """Give ``path`` the permissions of any new file (``0o666`` less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

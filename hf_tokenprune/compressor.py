@@ -54,6 +54,7 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from .atomic import default_mode
 from .config import TokenPruneConfig, check_fraction
 
 __all__ = ["CALIBRATION_FIELDS", "Compressor", "CompressorMismatchError", "CompressorNotFoundError",
@@ -392,9 +393,7 @@ class Compressor(
         """The mixin's ``model.safetensors``, with the permissions of any new file (``0o666`` less the umask): the
         safetensors writer creates it ``0o600``."""
         super()._save_pretrained(save_directory)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(Path(save_directory) / constants.SAFETENSORS_SINGLE_FILE, 0o666 & ~umask)
+        default_mode(Path(save_directory) / constants.SAFETENSORS_SINGLE_FILE)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> "Compressor":

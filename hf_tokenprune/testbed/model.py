@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import default_mode
 from ..bench import realweights
 
 ASSETS = Path(__file__).parent / "assets" / "llava-smollm2-dinov2"
@@ -52,8 +53,10 @@ def save_trained(model: nn.Module, directory: Path, peft_model=None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().clone().contiguous() for k, v in projector(model).state_dict().items()},
               directory / PROJECTOR)
+    default_mode(directory / PROJECTOR)  # safetensors writes 0o600
     if peft_model is not None:
         peft_model.save_pretrained(str(directory / LORA))
+        default_mode(directory / LORA / "adapter_model.safetensors")
 
 
 def base(cache_dir: Path | None = None):

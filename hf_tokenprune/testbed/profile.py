@@ -22,7 +22,7 @@ from ..world.scenes import Sample, make_samples
 from .model import base, load
 from .train import KINDS, OBJECTS, cell_labels
 
-OBJECT_RANGES = ((8, 16), (16, 48), OBJECTS)
+OBJECT_RANGES = ((8, 16), OBJECTS, (48, 96))
 
 
 def vision_features(model: nn.Module, processor, samples: list[Sample]) -> torch.Tensor:

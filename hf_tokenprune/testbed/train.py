@@ -32,8 +32,8 @@ from ..world.train import STEP_STRIDE, AuxHead, _lr, _token_grid, answer_loss_of
 from .model import LORA, PROJECTOR, add_lora, attach_lora, base, projector, save_trained
 
 KINDS = ("colour_of_shape", "shape_of_colour", "count_of_colour", "majority_colour")
-OBJECTS = (48, 96)  # objects per scene after the curriculum, and in the held-out evaluation
-CURRICULUM = ((0.0, (8, 16)), (0.15, (16, 32)), (0.3, (24, 48)), (0.45, (32, 64)), (0.6, OBJECTS))
+OBJECTS = (16, 48)  # objects per scene after the curriculum, and in the held-out evaluation
+CURRICULUM = ((0.0, (8, 16)), (0.15, (16, 32)), (0.3, (24, 48)), (0.45, (32, 64)), (0.6, (48, 96)))
 
 
 def object_range(progress: float, objects: tuple[int, int] = OBJECTS) -> tuple[int, int]:
