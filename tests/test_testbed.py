@@ -10,7 +10,7 @@ import torch
 
 from hf_tokenprune.bench import realweights
 from hf_tokenprune.testbed import profile, results, train
-from hf_tokenprune.testbed.model import ASSETS, PROJECTOR
+from hf_tokenprune.testbed.model import ASSETS, LORA_MODULES, PROJECTOR
 
 
 def _installed() -> bool:
@@ -86,6 +86,12 @@ def test_results_replace_only_their_section(tmp_path):
     plain.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         results.replace_section(plain, "x")
+
+
+def test_the_shipped_lora_leaves_the_first_layer_as_pretrained():
+    config = json.loads((ASSETS / "lora" / "adapter_config.json").read_text())
+    assert 0 not in config["layers_to_transform"] and set(config["target_modules"]) <= set(LORA_MODULES)
+    assert not config.get("modules_to_save")  # no embedding or head trained either
 
 
 @needs_wheels

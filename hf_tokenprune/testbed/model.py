@@ -80,6 +80,7 @@ def load(directory: str | Path = ASSETS, cache_dir: Path | None = None):
     projector(model).load_state_dict(load_file(directory / PROJECTOR))
     if (directory / LORA).exists():
         model.model.language_model = attach_lora(model, directory / LORA).merge_and_unload()
+    model.config._name_or_path = str(directory)  # the trained model, as its compressor's base_model_name says
     return model.eval(), AutoProcessor.from_pretrained(directory)
 
 
