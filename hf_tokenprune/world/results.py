@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -315,7 +316,7 @@ def plot(results: dict, path: Path, x: str = "retention") -> bool:
             ax.set_visible(False)
         for ax, kind in zip(row, panels[setting], strict=False):
             _pareto_panel(ax, r, kind, x)
-            ax.set_title(setting if kind is None else f"{setting}: {kind}")
+            ax.set_title(textwrap.fill(setting if kind is None else f"{setting}: {kind}", 50), fontsize=9)
             if kind is None:
                 ax.legend(fontsize=6)
     fig.tight_layout()
