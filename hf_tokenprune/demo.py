@@ -192,6 +192,17 @@ def _shipped(family: str, model_name: str) -> tuple[nn.Module, ProcessorMixin, s
     return model, processor, str(compressor_path(family)), WORLD_OBJECTS, f"toy-world {family} model"
 
 
+def _reading(name: str, o: dict) -> str:
+    """What :func:`_summary`'s figures ``o`` of scorer ``name`` say about question-conditioning, from the figures."""
+    share = o["mean_overlap"] / o["kept"]
+    shift = o["median_rank_for_other_question"] - o["median_answer_rank"]
+    moves = (f"asking about an object moves it up {shift:g} places in the median" if shift > 0
+             else "asking about an object does not move it up the ranking (median)")
+    keeps = ("the two questions keep nearly the same tokens: the selection is mostly question-agnostic"
+             if share >= 0.9 else "the two questions keep visibly different tokens")
+    return f"{name}: {moves}; at {COMPARED:.0%} {keeps} ({share:.0%} shared)."
+
+
 def run(family: str = "qwen2_vl", *, model_name: str = "world", scene: int = 7, eval_questions: int = 64,
         overlap_scenes: int = 50, out: str | Path = "demo.png", ratios: tuple[float, ...] = RATIOS) -> dict:
     """Run the demo on the shipped toy-world ``family`` model (``model_name="realweights"``: on the real-LM
@@ -223,10 +234,8 @@ def run(family: str = "qwen2_vl", *, model_name: str = "world", scene: int = 7, 
              f"({o['mean_overlap'] / o['kept']:.0%}); answer object kept for its question: {o['answer_kept']:.0%} "
              f"(median rank {o['median_answer_rank']:g}), for the other question: {o['other_question_keeps_it']:.0%}"
              f" (median rank {o['median_rank_for_other_question']:g})")
-    _say("The question moves the object it names up the ranking (median rank 1 when asked about, lower when the "
-         f"other question is),\nbut at {COMPARED:.0%} the two questions keep nearly the same tokens: the shipped "
-         "compressors are only weakly question-conditional\n(they swap a few tokens), and the "
-         "first-layer attention they read is no more so (docs/world.md).")
+    for name, o in overall.items():
+        _say(_reading(name, o))
 
     heldout = heldout_samples(eval_questions, start=1000, n_objects=objects)
     _say(f"\ncomputing held-out accuracy ({len(heldout)} questions, test scenes 1000-{999 + eval_questions}), "

@@ -118,3 +118,12 @@ def test_demo_dynamic_budget_rows_show_the_unpruned_answer_and_the_tokens_kept(r
         assert re.search(rf"{re.escape(row['question'])} +\| {row['truth']} +\| {row['unpruned']} +\| "
                          rf"{row['answer']} +\| {re.escape(row['kept/total'])}", printed)
     assert "25% is the MEAN retention over the 160 calibration questions" in printed
+
+
+def test_the_demo_reads_question_conditioning_from_its_figures():
+    agnostic = {"mean_overlap": 63.1, "kept": 64, "median_answer_rank": 15, "median_rank_for_other_question": 14.5}
+    conditional = {"mean_overlap": 40.0, "kept": 64, "median_answer_rank": 1, "median_rank_for_other_question": 9}
+    assert "does not move it up" in demo._reading("compressor", agnostic)
+    assert "mostly question-agnostic (99% shared)" in demo._reading("compressor", agnostic)
+    assert "moves it up 8 places" in demo._reading("attention", conditional)
+    assert "visibly different tokens (62% shared)" in demo._reading("attention", conditional)
