@@ -39,9 +39,9 @@ CURRICULUM = ((0.0, (8, 16)), (0.15, (16, 32)), (0.3, (24, 48)), (0.45, (32, 64)
 def object_range(progress: float, objects: tuple[int, int] = OBJECTS) -> tuple[int, int]:
     """Objects per scene at ``progress`` (0-1) of a run that ends on ``objects``: the :data:`CURRICULUM` stages
     below ``objects``, then ``objects``."""
-    stages = [(start, r) for start, r in CURRICULUM if r[1] < objects[1]] + [
-        (next((start for start, r in CURRICULUM if r[1] >= objects[1]), CURRICULUM[-1][0]), objects)]
-    return [r for start, r in stages if progress >= start][-1]
+    below = [stage for stage in CURRICULUM if stage[1][1] < objects[1]]  # CURRICULUM grows stage by stage
+    final_start = CURRICULUM[min(len(below), len(CURRICULUM) - 1)][0]
+    return [r for start, r in [*below, (final_start, objects)] if progress >= start][-1]
 
 
 def step_samples(step: int, steps: int, seed: int, images: int, questions: int, kinds: tuple[str, ...] = KINDS,
