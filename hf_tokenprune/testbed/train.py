@@ -70,8 +70,8 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
     of their colour and shape words; 0: off); ``key_attention``: weight of
     :func:`~..world.train.key_attention_loss` on LM layer ``key_layer`` (never 0: the first layer stays as
     pretrained), which has the question's key word attend to the objects it names (0: off); ``kinds``: the question
-    kinds trained; ``objects``: objects per scene after the curriculum (``curriculum=False``: from the first step)
-    and in the held-out evaluation. Writes
+    kinds trained (and asked in the held-out evaluation); ``objects``: objects per scene after the curriculum
+    (``curriculum=False``: from the first step) and in the held-out evaluation. Writes
     ``out/projector.safetensors`` (``out/lora/``), the processor and ``out/training_log.json`` (returned)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ def train(out: str | Path, *, steps: int = 600, images: int = 2, questions: int 
         hooks.append(key_module.register_forward_pre_hook(
             lambda module, args, kwargs: layer_input.append((args[0] if args else kwargs["hidden_states"],
                                                              kwargs["position_embeddings"])), with_kwargs=True))
-    heldout = heldout_samples(eval_samples, n_objects=objects)
+    heldout = heldout_samples(eval_samples, n_objects=objects, kinds=kinds)
     warmup = max(1, steps // 20)
     began = time.perf_counter() - log["train_seconds"]
     bar = tqdm(total=steps, initial=start, desc="train testbed projector")
