@@ -157,3 +157,13 @@ def test_saved_lora_names_the_hub_lm_and_leaves_layer_0(tmp_path):
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == BASE_LM  # not the wheel's local path
     assert config["layers_to_transform"] == [1, 2]
+
+
+def test_answer_counts_show_an_unlearned_kind_as_one_answer():
+    samples = results.samples_of(range(0, 6), ("colour_of_shape", "count_of_colour"))
+    answers = ["one" if s.question.kind == "count_of_colour" else s.question.answer for s in samples]
+    counts = results.answer_counts(samples, answers)
+    kinds = [s.question.kind for s in samples]
+    assert counts["count_of_colour"] == {"one": kinds.count("count_of_colour")}
+    assert sum(counts["colour_of_shape"].values()) == kinds.count("colour_of_shape")
+    assert list(counts["colour_of_shape"].values()) == sorted(counts["colour_of_shape"].values(), reverse=True)

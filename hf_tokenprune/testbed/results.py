@@ -12,7 +12,8 @@ check the figures on scenes nobody tuned on. Writes ``testbed_results.json`` / `
 (vs retention) and ``testbed_flops.png`` (vs prefill FLOPs) to ``--out`` and, with ``--results-md``, replaces
 that file's section between the markers :data:`BEGIN` and :data:`END`.
 
-``--full-only``: the full model's held-out accuracy alone (no pruning), per question kind.
+``--full-only``: the full model's held-out accuracy alone (no pruning), per question kind, and how often it gave
+each answer.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from ..world import results as world_results
-from ..world.evaluate import accuracy, heldout_samples
+from ..world.evaluate import heldout_samples, predict, score_answers
 from ..world.scenes import Sample
 from .model import ASSETS, load
 from .train import KINDS, OBJECTS
@@ -50,6 +52,15 @@ def scene_range(text: str) -> range:
 def samples_of(scenes: range, kinds: tuple[str, ...]) -> list[Sample]:
     """One question of ``kinds`` about each held-out scene of ``scenes`` (the testbed's object counts)."""
     return heldout_samples(len(scenes), start=scenes.start, kinds=kinds, n_objects=OBJECTS)
+
+
+def answer_counts(samples: list[Sample], answers: list[str]) -> dict[str, dict[str, int]]:
+    """How often each answer was given, per question kind (most frequent first): a kind the model has not learned
+    shows as one answer given to every question."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for s, a in zip(samples, answers, strict=True):
+        counts[s.question.kind][a] += 1
+    return {kind: dict(c.most_common()) for kind, c in sorted(counts.items())}
 
 
 def replace_section(path: Path, text: str) -> None:
@@ -83,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     samples = samples_of(args.scenes, tuple(args.kinds))
     command = " ".join(["python -m hf_tokenprune.testbed.results", *(sys.argv[1:] if argv is None else argv)])
     if args.full_only:
-        print(json.dumps({"command": command, "n": len(samples), **accuracy(model, processor, samples,
-                                                                           args.batch_size)}, indent=1))
+        answers = predict(model, processor, samples, args.batch_size)
+        print(json.dumps({"command": command, "n": len(samples), **score_answers(samples, answers),
+                          "answers": answer_counts(samples, answers)}, indent=1))
         return
     compressor = args.compressor if Path(args.compressor, "config.json").exists() else None
     setting = world_results.evaluate(
