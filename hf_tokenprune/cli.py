@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--kernel-size", type=int, default=5)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--val-fraction", type=float, default=0.1)
+    train.add_argument("--base-model", help="the model the compressor is for (Hub id or directory), written into its "
+                                            "config and card; default: the labelled model's name")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     calibrate = sub.add_parser("calibrate", help="choose the relevance-mass threshold of budget='auto' that keeps a "
@@ -213,7 +215,8 @@ def _run(args: argparse.Namespace) -> int:
         channels = args.channels or DEPTH_CHANNELS[args.depth]
         result = train_compressor(args.labels, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   channels=channels, kernel_size=args.kernel_size, val_fraction=args.val_fraction,
-                                  seed=args.seed, resume=args.resume, progress=not args.quiet)
+                                  seed=args.seed, base_model_name=args.base_model, resume=args.resume,
+                                  progress=not args.quiet)
         if process_state().is_main_process:
             print(json.dumps({"directory": str(result.directory), "best_epoch": result.best_epoch,
                               "metrics": result.metrics, "baseline_attention": result.baseline}))

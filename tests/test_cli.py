@@ -1,5 +1,6 @@
 """The command line's errors: one line on stderr and a non-zero exit code; ``--debug`` adds the traceback."""
 
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -120,3 +121,11 @@ def test_a_compressor_of_another_family_is_one_line(built, tmp_path: Path, capsy
     assert cli.main(["calibrate", "--model", str(tmp_path / "model"), "--compressor", str(tmp_path / "c"),
                      "--data", str(tmp_path / "data.jsonl"), "--limit", "1"]) == 1
     assert "trained for model_type 'llava' but the model has model_type 'qwen2_vl'" in one_error_line(capsys)
+
+
+def test_train_names_the_base_model_it_is_for(labels: Path, tmp_path: Path) -> None:
+    argv = ["train", "--labels", str(labels), "--out", str(tmp_path / "c"), "--epochs", "1", "--quiet",
+            "--base-model", "org/some-vlm"]
+    assert cli.main(argv) == 0
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["base_model_name"] == "org/some-vlm"
+    assert "org/some-vlm" in (tmp_path / "c" / "README.md").read_text()
