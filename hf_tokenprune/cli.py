@@ -200,16 +200,18 @@ def _run(args: argparse.Namespace) -> int:
         return 0 if all(r["passed"] for r in rows) else 1
     if args.command == "label":
         from .training.labels import label_from_paths
-        from .training.processes import process_state
+        from .training.processes import end_processes, process_state
 
         summary = label_from_paths(args.model, args.data, args.out, limit=args.limit,
                                    max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
                                    aggregation=args.aggregation, relevance=args.relevance)
-        if process_state().is_main_process:
+        state = process_state()
+        if state.is_main_process:
             print(json.dumps(summary.to_dict()))
+        end_processes(state)
         return 0
     if args.command == "train":
-        from .training.processes import process_state
+        from .training.processes import end_processes, process_state
         from .training.train import DEPTH_CHANNELS, train_compressor
 
         channels = args.channels or DEPTH_CHANNELS[args.depth]
@@ -217,9 +219,11 @@ def _run(args: argparse.Namespace) -> int:
                                   channels=channels, kernel_size=args.kernel_size, val_fraction=args.val_fraction,
                                   seed=args.seed, base_model_name=args.base_model, resume=args.resume,
                                   progress=not args.quiet)
-        if process_state().is_main_process:
+        state = process_state()
+        if state.is_main_process:
             print(json.dumps({"directory": str(result.directory), "best_epoch": result.best_epoch,
                               "metrics": result.metrics, "baseline_attention": result.baseline}))
+        end_processes(state)
         return 0
     if args.command == "bench":
         return _bench(args)

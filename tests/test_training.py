@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -186,6 +187,27 @@ def test_cli_train_from_a_label_directory(tmp_path: Path) -> None:
     assert "base_model: llava-hf/llava-1.5-7b-hf" in card and "wrong_answer: 1" in card
     assert cli.main([*argv[:5], "--epochs", "3", *argv[7:], "--resume"]) == 0
     assert len(json.loads((tmp_path / "out" / "training_log.json").read_text())["history"]) == 3
+
+
+def test_cli_ends_the_process_group(tmp_path: Path) -> None:
+    """A launched ``train`` ends its gloo process group before the interpreter exits (left to the exit, a rank can
+    abort: "terminate called without an active exception"). One rank, so the group is observable after ``main``."""
+    with LabelWriter(tmp_path / "labels", header={"model_type": "qwen2_vl"}) as writer:
+        for record in synthetic(8):
+            writer.add(record)
+    merge_index(tmp_path / "labels")
+    script = ("import sys, torch.distributed as dist; from hf_tokenprune import cli; "
+              "code = cli.main(sys.argv[1:]); print('initialized', dist.is_initialized()); sys.exit(code)")
+    argv = [sys.executable, "-c", script, "train", "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "out"),
+            "--epochs", "1", "--channels", "4", "--batch-size", "8", "--val-fraction", "0.25", "--quiet"]
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "initialized False"
 
 
 def test_two_processes_train_data_parallel(tmp_path: Path) -> None:

@@ -29,3 +29,10 @@ def process_state() -> Any:
         raise RuntimeError(f"{launched} processes were launched but accelerate set up none of them as distributed; "
                            "each would do all the work")
     return state
+
+
+def end_processes(state: Any) -> None:
+    """Let every process of ``state`` (:func:`process_state`) arrive, then end its process group: a gloo group left
+    to the interpreter's exit can abort a rank ("terminate called without an active exception")."""
+    state.wait_for_everyone()
+    state.destroy_process_group()
