@@ -115,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
                                             "config and card; default: the labelled model's name")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate = sub.add_parser("evaluate", help="score compressors against the oracle R_v on a label directory's "
+                                               "held-out labels, beside the raw first-layer attention (KL, "
+                                               "recall@25/50%, pointing); prints JSON")
+    evaluate.add_argument("--labels", required=True, help="label directory written by `hf-tokenprune label`")
+    evaluate.add_argument("--compressor", required=True, nargs="+", help="compressor directories or Hub ids")
+    split = evaluate.add_mutually_exclusive_group()
+    split.add_argument("--val-fraction", type=float, default=0.1,
+                       help="the validation split `train --val-fraction` held out (default 0.1)")
+    split.add_argument("--all", action="store_true", help="score every label, not the validation split")
     calibrate = sub.add_parser("calibrate", help="choose the relevance-mass threshold of budget='auto' that keeps a "
                                                  "target mean retention on a calibration set, and save it in the "
                                                  "compressor's config.json")
@@ -224,6 +233,13 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps({"directory": str(result.directory), "best_epoch": result.best_epoch,
                               "metrics": result.metrics, "baseline_attention": result.baseline}))
         end_processes(state)
+        return 0
+    if args.command == "evaluate":
+        from .training.evaluation import evaluate_compressors
+
+        scores = evaluate_compressors(args.labels, args.compressor,
+                                      val_fraction=None if args.all else args.val_fraction)
+        print(json.dumps(scores, indent=1))
         return 0
     if args.command == "bench":
         return _bench(args)

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from hf_tokenprune import cli
-from hf_tokenprune.compressor import Compressor
+from hf_tokenprune.compressor import Compressor, CompressorMismatchError
 from hf_tokenprune.scorers import CompressorScorer
-from hf_tokenprune.training import LabelRecord, LabelWriter, merge_index, train_compressor
+from hf_tokenprune.training import LabelRecord, LabelWriter, evaluate_compressors, merge_index, train_compressor
 from hf_tokenprune.training.data import is_validation, relevance_target
 from hf_tokenprune.training.metrics import kl_divergence, ranking_metrics
 from hf_tokenprune.training.train import CHECKPOINT
@@ -187,6 +187,29 @@ def test_cli_train_from_a_label_directory(tmp_path: Path) -> None:
     assert "base_model: llava-hf/llava-1.5-7b-hf" in card and "wrong_answer: 1" in card
     assert cli.main([*argv[:5], "--epochs", "3", *argv[7:], "--resume"]) == 0
     assert len(json.loads((tmp_path / "out" / "training_log.json").read_text())["history"]) == 3
+
+
+def test_evaluate_scores_compressors_on_the_held_out_labels(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``hf-tokenprune evaluate`` scores a saved compressor on the validation split its training held out: the
+    metrics training reported for its best epoch, and raw attention's; another family's or feature's is refused."""
+    with LabelWriter(tmp_path / "labels", header={"model_type": "llava"}) as writer:
+        for record in synthetic(40):
+            writer.add(record)
+    merge_index(tmp_path / "labels")
+    result = train_compressor(tmp_path / "labels", tmp_path / "a", epochs=3, **TINY)
+    argv = ["evaluate", "--labels", str(tmp_path / "labels"), "--compressor", str(tmp_path / "a")]
+    assert cli.main([*argv, "--val-fraction", str(TINY["val_fraction"])]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores[str(tmp_path / "a")] == pytest.approx(result.metrics)
+    assert scores["attention"] == pytest.approx(result.baseline)
+    assert cli.main([*argv, "--all"]) == 0  # every label: the training labels too, so other figures
+    assert json.loads(capsys.readouterr().out)["attention"] != pytest.approx(result.baseline)
+    Compressor(channels=(4,), base_model_type="qwen2_vl").save_pretrained(tmp_path / "qwen")
+    with pytest.raises(CompressorMismatchError, match="qwen2_vl"):
+        evaluate_compressors(tmp_path / "labels", [tmp_path / "qwen"])
+    Compressor(channels=(4,), feature="layer_attention", in_channels=3).save_pretrained(tmp_path / "layers")
+    with pytest.raises(ValueError, match="reads 3 feature channel"):
+        evaluate_compressors(tmp_path / "labels", [tmp_path / "layers"])
 
 
 def test_cli_ends_the_process_group(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from safetensors.torch import save
 
 from ..atomic import write_atomic
 
-__all__ = ["FORMAT", "LabelRecord", "LabelWriter", "merge_index", "read_index", "read_labels"]
+__all__ = ["FORMAT", "LabelRecord", "LabelWriter", "load_records", "merge_index", "read_index", "read_labels"]
 
 FORMAT = "hf_tokenprune.labels/1"
 INDEX_NAME = "index.json"
@@ -257,3 +258,13 @@ def read_labels(path: str | os.PathLike) -> list[LabelRecord]:
                 q = quote(sample_id, safe="")
                 records.append(LabelRecord(sample_id, *(f.get_tensor(f"{q}/{n}") for n in _TENSORS), meta=meta))
     return sorted(records, key=lambda r: r.sample_id)
+
+
+def load_records(labels: str | os.PathLike | Sequence[LabelRecord]) -> tuple[list[LabelRecord], dict[str, Any]]:
+    """Records (sorted by ``sample_id``) and a label summary: the store's header and counts when ``labels`` is a
+    label directory (or its ``index.json``), an empty header when it is the records themselves."""
+    if isinstance(labels, (str, os.PathLike)):
+        index = read_index(labels)
+        return read_labels(labels), {"header": index["header"], "counts": index["counts"]}
+    records = sorted(labels, key=lambda r: r.sample_id)
+    return records, {"header": {}, "counts": {"kept": len(records)}}

@@ -15,9 +15,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -30,10 +29,11 @@ from ..atomic import write_atomic
 from ..compressor import Compressor
 from .card import model_card
 from .data import EpochShuffle, LabelDataset, collate, feature_layers, is_validation
-from .metrics import METRICS, kl_divergence, ranking_metrics
+from .evaluation import attention_scores, compressor_scores, evaluate_scores, log_q
+from .metrics import METRICS, kl_divergence
 from .processes import cpu_only
 from .result import TrainResult
-from .store import LabelRecord, read_index, read_labels
+from .store import LabelRecord, load_records
 
 __all__ = ["DEPTH_CHANNELS", "TrainResult", "train_compressor"]
 
@@ -48,47 +48,6 @@ CHECKPOINT = Path("checkpoint") / "training_state.safetensors"
 # settings that must match for resume=True (epochs may grow)
 _RESUME_KEYS = ("channels", "kernel_size", "feature", "in_channels", "batch_size", "lr", "val_fraction", "seed",
                 "base_model_type", "base_model_name", "data")
-
-
-def _log_q(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.masked_fill(~mask, torch.finfo(logits.dtype).min), dim=-1)
-
-
-def _compressor_scores(model: Compressor) -> Callable[[dict], tuple[torch.Tensor, torch.Tensor]]:
-    def scores(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(batch["features"], batch["mask"]).float()
-        return logits, _log_q(logits, batch["mask"])
-
-    return scores
-
-
-def _attention_scores(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The raw first-layer feature as ranking and as distribution (``A / sum A``)."""
-    a = batch["features"] if batch["features"].dim() == 2 else batch["features"][:, 0]
-    a = a.clamp_min(0).masked_fill(~batch["mask"], 0)
-    q = a / a.sum(dim=1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
-    return a, torch.log(q.clamp_min(torch.finfo(a.dtype).tiny))
-
-
-@torch.no_grad()
-def _evaluate(scores: Callable, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
-    """Mean of the per-sample :data:`METRICS` over the (gathered) validation split."""
-    rows = []
-    for batch in loader:
-        ranking, log_q = scores(batch)
-        per_sample = {"kl": kl_divergence(batch["target"], log_q, batch["mask"]),
-                      **ranking_metrics(ranking, batch["relevance"], batch["mask"])}
-        rows.append(accelerator.gather_for_metrics(torch.stack([per_sample[m] for m in METRICS], dim=1)))
-    return dict(zip(METRICS, torch.cat(rows).mean(dim=0).tolist(), strict=True))
-
-
-def _load_records(labels: str | os.PathLike | Sequence[LabelRecord]) -> tuple[list[LabelRecord], dict[str, Any]]:
-    """Records and a label summary (the store's header and counts when read from a directory)."""
-    if isinstance(labels, (str, os.PathLike)):
-        index = read_index(labels)
-        return read_labels(labels), {"header": index["header"], "counts": index["counts"]}
-    records = sorted(labels, key=lambda r: r.sample_id)
-    return records, {"header": {}, "counts": {"kept": len(records)}}
 
 
 def _fingerprint(ids: Sequence[str]) -> str:
@@ -173,7 +132,7 @@ def train_compressor(
         raise ValueError(f"epochs must be >= 1, got {epochs!r}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-    records, summary = _load_records(labels)
+    records, summary = load_records(labels)
     header = summary["header"]
     base_model_type = base_model_type or header.get("model_type")
     base_model_name = base_model_name or header.get("model_name") or header.get("name_or_path")
@@ -211,7 +170,7 @@ def train_compressor(
     val_loader = DataLoader(LabelDataset(val), batch_size=batch_size, collate_fn=collate)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     unwrapped = accelerator.unwrap_model(model)
-    baseline = _evaluate(_attention_scores, val_loader, accelerator)
+    baseline = evaluate_scores(attention_scores, val_loader, accelerator.gather_for_metrics)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -222,8 +181,8 @@ def train_compressor(
         model.train()
         total = torch.zeros(2, device=accelerator.device)
         for batch in train_loader:
-            kl = kl_divergence(batch["target"], _log_q(model(batch["features"], batch["mask"]).float(),
-                                                       batch["mask"]), batch["mask"])
+            kl = kl_divergence(batch["target"], log_q(model(batch["features"], batch["mask"]).float(),
+                                                      batch["mask"]), batch["mask"])
             optimizer.zero_grad()
             accelerator.backward(kl.mean())
             optimizer.step()
@@ -231,7 +190,7 @@ def train_compressor(
         model.eval()
         total = accelerator.reduce(total, reduction="sum")
         metrics = {"epoch": epoch + 1, "train_kl": (total[0] / total[1]).item(),
-                   **_evaluate(_compressor_scores(model), val_loader, accelerator)}
+                   **evaluate_scores(compressor_scores(model), val_loader, accelerator.gather_for_metrics)}
         state["history"].append(metrics)
         state["epoch"] = epoch + 1
         improved = metrics["kl"] < state["best_kl"]  # metrics are gathered: every process agrees
