@@ -59,6 +59,18 @@ def test_the_vision_probe_reads_what_the_features_hold_and_nothing_more():
     result = profile.probe_accuracy((shape_only[:400], cells[:400]), (shape_only[400:], cells[400:]))
     assert result["shape"]["all_tokens"] > 0.95
     assert result["colour"]["all_tokens"] < 0.35  # chance: 1/7
+    early = profile.probe_accuracy((shape_only[:400], cells[:400]), (shape_only[400:], cells[400:]), steps=2)
+    torch.manual_seed(1)  # the probe draws its own initialisation: even 2 steps in, the global RNG does not matter
+    assert profile.probe_accuracy((shape_only[:400], cells[:400]), (shape_only[400:], cells[400:]), steps=2) == early
+
+
+def test_kept_cells_counts_objects_and_the_sequence_ends():
+    scores, objects = torch.zeros(64), torch.zeros(64, dtype=torch.bool)  # 4 rows of profile.GRID = 16 tokens
+    scores[20:28] = torch.arange(1.0, 9.0)  # the top 8 (12.5%) in row 1, half of them on objects
+    objects[20:24] = True
+    assert profile.kept_cells(scores, objects, 0.125) == {"objects": 0.5, "first_last_row": 0.0}
+    scores[60:64] = 10.0  # four tokens of the last row lead now, and push out the four objects (the lowest 4 of 8)
+    assert profile.kept_cells(scores, objects, 0.125) == {"objects": 0.0, "first_last_row": 0.5}
 
 
 def test_cell_labels_and_the_word_loss():
@@ -92,6 +104,18 @@ def test_the_shipped_lora_leaves_the_first_layer_as_pretrained():
     config = json.loads((ASSETS / "lora" / "adapter_config.json").read_text())
     assert 0 not in config["layers_to_transform"] and set(config["target_modules"]) <= set(LORA_MODULES)
     assert not config.get("modules_to_save")  # no embedding or head trained either
+
+
+@needs_wheels
+def test_the_shipped_compressor_keeps_objects_over_background():
+    from hf_tokenprune.testbed.model import load
+
+    model, processor = load()
+    report = profile.selection(model, processor, results.samples_of(range(1000, 1008), results.KINDS),
+                               str(results.COMPRESSOR))
+    assert report["questions"] == 8 and 0.05 < report["all_tokens_objects"] < 0.25  # 16-48 objects of 256 cells
+    for scorer in ("compressor", "attention"):  # measured on 160 questions: 86 / 84% at 12.5%, objects 12.7%
+        assert report[scorer]["0.125"]["objects"] > 3 * report["all_tokens_objects"]
 
 
 @needs_wheels

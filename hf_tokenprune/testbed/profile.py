@@ -7,6 +7,9 @@ Two measurements, printed as JSON:
   scenes. High figures mean the answer is in the visual tokens; what is missing is the LM finding it.
 * **accuracy**: the trained model's held-out accuracy with all tokens, per question kind, on scenes with few, middle
   and many objects. A kind that stays near chance with few objects fails in the lookup, not in crowding.
+* **selection**: where the compressor's and first-layer attention's top tokens lie on held-out questions: the share
+  of the kept tokens that show an object (beside the share of all tokens that do, what a random pick gets), and the
+  share in the grid's first and last row, the two ends of the visual sequence.
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ import json
 import torch
 from torch import nn
 
-from ..world.evaluate import accuracy, heldout_samples
+from ..adapters import get_adapter
+from ..config import TokenPruneConfig
+from ..methods import build_scorer
+from ..world.evaluate import accuracy, heldout_samples, inputs_for
 from ..world.scenes import Sample, make_samples
+from ..wrap import score_inputs
 from .model import base, load
+from .results import COMPRESSOR, samples_of, scene_range
 from .train import KINDS, OBJECTS, cell_labels
 
 OBJECT_RANGES = ((8, 16), OBJECTS, (48, 96))
+GRID = 16  # visual tokens per row: one DINOv2 patch per 8-pixel cell of the 128-pixel scene
 
 
 def vision_features(model: nn.Module, processor, samples: list[Sample]) -> torch.Tensor:
@@ -35,16 +44,19 @@ def vision_features(model: nn.Module, processor, samples: list[Sample]) -> torch
 
 
 def probe_accuracy(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-                   steps: int = 300) -> dict[str, dict[str, float]]:
-    """A linear probe per cell attribute (shape, colour), fitted with Adam on ``train`` = ``(features, cells)``;
-    its accuracy on ``test``, over all tokens and over the tokens that show an object."""
+                   steps: int = 300, seed: int = 0) -> dict[str, dict[str, float]]:
+    """A linear probe per cell attribute (shape, colour), fitted with Adam on ``train`` = ``(features, cells)``
+    from an initialisation drawn with ``seed``; its accuracy on ``test``, over all tokens and over the tokens that
+    show an object."""
     features, cells = train
     mean, std = features.mean(0), features.std(0) + 1e-5
     test_features, test_cells = (test[0] - mean) / std, test[1]
     shows_object = test_cells[:, 0] > 0
     out = {}
     for column, name in enumerate(("shape", "colour")):
-        probe = nn.Linear(features.shape[1], int(cells[:, column].max()) + 1)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            probe = nn.Linear(features.shape[1], int(cells[:, column].max()) + 1)
         optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
         for _ in range(steps):
             loss = nn.functional.cross_entropy(probe((features - mean) / std), cells[:, column])
@@ -58,11 +70,44 @@ def probe_accuracy(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.T
     return out
 
 
+def kept_cells(scores: torch.Tensor, objects: torch.Tensor, ratio: float) -> dict[str, float]:
+    """Of the ``round(ratio * N)`` top-``scores`` tokens of a ``GRID``-wide grid (``objects``: ``[N]`` bool, the
+    token shows an object): the share that shows an object and the share in the first or last row."""
+    top = scores.topk(round(ratio * scores.numel())).indices
+    edge = (top < GRID) | (top >= scores.numel() - GRID)
+    return {"objects": objects[top].float().mean().item(), "first_last_row": edge.float().mean().item()}
+
+
+def selection(model: nn.Module, processor, samples: list[Sample], compressor: str,
+              ratios: tuple[float, ...] = (0.25, 0.125)) -> dict:
+    """:func:`kept_cells` of the compressor and of first-layer attention, averaged over ``samples``, beside the
+    share of all tokens that show an object."""
+    scorer = build_scorer(TokenPruneConfig(scorer="compressor", compressor=compressor), get_adapter(model))
+    rows: dict[str, dict[float, list[dict[str, float]]]] = {"compressor": {}, "attention": {}}
+    shown = []
+    for sample in samples:
+        found = score_inputs(model, inputs_for(processor, [sample]))
+        n = found.layout.counts[0]
+        objects = cell_labels([sample])[:, 0] > 0
+        shown.append(objects.float().mean().item())
+        with torch.no_grad():
+            scores = {"compressor": scorer.score(found)[0, :n].float(), "attention": found.first_layer_attention[0, :n]}
+        for name, values in scores.items():
+            for ratio in ratios:
+                rows[name].setdefault(ratio, []).append(kept_cells(values, objects, ratio))
+    mean = {name: {f"{ratio:g}": {key: round(sum(r[key] for r in kept) / len(kept), 4) for key in kept[0]}
+                   for ratio, kept in by_ratio.items()} for name, by_ratio in rows.items()}
+    return {"questions": len(samples), "all_tokens_objects": round(sum(shown) / len(shown), 4), **mean}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="trained projector directory (default: only the probe)")
     parser.add_argument("--probe-scenes", type=int, default=150, help="train-split scenes for the probe")
     parser.add_argument("--scenes", type=int, default=48, help="test-split scenes per object range")
+    parser.add_argument("--selection-scenes", type=scene_range, default=scene_range("1000:1160"),
+                        help="held-out scenes START:STOP of the selection profile (default: the results table's)")
+    parser.add_argument("--compressor", default=str(COMPRESSOR), help="compressor directory (selection profile)")
     args = parser.parse_args(argv)
     model, processor = base()
 
@@ -79,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         report["accuracy"] = {f"{low}-{high} objects": accuracy(
             model, processor, heldout_samples(args.scenes, kinds=KINDS, n_objects=(low, high)), batch_size=16)
             for low, high in OBJECT_RANGES}
+        report["selection"] = selection(model, processor, samples_of(args.selection_scenes, KINDS), args.compressor)
     print(json.dumps(report, indent=1))
 
 
