@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import socket
 
 import made_up_family
 import pytest
@@ -18,6 +19,13 @@ REGISTERED_CASES = [(f, k) for f in REGISTERED_FAMILIES for k in tiny.MODALITIES
 FAMILIES = tuple(f for f in REGISTERED_FAMILIES if f not in made_up_family.FAMILIES)
 # (family, input kind) pairs the family supports: LLaVA-1.5 has images only.
 CASES = [(f, k) for f in FAMILIES for k in tiny.MODALITIES[f]]
+
+
+def free_port() -> int:
+    """A local TCP port nobody listens on now: for a launch beside others, or a Hub endpoint that refuses."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def chat(question: str, kind: str | None, count: int = 1) -> list[dict]:

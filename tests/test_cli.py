@@ -2,12 +2,12 @@
 
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from huggingface_hub import constants
 from test_training import TINY, synthetic
 
@@ -27,9 +27,7 @@ def one_error_line(capsys: pytest.CaptureFixture) -> str:
 @pytest.fixture
 def unreachable_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     """The Hub at a local port nobody listens on: connections are refused, as without network."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
 

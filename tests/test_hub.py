@@ -2,7 +2,6 @@
 
 import re
 import shutil
-import socket
 import threading
 import time
 import warnings
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from huggingface_hub import constants
 from huggingface_hub.utils import filter_repo_objects
 
@@ -239,10 +239,7 @@ def test_a_repo_the_hub_does_not_have_fails_after_one_request(fake_hub: list[str
 
 def test_a_repo_id_fails_fast_when_the_hub_cannot_be_reached_and_loads_from_the_cache_if_there(
         online_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as sock:  # a port nobody listens on: connections are refused
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    use_endpoint(monkeypatch, f"http://127.0.0.1:{port}")
+    closed_port_endpoint(monkeypatch)
     start = time.perf_counter()
     with pytest.raises(CompressorNotFoundError) as info:
         load_compressor("my-compressor", None)
@@ -366,10 +363,7 @@ def test_trained_compressor_from_the_offline_cache_selects_like_the_local_direct
 
 def closed_port_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     """Send the Hub's requests to a local port nobody listens on: every connection is refused, as without network."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    use_endpoint(monkeypatch, f"http://127.0.0.1:{port}")
+    use_endpoint(monkeypatch, f"http://127.0.0.1:{free_port()}")
 
 
 def test_no_compressor_and_no_network_falls_back_in_under_3_seconds(built, online_cache: Path, unwarned: None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy
 import pytest
 import torch
+from conftest import free_port
 
 from hf_tokenprune import prune_wrap, score_inputs, tiny
 from hf_tokenprune.explain import visual_relevance
@@ -154,9 +154,7 @@ def test_accelerate_launch_equals_single_process(qwen, tmp_path, launcher):
     finally:
         torch.set_num_threads(threads)
     assert (single.labels_added, single.dropped) == (5, 2)
-    with socket.socket() as free:  # not accelerate's default port 29500: other launches may run beside this one
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()  # not accelerate's default port 29500: other launches may run beside this one
     command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
                "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "hf_tokenprune.cli", "label",

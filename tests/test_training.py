@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import free_port
 from safetensors.torch import load_file
 
 from hf_tokenprune import cli
@@ -223,9 +223,7 @@ def test_cli_ends_the_process_group(tmp_path: Path) -> None:
               "code = cli.main(sys.argv[1:]); print('initialized', dist.is_initialized()); sys.exit(code)")
     argv = [sys.executable, "-c", script, "train", "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "out"),
             "--epochs", "1", "--channels", "4", "--batch-size", "8", "--val-fraction", "0.25", "--quiet"]
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0",
            "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
