@@ -97,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="R_v from the answer's gradients (default), or uniform over the tokens of each "
                             "sample's annotated evidence boxes (meta.boxes: [frame, x0, y0, x1, y1] in pixels)")
     label.add_argument("--limit", type=int, help="label only the first N samples")
+    label.add_argument("--feature", default="first_layer_attention",
+                       choices=["first_layer_attention", "first_layer_head_attention"],
+                       help="compressor input stored with each label: A^0_v (default, the paper's), or A^0_v of "
+                            "each head of the first layer (same inference cost)")
+    label.add_argument("--relevance-from", metavar="LABELS",
+                       help="reuse this label directory's R_v (same model): compute only --feature for its samples, "
+                            "no generation or gradients")
     train = sub.add_parser("train", help="train a compressor on a label directory; `accelerate launch -m "
                                          "hf_tokenprune.cli train ...` runs data-parallel")
     train.add_argument("--labels", required=True, help="label directory written by `hf-tokenprune label`")
@@ -213,7 +220,8 @@ def _run(args: argparse.Namespace) -> int:
 
         summary = label_from_paths(args.model, args.data, args.out, limit=args.limit,
                                    max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
-                                   aggregation=args.aggregation, relevance=args.relevance)
+                                   aggregation=args.aggregation, relevance=args.relevance, feature=args.feature,
+                                   relevance_from=args.relevance_from)
         state = process_state()
         if state.is_main_process:
             print(json.dumps(summary.to_dict()))

@@ -9,9 +9,11 @@ uniform share over the sample's valid tokens. This makes the input invariant to 
 (which shrinks like 1/L with the context length) and to the number of visual tokens ``N`` (uniform attention
 maps to 0 whatever ``N``), while keeping how peaked the attention is. Negative inputs are clamped to 0.
 
-Input feature: ``"first_layer_attention"`` (``A^0_v``, one input channel; the feature the compressor scorer
-computes at inference) or, for the multi-layer ablation, ``"layer_attention"``: the same attention of the first
-``in_channels`` LLM layers stacked as channels (``[B, K, N]``, each channel normalised alone; training only).
+Input feature: ``"first_layer_attention"`` (``A^0_v``, one input channel, the paper's),
+``"first_layer_head_attention"`` (the same attention of each of the first layer's ``in_channels`` query heads,
+not averaged: ``[B, H, N]``, each channel normalised alone; same cost), both computed by the compressor scorer at
+inference, or, for the multi-layer ablation, ``"layer_attention"``: the attention of the first ``in_channels``
+LLM layers stacked as channels (``[B, K, N]``; training only).
 
 Serialisation goes through :class:`huggingface_hub.PyTorchModelHubMixin` (``save_pretrained``,
 ``from_pretrained``, ``push_to_hub``): ``config.json`` plus ``model.safetensors``. Loading is stricter than
@@ -60,7 +62,7 @@ from .config import TokenPruneConfig, check_fraction
 __all__ = ["CALIBRATION_FIELDS", "Compressor", "CompressorMismatchError", "CompressorNotFoundError",
            "DepthwiseSeparableConv1d", "FEATURES", "InvalidCompressorError", "validate_calibration"]
 
-FEATURES = ("first_layer_attention", "layer_attention")
+FEATURES = ("first_layer_attention", "first_layer_head_attention", "layer_attention")
 MAX_CHANNELS = 4096
 MAX_LAYERS = 16
 MAX_KERNEL_SIZE = 63
@@ -204,9 +206,9 @@ def _validate_config(channels: object, kernel_size: object, base_model_type: obj
         raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or not 1 <= in_channels <= MAX_CHANNELS:
         raise ValueError(f"in_channels must be an int in [1, {MAX_CHANNELS}], got {in_channels!r}")
-    if (feature == "first_layer_attention") != (in_channels == 1):
+    if feature != "first_layer_head_attention" and (feature == "first_layer_attention") != (in_channels == 1):
         raise ValueError(f"in_channels={in_channels} does not fit feature={feature!r}: first_layer_attention has "
-                         "1 channel, layer_attention one per layer (>= 2)")
+                         "1 channel, layer_attention one per layer (>= 2), first_layer_head_attention one per head")
     for name, value in (("base_model_type", base_model_type), ("base_model_name", base_model_name)):
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{name} must be a str or None, got {type(value).__name__} {value!r}")
@@ -260,9 +262,11 @@ class Compressor(
         kernel_size: odd kernel size of the depthwise convolutions.
         base_model_type: ``config.model_type`` of the model the compressor was trained for (e.g. ``"llava"``).
         base_model_name: Hub id of that model, informational.
-        feature: the input feature, ``"first_layer_attention"`` or ``"layer_attention"`` (multi-layer ablation).
-        in_channels: input channels: 1 for ``"first_layer_attention"``, the number of layers for
-            ``"layer_attention"``. Written to ``config.json`` only when it is not 1.
+        feature: the input feature, ``"first_layer_attention"``, ``"first_layer_head_attention"`` or
+            ``"layer_attention"`` (multi-layer ablation).
+        in_channels: input channels: 1 for ``"first_layer_attention"``, the first layer's query heads for
+            ``"first_layer_head_attention"``, the number of layers for ``"layer_attention"``. Written to
+            ``config.json`` only when it is not 1.
         calibration: the ``budget="auto"`` threshold (:func:`validate_calibration` fields), or None. Written to
             ``config.json`` only when set; see :meth:`set_calibration`.
     """

@@ -39,9 +39,10 @@ def _module_rotary(module: str) -> Callable[..., tuple[torch.Tensor, torch.Tenso
 
 
 def first_layer_attention(text_model: nn.Module, inputs_embeds: torch.Tensor, rotary_positions: torch.Tensor,
-                          attention_mask: torch.Tensor | None, instruction_mask: torch.Tensor) -> torch.Tensor:
+                          attention_mask: torch.Tensor | None, instruction_mask: torch.Tensor,
+                          per_head: bool = False) -> torch.Tensor:
     """Attention each position receives in layer 0 (:func:`feature_layer`), averaged over heads and over the
-    instruction tokens.
+    instruction tokens (``per_head``: over the instruction tokens only, one row per query head).
 
     Args:
         text_model: the decoder (``layers`` with ``input_layernorm`` and ``self_attn.q_proj/k_proj``, ``rotary_emb``).
@@ -51,12 +52,14 @@ def first_layer_attention(text_model: nn.Module, inputs_embeds: torch.Tensor, ro
         instruction_mask: ``[batch, length]``, the query rows to average over (at least one per sample).
 
     Returns:
-        ``[batch, length]`` float32; the entries of visual positions form ``A^0_v``.
+        ``[batch, length]`` float32; the entries of visual positions form ``A^0_v``. ``[batch, heads, length]``
+        with ``per_head``.
     """
     index = feature_layer(text_model)
     with torch.no_grad():
         cos, sin = layer_rotary(text_model, inputs_embeds, rotary_positions, index)
-    return received_attention(text_model.layers[index], inputs_embeds, (cos, sin), attention_mask, instruction_mask)
+    return received_attention(text_model.layers[index], inputs_embeds, (cos, sin), attention_mask, instruction_mask,
+                              per_head=per_head)
 
 
 def layer_rotary(text_model: nn.Module, x: torch.Tensor, rotary_positions: torch.Tensor,
@@ -108,11 +111,11 @@ def query_logits(layer: nn.Module, hidden_states: torch.Tensor,
 
 def received_attention(layer: nn.Module, hidden_states: torch.Tensor,
                        position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor | None,
-                       query_mask: torch.Tensor) -> torch.Tensor:
+                       query_mask: torch.Tensor, per_head: bool = False) -> torch.Tensor:
     """Attention each position receives in decoder ``layer`` from the ``query_mask`` rows, averaged over heads and
     rows (:func:`query_logits`, causal, padding from ``attention_mask``, the layer's sliding window where it has one).
     ``hidden_states`` is the layer's input, ``position_embeddings`` the ``(cos, sin)`` it receives. Returns
-    ``[batch, length]`` float32.
+    ``[batch, length]`` float32, or ``[batch, heads, length]`` with ``per_head`` (averaged over rows only).
     """
     length = hidden_states.shape[1]
     with torch.no_grad():
@@ -130,9 +133,17 @@ def received_attention(layer: nn.Module, hidden_states: torch.Tensor,
             allowed = allowed & attention_mask.bool()[:, None, :]
         allowed = allowed | ~q_valid[:, :, None]  # padding query rows: any finite row, zeroed below
         logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-        probs = logits.softmax(dim=-1).mean(dim=1)  # [b, n_q, length]
-        probs = probs * q_valid.unsqueeze(-1)
-        return probs.sum(dim=1) / q_valid.sum(dim=1, keepdim=True).clamp(min=1)
+        probs = logits.softmax(dim=-1)  # [b, heads, n_q, length]
+        if not per_head:
+            return _row_mean(probs.mean(dim=1), q_valid)
+        return _row_mean(probs.flatten(0, 1), q_valid.repeat_interleave(probs.shape[1], dim=0)).unflatten(
+            0, probs.shape[:2])
+
+
+def _row_mean(probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``probs`` ``[b, rows, length]`` over its ``valid`` ``[b, rows]`` rows: ``[b, length]``."""
+    probs = probs * valid.unsqueeze(-1)
+    return probs.sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp(min=1)
 
 
 def delta_rule_attention(linear_attn: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -37,6 +37,11 @@ def test_matches_eager_layer0_attention(family, kind):
     expected = (eager * rows).sum(dim=1) / rows.sum(dim=1)
     assert torch.allclose(ours, expected, atol=1e-6)
     assert layout.instruction_mask.sum() > 0
+    heads = first_layer_attention(adapter.text_model, embeds, adapter.rotary_positions(positions), mask,
+                                  layout.instruction_mask, per_head=True)
+    per_head = (out.attentions[0] * rows.unsqueeze(1)).sum(dim=2) / rows.sum(dim=1).unsqueeze(1)
+    assert heads.shape == per_head.shape == (batch, out.attentions[0].shape[1], length)
+    assert torch.allclose(heads, per_head, atol=1e-6)
 
 
 def test_instruction_tokens_exclude_template_specials_and_padding():
@@ -66,6 +71,10 @@ def test_score_inputs_is_what_the_pruner_scores(family, kind, built):
     captured = score_inputs(model, inputs)
     assert captured.layout.counts == [int(n) for n in captured.valid.sum(dim=1)]
     feature = captured.first_layer_attention
+    heads = captured.first_layer_head_attention  # packed like A^0_v, one row per head
+    assert heads.shape == (feature.shape[0], adapter_heads(model), feature.shape[1])
+    assert torch.allclose(heads.mean(dim=1), feature, atol=1e-7)
+    assert not heads.masked_select(~captured.valid.unsqueeze(1)).any()
     prune_wrap(model, ratio=0.5, scorer="attention")
     with torch.no_grad():
         model(**inputs)
@@ -75,6 +84,14 @@ def test_score_inputs_is_what_the_pruner_scores(family, kind, built):
         assert torch.equal(kept, expected)
     assert score_inputs(model, inputs).first_layer_attention.equal(feature)  # wrapped: same, hooks intact
     assert "tokenprune" in model.__dict__
+
+
+def adapter_heads(model) -> int:
+    """Query heads of the layer A^0_v is computed from."""
+    from hf_tokenprune.features import feature_layer
+
+    text_model = get_adapter(model).text_model
+    return text_model.layers[feature_layer(text_model)].self_attn.config.num_attention_heads
 
 
 def test_score_inputs_without_visual_tokens_is_none(built):

@@ -49,3 +49,31 @@ def test_labels_train_and_prune_end_to_end(built, family, tmp_path):
                                                                             stats.visual_tokens_before))
         reference = masked_greedy(model, inputs, steps=4)
         assert torch.equal(pruned.sequences, reference.sequences)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision", "gemma3"])
+def test_head_feature_compressor_end_to_end(built, family, tmp_path):
+    """Per-head labels train a ``first_layer_head_attention`` compressor (one input channel per query head of the
+    first layer); pruning computes that feature and equals the full model with the dropped tokens masked out. A
+    compressor for another head count is refused before the LLM runs."""
+    model, processor = built(family)
+    samples = [s for s in load_jsonl(write_jsonl(tmp_path / "data", 6)) if s.video is None]
+    generate_labels(model, processor, samples, tmp_path / "labels", judge=not_wrong, max_new_tokens=STEPS,
+                    progress=False, feature="first_layer_head_attention")
+    heads = model.config.text_config.num_attention_heads
+    assert all(r.feature.shape[0] == heads for r in read_labels(tmp_path / "labels"))
+    result = train_compressor(tmp_path / "labels", tmp_path / "compressor", epochs=2, seed=0, channels=(4, 8),
+                              kernel_size=3, batch_size=4, val_fraction=0.5, progress=False)
+    compressor = Compressor.from_pretrained(result.directory)
+    assert (compressor.feature, compressor.in_channels) == ("first_layer_head_attention", heads)
+    inputs = make_inputs(processor, "image")
+    prune_wrap(model, compressor=str(result.directory), ratio=0.25)
+    pruned = greedy(model, inputs, steps=4)
+    assert model.tokenprune.last_stats.scorer == "compressor"
+    assert torch.equal(pruned.sequences, masked_greedy(model, inputs, steps=4).sequences)
+    other = Compressor(channels=(4,), kernel_size=3, base_model_type=model.config.model_type,
+                       feature="first_layer_head_attention", in_channels=heads + 1)
+    other.save_pretrained(tmp_path / "other")
+    prune_wrap(model, compressor=str(tmp_path / "other"), ratio=0.25)
+    with pytest.raises(ValueError, match=f"reads {heads + 1} attention heads of the first layer, the model has {heads}"):
+        greedy(model, inputs, steps=1)

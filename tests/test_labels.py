@@ -299,3 +299,38 @@ def test_sample_from_dict(tmp_path):
     assert (sample.sample_id, sample.answer, sample.meta, sample.video) == ("7", "3", {"source": "x"}, None)
     assert len(sample.images) == 2 and sample.images[1] is image and sample.images[0].size == (56, 56)
     assert sample_from_dict({"question": "q", "answer": "a", "video": [image, image]}, 12).sample_id == "00000012"
+
+
+def test_head_feature_from_existing_labels(qwen, data, reference, tmp_path):
+    """``relevance_from``: the per-head feature for an existing label directory's samples, without generation or
+    gradients: same ids, ``R_v``, grid and meta, the feature ``[heads, N_v]`` whose head mean is the stored A^0_v;
+    samples without a label there are skipped; the header keeps the source's relevance settings."""
+    model, processor = qwen
+
+    def never(prediction: str, reference: str) -> bool:  # the judge must not run: nothing is generated
+        raise AssertionError("judged")
+
+    summary = generate_labels(model, processor, load_jsonl(data), tmp_path, judge=never, progress=False,
+                              feature="first_layer_head_attention", relevance_from=reference)
+    assert (summary.labels_added, summary.dropped, summary.failed) == (5, 2, 0)
+    source, heads = read_labels(reference), read_labels(tmp_path)
+    assert [r.sample_id for r in heads] == [r.sample_id for r in source]
+    n_heads = model.config.text_config.num_attention_heads
+    for old, new in zip(source, heads, strict=True):
+        assert new.feature.shape == (n_heads, *old.feature.shape)
+        assert torch.allclose(new.feature.mean(dim=0), old.feature, atol=1e-7)
+        assert torch.equal(new.relevance, old.relevance) and torch.equal(new.grid, old.grid)
+        assert new.meta == old.meta
+    header, old_header = read_index(tmp_path)["header"], read_index(reference)["header"]
+    assert header["feature"] == "first_layer_head_attention" and header["relevance_from"] == str(reference)
+    assert {k: header[k] for k in ("relevance", "aggregation", "judge", "max_new_tokens")} == {
+        k: old_header[k] for k in ("relevance", "aggregation", "judge", "max_new_tokens")}
+    assert read_index(tmp_path)["counts"]["skip_reasons"] == {"no label in relevance_from": 2}
+
+
+def test_relevance_from_another_model_is_refused(built, reference, data, tmp_path):
+    model, processor = built("llava_onevision")
+    with pytest.raises(ValueError, match="labels a 'qwen2_vl' model, this one is 'llava_onevision'"):
+        generate_labels(model, processor, load_jsonl(data), tmp_path, progress=False, relevance_from=reference)
+    with pytest.raises(ValueError, match="feature must be one of"):
+        generate_labels(model, processor, load_jsonl(data), tmp_path, progress=False, feature="heads")

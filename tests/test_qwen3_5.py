@@ -241,6 +241,22 @@ def test_command_line_labels_train_a_compressor_that_prunes(tmp_path, capsys):
         reference = generate_reference(model, inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                        output_logits=True, return_dict_in_generate=True)
         assert torch.equal(pruned.sequences, reference.sequences)
+    # the per-head feature of the same labels (no new relevance pass), its compressor, pruning with it
+    assert cli.main(["label", "--model", str(tmp_path / "model"), "--data", str(jsonl), "--out",
+                     str(tmp_path / "heads"), "--feature", "first_layer_head_attention", "--relevance-from",
+                     str(tmp_path / "labels")]) == 0
+    assert '"labels_added": 4' in capsys.readouterr().out
+    heads = model.config.text_config.num_attention_heads
+    assert [r.feature.shape for r in read_labels(tmp_path / "heads")] == [(heads, *r.feature.shape) for r in records]
+    assert cli.main(["train", "--labels", str(tmp_path / "heads"), "--out", str(tmp_path / "head_compressor"),
+                     "--epochs", "2", "--channels", "4,8", "--kernel-size", "3", "--val-fraction", "0.5",
+                     "--quiet"]) == 0
+    prune_wrap(model, compressor=str(tmp_path / "head_compressor"), ratio=0.25)
+    pruned = greedy(model, inputs, steps=4)
+    assert model.tokenprune.last_stats.scorer == "compressor"
+    reference = generate_reference(model, inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(pruned.sequences, reference.sequences)
 
 
 def test_transformers_rolls_a_rejected_block_back_past_its_accepted_token_unpruned():

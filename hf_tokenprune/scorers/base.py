@@ -65,6 +65,14 @@ class ScoreInputs:
         return pack(attention, self.layout.visual_mask)[0]
 
     @cached_property
+    def first_layer_head_attention(self) -> torch.Tensor:
+        """``A^0_v`` of each query head (not averaged over heads), ``[batch, heads, max_visual]``."""
+        attention = first_layer_attention(self.text_model, self.inputs_embeds, self.rotary_positions,
+                                          self.attention_mask, self.layout.instruction_mask, per_head=True)
+        mask = self.layout.visual_mask
+        return torch.stack([pack(attention[:, h], mask)[0] for h in range(attention.shape[1])], dim=1)
+
+    @cached_property
     def visual_embeds(self) -> torch.Tensor:
         """The visual embeddings entering the LLM, ``[batch, max_visual, hidden]``."""
         mask = self.layout.visual_mask

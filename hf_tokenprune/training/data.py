@@ -11,7 +11,8 @@ from torch.utils.data import Dataset, Sampler
 from ..pruning import budget
 from .store import LabelRecord
 
-__all__ = ["EpochShuffle", "LabelDataset", "collate", "feature_layers", "is_validation", "relevance_target"]
+__all__ = ["EpochShuffle", "LabelDataset", "collate", "feature_layers", "is_validation", "record_feature",
+           "relevance_target"]
 
 TARGET_KEEP = 0.5
 
@@ -36,6 +37,16 @@ def feature_layers(records: Sequence[LabelRecord]) -> int:
     if len(layers) != 1:
         raise ValueError(f"label records mix features of {sorted(layers)} layers")
     return layers.pop()
+
+
+def record_feature(records: Sequence[LabelRecord], header: dict) -> tuple[str, int]:
+    """The compressor feature and input channels the records hold: the label header's ``feature`` for per-head
+    features (``"first_layer_head_attention"``), else ``"first_layer_attention"`` for ``[N_v]`` and the
+    multi-layer ``"layer_attention"`` for ``[K, N_v]``."""
+    channels = feature_layers(records)
+    if header.get("feature") == "first_layer_head_attention":
+        return "first_layer_head_attention", channels
+    return ("first_layer_attention" if channels == 1 else "layer_attention"), channels
 
 
 class LabelDataset(Dataset):

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..compressor import Compressor
-from .data import LabelDataset, collate, feature_layers, is_validation
+from .data import LabelDataset, collate, is_validation, record_feature
 from .metrics import METRICS, kl_divergence, ranking_metrics
 from .store import LabelRecord, load_records
 
@@ -34,10 +34,21 @@ def compressor_scores(model: Compressor) -> Scores:
     return scores
 
 
-def attention_scores(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The raw first-layer feature as ranking and as distribution (``A / sum A``)."""
-    a = batch["features"] if batch["features"].dim() == 2 else batch["features"][:, 0]
-    a = a.clamp_min(0).masked_fill(~batch["mask"], 0)
+def attention_scores(feature: str) -> Scores:
+    """The raw first-layer attention ``A^0_v`` of a ``feature`` batch (the heads' mean of a per-head one, the first
+    layer's of a multi-layer one) as ranking and as distribution (``A / sum A``)."""
+    def scores(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        a = batch["features"]
+        if a.dim() == 3:
+            a = a.mean(dim=1) if feature == "first_layer_head_attention" else a[:, 0]
+        return _distribution(a, batch["mask"])
+
+    return scores
+
+
+def _distribution(a: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` (0 at padding) as ranking and its log-distribution ``log(a / sum a)``."""
+    a = a.clamp_min(0).masked_fill(~mask, 0)
     q = a / a.sum(dim=1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
     return a, torch.log(q.clamp_min(torch.finfo(a.dtype).tiny))
 
@@ -76,16 +87,16 @@ def evaluate_compressors(labels: str | os.PathLike | Sequence[LabelRecord],
         records = [r for r in records if is_validation(r.sample_id, val_fraction)]
     if not records:
         raise ValueError(f"no labels to score (val_fraction={val_fraction!r})")
-    layers, model_type = feature_layers(records), summary["header"].get("model_type")
+    (feature, layers), model_type = record_feature(records, summary["header"]), summary["header"].get("model_type")
     loaded = {}
     for path in compressors:
         model = Compressor.from_pretrained(path).eval()
-        if model.in_channels != layers:
-            raise ValueError(f"compressor {str(path)!r} reads {model.in_channels} feature channel(s), the labels "
-                             f"hold {layers}")
+        if (model.feature, model.in_channels) != (feature, layers):
+            raise ValueError(f"compressor {str(path)!r} reads {model.feature} ({model.in_channels} channel(s)), "
+                             f"the labels hold {feature} ({layers})")
         if model_type is not None:
             model.check_compatible(model_type)
         loaded[str(path)] = model
     loader = DataLoader(LabelDataset(records), batch_size=batch_size, collate_fn=collate)
-    return {"attention": evaluate_scores(attention_scores, loader),
+    return {"attention": evaluate_scores(attention_scores(feature), loader),
             **{name: evaluate_scores(compressor_scores(model), loader) for name, model in loaded.items()}}

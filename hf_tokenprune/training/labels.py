@@ -41,10 +41,11 @@ from tqdm.auto import tqdm
 from ..explain import AGGREGATIONS, box_relevance, visual_relevance
 from ..wrap import score_inputs
 from .processes import process_state
-from .store import LabelRecord, LabelWriter, merge_index
+from .store import LabelRecord, LabelWriter, load_records, merge_index
 
 Judge = Callable[[str, str], bool]
 FEATURE = "first_layer_attention"
+FEATURES = (FEATURE, "first_layer_head_attention")  # A^0_v, or A^0_v of each head of the first layer ([heads, N_v])
 FIELDS = ("id", "question", "answer", "image", "images", "video")
 RELEVANCE = ("gradient", "boxes")  # where R_v comes from: the answer's gradients, or the annotated evidence
 
@@ -210,8 +211,30 @@ def _grid(model: nn.Module, inputs: Any, segments: list[int], count: int) -> tor
     return grid
 
 
+def _feature(model: nn.Module, inputs: Any, feature: str) -> tuple[torch.Tensor, list[int]]:
+    """``feature`` of the sample (``[N_v]``, or ``[heads, N_v]``) and its visual segments."""
+    scope = model.tokenprune.config.scope if "tokenprune" in model.__dict__ else "sample"
+    found = score_inputs(model, inputs, scope=scope)
+    if found is None:
+        raise ValueError("the prompt has no visual tokens")
+    valid = found.valid[0]
+    values = found.first_layer_attention[0, valid] if feature == FEATURE else found.first_layer_head_attention[0][:, valid]
+    return values.detach().float().cpu(), found.layout.segments[0]
+
+
+def _refeature_one(model: nn.Module, processor: Any, sample: LabelSample, source: LabelRecord,
+                   feature: str) -> tuple[LabelRecord, dict[str, Any]]:
+    """``source``'s label (``R_v``, grid, meta) with ``feature`` computed anew: no generation, no gradients."""
+    values, _ = _feature(model, build_prompt(processor, sample).to(model.device), feature)
+    if values.shape[-1] != source.relevance.shape[0]:
+        raise ValueError(f"the model gives {values.shape[-1]} visual tokens, the source label has "
+                         f"{source.relevance.shape[0]}: another model or processor")
+    return LabelRecord(sample.sample_id, values, source.relevance, source.grid, source.meta), source.meta
+
+
 def _label_one(model: nn.Module, processor: Any, sample: LabelSample, judge: Judge, max_new_tokens: int,
-               aggregation: str, relevance_source: str = "gradient") -> tuple[LabelRecord | None, dict[str, Any]]:
+               aggregation: str, relevance_source: str = "gradient",
+               feature: str = FEATURE) -> tuple[LabelRecord | None, dict[str, Any]]:
     """``(record, meta)``; ``record`` is None when the answer is wrong (or empty)."""
     inputs = build_prompt(processor, sample).to(model.device)
     answer_ids = _greedy_answer(model, inputs, max_new_tokens)
@@ -219,21 +242,17 @@ def _label_one(model: nn.Module, processor: Any, sample: LabelSample, judge: Jud
     meta = {**sample.meta, "question": sample.question, "reference": sample.answer, "prediction": prediction}
     if len(answer_ids) == 0 or not judge(prediction, sample.answer):
         return None, meta
-    scope = model.tokenprune.config.scope if "tokenprune" in model.__dict__ else "sample"
-    found = score_inputs(model, inputs, scope=scope)
-    if found is None:
-        raise ValueError("the prompt has no visual tokens")
-    feature = found.first_layer_attention[0, found.valid[0]].detach().float().cpu()
+    values, segments = _feature(model, inputs, feature)
     if relevance_source == "boxes":
         size = (sample.images or sample.video or [None])[0].size
         relevance = box_relevance(model, inputs, sample.meta.get("boxes") or [], size)
     else:
         relevance = visual_relevance(model, inputs, answer_ids, aggregation=aggregation).detach().float().cpu()
-    if relevance.shape != feature.shape:
-        raise ValueError(f"relevance has shape {tuple(relevance.shape)}, feature {tuple(feature.shape)}")
+    if relevance.shape != values.shape[-1:]:
+        raise ValueError(f"relevance has shape {tuple(relevance.shape)}, feature {tuple(values.shape)}")
     meta |= {"model_type": model.config.model_type, "name_or_path": model.name_or_path}
-    grid = _grid(model, inputs, found.layout.segments[0], len(feature))
-    return LabelRecord(sample.sample_id, feature, relevance, grid, meta), meta
+    grid = _grid(model, inputs, segments, values.shape[-1])
+    return LabelRecord(sample.sample_id, values, relevance, grid, meta), meta
 
 
 # -- the run ----------------------------------------------------------------------------------------------------
@@ -279,22 +298,28 @@ def _shard(samples: Iterable[Any], rank: int, world_size: int,
 
 
 def _header(model: nn.Module, judge: Judge, max_new_tokens: int, aggregation: str, relevance: str,
-            world_size: int) -> dict:
+            feature: str) -> dict:
     from .. import __version__
 
-    return {"model_type": model.config.model_type, "name_or_path": model.name_or_path, "feature": FEATURE,
+    return {"model_type": model.config.model_type, "name_or_path": model.name_or_path, "feature": feature,
             "relevance": relevance, "aggregation": aggregation,
             "judge": getattr(judge, "__name__", type(judge).__name__),
             "max_new_tokens": max_new_tokens, "answer_tokens": "generated, up to the first eos (excluded)",
-            "world_size": world_size, "hf_tokenprune_version": __version__}
+            "hf_tokenprune_version": __version__}
 
 
 def generate_labels(model: nn.Module, processor: Any, samples: Iterable[LabelSample | Mapping[str, Any]],
                     out_dir: str | Path, *, judge: Judge = normalized_match, max_new_tokens: int = 16,
                     shard_size: int = 256, rank: int | None = None, world_size: int | None = None,
                     progress: bool = True, aggregation: str = "grad-weighted", relevance: str = "gradient",
-                    limit: int | None = None, fail_fast: int = 8) -> LabelSummary:
+                    limit: int | None = None, fail_fast: int = 8, feature: str = FEATURE,
+                    relevance_from: str | Path | None = None) -> LabelSummary:
     """Label ``samples`` (:class:`LabelSample` or :func:`sample_from_dict` dicts) into ``out_dir``; resumable.
+
+    ``feature``: the compressor input stored with each label (:data:`FEATURES`). ``relevance_from``: a label
+    directory of the same model whose ``R_v`` are reused: each of its samples gets only the feature computed
+    (no generation, no gradients: a new feature for existing labels at a small fraction of the cost); samples it
+    has no label for are skipped (counted as dropped); the header keeps its relevance settings.
 
     Each process labels the samples with ``index % world_size == rank`` (of the first ``limit``). ``rank`` and
     ``world_size`` default to ``accelerate.PartialState()``'s (rank 0 of 1 without ``accelerate launch``);
@@ -306,6 +331,19 @@ def generate_labels(model: nn.Module, processor: Any, samples: Iterable[LabelSam
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if relevance not in RELEVANCE:
         raise ValueError(f"relevance must be one of {RELEVANCE}, got {relevance!r}")
+    if feature not in FEATURES:
+        raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
+    header = _header(model, judge, max_new_tokens, aggregation, relevance, feature)
+    sources: dict[str, LabelRecord] | None = None
+    if relevance_from is not None:
+        records, source = load_records(relevance_from)
+        source = source["header"]
+        if source.get("model_type") not in (None, header["model_type"]):
+            raise ValueError(f"relevance_from {str(relevance_from)!r} labels a {source['model_type']!r} model, "
+                             f"this one is {header['model_type']!r}")
+        sources = {r.sample_id: r for r in records}
+        header |= {k: source[k] for k in ("relevance", "aggregation", "judge", "max_new_tokens") if k in source}
+        header["relevance_from"] = str(relevance_from)
     state = None
     if rank is None and world_size is None:
         state = process_state()
@@ -313,8 +351,7 @@ def generate_labels(model: nn.Module, processor: Any, samples: Iterable[LabelSam
     elif rank is None or world_size is None or not 0 <= rank < world_size:
         raise ValueError(f"give both rank and world_size with 0 <= rank < world_size (got {rank}, {world_size})")
     start = time.perf_counter()
-    writer = LabelWriter(out_dir, rank=rank, shard_size=shard_size,
-                         header=_header(model, judge, max_new_tokens, aggregation, relevance, world_size))
+    writer = LabelWriter(out_dir, rank=rank, shard_size=shard_size, header={**header, "world_size": world_size})
     done, seen = writer.processed_ids(), set()
     summary, failures, succeeded = LabelSummary(), [], False
     entries, total = _shard(samples, rank, world_size, limit)
@@ -328,10 +365,18 @@ def generate_labels(model: nn.Module, processor: Any, samples: Iterable[LabelSam
             if sample_id in seen:
                 raise ValueError(f"duplicate sample id {sample_id!r}")
             seen.add(sample_id)
+            if sources is not None and sample_id not in sources:
+                summary.dropped += 1
+                writer.skip(sample_id, "no label in relevance_from", {})
+                continue
             sample = None
             try:
                 sample = load()
-                record, meta = _label_one(model, processor, sample, judge, max_new_tokens, aggregation, relevance)
+                if sources is not None:
+                    record, meta = _refeature_one(model, processor, sample, sources[sample_id], feature)
+                else:
+                    record, meta = _label_one(model, processor, sample, judge, max_new_tokens, aggregation,
+                                              relevance, feature)
             except Exception as error:
                 summary.failed += 1
                 message = f"{type(error).__name__}: {error}"
@@ -389,6 +434,6 @@ def label_from_paths(model: str, data: str, out: str | Path, **options: Any) -> 
     return generate_labels(loaded, processor, load_samples(data), out, **options)
 
 
-__all__ = ["FEATURE", "RELEVANCE", "Judge", "LabelSample", "LabelSummary", "build_prompt", "exact_match",
+__all__ = ["FEATURE", "FEATURES", "RELEVANCE", "Judge", "LabelSample", "LabelSummary", "build_prompt", "exact_match",
            "from_dataset", "generate_labels", "label_from_paths", "load_jsonl", "load_samples", "normalize_answer",
            "normalized_match", "process_state", "sample_from_dict"]

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..atomic import write_atomic
 from ..compressor import Compressor
 from .card import model_card
-from .data import EpochShuffle, LabelDataset, collate, feature_layers, is_validation
+from .data import EpochShuffle, LabelDataset, collate, is_validation, record_feature
 from .evaluation import attention_scores, compressor_scores, evaluate_scores, log_q
 from .metrics import METRICS, kl_divergence
 from .processes import cpu_only
@@ -114,8 +114,9 @@ def train_compressor(
 
     Args:
         labels: a label directory (or its ``index.json``) written by :class:`~hf_tokenprune.training.LabelWriter`,
-            or the records themselves. ``[K, N_v]`` features (K > 1) train a ``"layer_attention"`` compressor with
-            ``K`` input channels (multi-layer ablation).
+            or the records themselves. Per-head labels (header ``feature`` ``"first_layer_head_attention"``) train a
+            compressor of that feature; other ``[K, N_v]`` features (K > 1) a ``"layer_attention"`` one with ``K``
+            input channels (multi-layer ablation).
         out_dir: the compressor directory to write (created).
         channels: channels of the depthwise-separable layers, see :data:`DEPTH_CHANNELS`.
         val_fraction: share of samples in the validation split, chosen by a hash of the sample id.
@@ -141,8 +142,7 @@ def train_compressor(
     if not train or not val:
         raise ValueError(f"{len(records)} label records give {len(train)} training and {len(val)} validation "
                          f"samples at val_fraction={val_fraction}; both must be non-empty")
-    layers = feature_layers(records)
-    feature = "first_layer_attention" if layers == 1 else "layer_attention"
+    feature, layers = record_feature(records, header)
     settings = {"channels": list(channels), "kernel_size": kernel_size, "feature": feature, "in_channels": layers,
                 "batch_size": batch_size, "lr": lr, "val_fraction": val_fraction, "seed": seed,
                 "base_model_type": base_model_type, "base_model_name": base_model_name,
@@ -170,7 +170,7 @@ def train_compressor(
     val_loader = DataLoader(LabelDataset(val), batch_size=batch_size, collate_fn=collate)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     unwrapped = accelerator.unwrap_model(model)
-    baseline = evaluate_scores(attention_scores, val_loader, accelerator.gather_for_metrics)
+    baseline = evaluate_scores(attention_scores(feature), val_loader, accelerator.gather_for_metrics)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
 
