@@ -11,6 +11,7 @@ from test_labels import STEPS, not_wrong, write_jsonl
 from hf_tokenprune import prune_wrap, tiny
 from hf_tokenprune.compressor import Compressor
 from hf_tokenprune.training import train_compressor
+from hf_tokenprune.training.evaluation import evaluate_compressors
 from hf_tokenprune.training.labels import generate_labels, load_jsonl
 from hf_tokenprune.training.store import read_labels
 
@@ -58,6 +59,8 @@ def test_head_feature_compressor_end_to_end(built, family, tmp_path):
     compressor for another head count is refused before the LLM runs."""
     model, processor = built(family)
     samples = [s for s in load_jsonl(write_jsonl(tmp_path / "data", 6)) if s.video is None]
+    generate_labels(model, processor, samples, tmp_path / "mean", judge=not_wrong, max_new_tokens=STEPS,
+                    progress=False)
     generate_labels(model, processor, samples, tmp_path / "labels", judge=not_wrong, max_new_tokens=STEPS,
                     progress=False, feature="first_layer_head_attention")
     heads = model.config.text_config.num_attention_heads
@@ -66,6 +69,11 @@ def test_head_feature_compressor_end_to_end(built, family, tmp_path):
                               kernel_size=3, batch_size=4, val_fraction=0.5, progress=False)
     compressor = Compressor.from_pretrained(result.directory)
     assert (compressor.feature, compressor.in_channels) == ("first_layer_head_attention", heads)
+    # the attention baseline of per-head labels is A^0_v (the heads' mean), not one head
+    scores = evaluate_compressors(tmp_path / "labels", [result.directory], val_fraction=None)
+    assert scores["attention"] == pytest.approx(evaluate_compressors(tmp_path / "mean", [], val_fraction=None)[
+        "attention"], abs=1e-6)
+    assert scores[str(result.directory)]["kl"] >= 0
     inputs = make_inputs(processor, "image")
     prune_wrap(model, compressor=str(result.directory), ratio=0.25)
     pruned = greedy(model, inputs, steps=4)
@@ -75,5 +83,6 @@ def test_head_feature_compressor_end_to_end(built, family, tmp_path):
                        feature="first_layer_head_attention", in_channels=heads + 1)
     other.save_pretrained(tmp_path / "other")
     prune_wrap(model, compressor=str(tmp_path / "other"), ratio=0.25)
-    with pytest.raises(ValueError, match=f"reads {heads + 1} attention heads of the first layer, the model has {heads}"):
+    with pytest.raises(ValueError, match=f"reads {heads + 1} attention heads of the first layer, the model has "
+                                         f"{heads}"):
         greedy(model, inputs, steps=1)

@@ -208,8 +208,12 @@ def test_evaluate_scores_compressors_on_the_held_out_labels(tmp_path: Path, caps
     with pytest.raises(CompressorMismatchError, match="qwen2_vl"):
         evaluate_compressors(tmp_path / "labels", [tmp_path / "qwen"])
     Compressor(channels=(4,), feature="layer_attention", in_channels=3).save_pretrained(tmp_path / "layers")
-    with pytest.raises(ValueError, match="reads 3 feature channel"):
+    with pytest.raises(ValueError, match=r"reads layer_attention \(3 channel\(s\)\), the labels hold "
+                                         r"first_layer_attention \(1\)"):
         evaluate_compressors(tmp_path / "labels", [tmp_path / "layers"])
+    Compressor(channels=(4,), feature="first_layer_head_attention", in_channels=1).save_pretrained(tmp_path / "head")
+    with pytest.raises(ValueError, match=r"reads first_layer_head_attention \(1 channel"):  # same width, not A^0_v
+        evaluate_compressors(tmp_path / "labels", [tmp_path / "head"])
 
 
 def test_cli_ends_the_process_group(tmp_path: Path) -> None:

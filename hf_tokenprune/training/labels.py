@@ -218,7 +218,10 @@ def _feature(model: nn.Module, inputs: Any, feature: str) -> tuple[torch.Tensor,
     if found is None:
         raise ValueError("the prompt has no visual tokens")
     valid = found.valid[0]
-    values = found.first_layer_attention[0, valid] if feature == FEATURE else found.first_layer_head_attention[0][:, valid]
+    if feature == FEATURE:
+        values = found.first_layer_attention[0, valid]
+    else:
+        values = found.first_layer_head_attention[0][:, valid]
     return values.detach().float().cpu(), found.layout.segments[0]
 
 
