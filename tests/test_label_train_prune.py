@@ -13,7 +13,7 @@ from hf_tokenprune.compressor import Compressor
 from hf_tokenprune.training import train_compressor
 from hf_tokenprune.training.evaluation import evaluate_compressors
 from hf_tokenprune.training.labels import generate_labels, load_jsonl
-from hf_tokenprune.training.store import read_labels
+from hf_tokenprune.training.store import LabelRecord, read_labels
 
 # video frames as separate timestamped runs; Qwen-style (t, h, w) token grids
 TIMESTAMPED = ("qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe")
@@ -73,7 +73,11 @@ def test_head_feature_compressor_end_to_end(built, family, tmp_path):
     scores = evaluate_compressors(tmp_path / "labels", [result.directory], val_fraction=None)
     assert scores["attention"] == pytest.approx(evaluate_compressors(tmp_path / "mean", [], val_fraction=None)[
         "attention"], abs=1e-6)
-    assert scores[str(result.directory)]["kl"] >= 0
+    for h in range(heads):  # and each head alone: the attention of labels holding only that head
+        one = [LabelRecord(r.sample_id, r.feature[h], r.relevance, r.grid) for r in read_labels(tmp_path / "labels")]
+        assert scores[f"attention head {h}"] == pytest.approx(
+            evaluate_compressors(one, [], val_fraction=None)["attention"], abs=1e-6)
+    assert f"attention head {heads}" not in scores
     inputs = make_inputs(processor, "image")
     prune_wrap(model, compressor=str(result.directory), ratio=0.25)
     pruned = greedy(model, inputs, steps=4)

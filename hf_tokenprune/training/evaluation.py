@@ -34,12 +34,15 @@ def compressor_scores(model: Compressor) -> Scores:
     return scores
 
 
-def attention_scores(feature: str) -> Scores:
+def attention_scores(feature: str, head: int | None = None) -> Scores:
     """The raw first-layer attention ``A^0_v`` of a ``feature`` batch (the heads' mean of a per-head one, the first
-    layer's of a multi-layer one) as ranking and as distribution (``A / sum A``)."""
+    layer's of a multi-layer one; ``head``: that head's of a per-head one) as ranking and as distribution
+    (``A / sum A``)."""
     def scores(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         a = batch["features"]
-        if a.dim() == 3:
+        if head is not None:
+            a = a[:, head]
+        elif a.dim() == 3:
             a = a.mean(dim=1) if feature == "first_layer_head_attention" else a[:, 0]
         return _distribution(a, batch["mask"])
 
@@ -70,7 +73,8 @@ def evaluate_scores(scores: Scores, loader: DataLoader,
 def evaluate_compressors(labels: str | os.PathLike | Sequence[LabelRecord],
                          compressors: Sequence[str | os.PathLike], *, val_fraction: float | None = 0.1,
                          batch_size: int = 128) -> dict[str, dict[str, float]]:
-    """The :data:`METRICS` of each compressor (keyed by its path as given) and of ``"attention"`` on ``labels``.
+    """The :data:`METRICS` of each compressor (keyed by its path as given) and of ``"attention"`` on ``labels``;
+    per-head labels also score each head's attention alone (``"attention head 0"``, ...).
 
     ``val_fraction`` picks the validation split :func:`~hf_tokenprune.training.train_compressor` holds out at the
     same fraction (a hash of the sample id, so it is the same labels whichever store they sit in); None scores
@@ -98,5 +102,7 @@ def evaluate_compressors(labels: str | os.PathLike | Sequence[LabelRecord],
             model.check_compatible(model_type)
         loaded[str(path)] = model
     loader = DataLoader(LabelDataset(records), batch_size=batch_size, collate_fn=collate)
+    heads = range(layers) if feature == "first_layer_head_attention" else range(0)
     return {"attention": evaluate_scores(attention_scores(feature), loader),
+            **{f"attention head {h}": evaluate_scores(attention_scores(feature, h), loader) for h in heads},
             **{name: evaluate_scores(compressor_scores(model), loader) for name, model in loaded.items()}}
