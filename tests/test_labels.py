@@ -332,5 +332,7 @@ def test_relevance_from_another_model_is_refused(built, reference, data, tmp_pat
     model, processor = built("llava_onevision")
     with pytest.raises(ValueError, match="labels a 'qwen2_vl' model, this one is 'llava_onevision'"):
         generate_labels(model, processor, load_jsonl(data), tmp_path, progress=False, relevance_from=reference)
+    with pytest.raises(ValueError, match="relevance_from and the output are the same directory"):
+        generate_labels(model, processor, load_jsonl(data), reference, progress=False, relevance_from=reference)
     with pytest.raises(ValueError, match="feature must be one of"):
         generate_labels(model, processor, load_jsonl(data), tmp_path, progress=False, feature="heads")

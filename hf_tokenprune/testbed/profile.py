@@ -7,9 +7,9 @@ Two measurements, printed as JSON:
   scenes. High figures mean the answer is in the visual tokens; what is missing is the LM finding it.
 * **accuracy**: the trained model's held-out accuracy with all tokens, per question kind, on scenes with few, middle
   and many objects. A kind that stays near chance with few objects fails in the lookup, not in crowding.
-* **selection**: where the compressor's and first-layer attention's top tokens lie on held-out questions: the share
-  of the kept tokens that show an object (beside the share of all tokens that do, what a random pick gets), and the
-  share in the grid's first and last row, the two ends of the visual sequence.
+* **selection**: where the oracle ``R_v``'s, the compressor's and first-layer attention's top tokens lie on held-out
+  questions: the share of the kept tokens that show an object (beside the share of all tokens that do, what a random
+  pick gets), and the share in the grid's first and last row, the two ends of the visual sequence.
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ import json
 import torch
 from torch import nn
 
-from ..adapters import get_adapter
-from ..config import TokenPruneConfig
-from ..methods import build_scorer
-from ..world.evaluate import accuracy, heldout_samples, inputs_for
+from ..world.evaluate import accuracy, heldout_samples
+from ..world.results import per_sample
 from ..world.scenes import Sample, make_samples
-from ..wrap import score_inputs
 from .model import base, load
 from .results import COMPRESSOR, samples_of, scene_range
 from .train import KINDS, OBJECTS, cell_labels
@@ -80,21 +77,16 @@ def kept_cells(scores: torch.Tensor, objects: torch.Tensor, ratio: float) -> dic
 
 def selection(model: nn.Module, processor, samples: list[Sample], compressor: str,
               ratios: tuple[float, ...] = (0.25, 0.125)) -> dict:
-    """:func:`kept_cells` of the compressor and of first-layer attention, averaged over ``samples``, beside the
-    share of all tokens that show an object."""
-    scorer = build_scorer(TokenPruneConfig(scorer="compressor", compressor=compressor), get_adapter(model))
-    rows: dict[str, dict[float, list[dict[str, float]]]] = {"compressor": {}, "attention": {}}
+    """:func:`kept_cells` of the oracle ``R_v`` (of the reference answer), the compressor and first-layer attention,
+    averaged over ``samples``, beside the share of all tokens that show an object."""
+    rows: dict[str, dict[float, list[dict[str, float]]]] = {"oracle": {}, "compressor": {}, "attention": {}}
     shown = []
-    for sample in samples:
-        found = score_inputs(model, inputs_for(processor, [sample]))
-        n = found.layout.counts[0]
+    for sample, scores in zip(samples, per_sample(model, processor, samples, compressor), strict=True):
         objects = cell_labels([sample])[:, 0] > 0
         shown.append(objects.float().mean().item())
-        with torch.no_grad():
-            scores = {"compressor": scorer.score(found)[0, :n].float(), "attention": found.first_layer_attention[0, :n]}
-        for name, values in scores.items():
+        for name, by_ratio in rows.items():
             for ratio in ratios:
-                rows[name].setdefault(ratio, []).append(kept_cells(values, objects, ratio))
+                by_ratio.setdefault(ratio, []).append(kept_cells(scores[name], objects, ratio))
     mean = {name: {f"{ratio:g}": {key: round(sum(r[key] for r in kept) / len(kept), 4) for key in kept[0]}
                    for ratio, kept in by_ratio.items()} for name, by_ratio in rows.items()}
     return {"questions": len(samples), "all_tokens_objects": round(sum(shown) / len(shown), 4), **mean}

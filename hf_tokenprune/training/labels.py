@@ -339,6 +339,9 @@ def generate_labels(model: nn.Module, processor: Any, samples: Iterable[LabelSam
     header = _header(model, judge, max_new_tokens, aggregation, relevance, feature)
     sources: dict[str, LabelRecord] | None = None
     if relevance_from is not None:
+        if Path(relevance_from).resolve() == Path(out_dir).resolve():
+            raise ValueError(f"relevance_from and the output are the same directory {str(out_dir)!r}: write the new "
+                             "feature's labels to another one")
         records, source = load_records(relevance_from)
         source = source["header"]
         if source.get("model_type") not in (None, header["model_type"]):

@@ -57,7 +57,7 @@ SATURATED_MASS = 1 - 1e-6  # nor one whose threshold reaches this: the float64 u
 CALIBRATION_START = 100_000  # held-out scenes from this index on calibrate the threshold (evaluation: from 0)
 
 
-def _per_sample(model, processor, samples: list[Sample], compressor: str | None) -> list[dict]:
+def per_sample(model, processor, samples: list[Sample], compressor: str | None) -> list[dict]:
     """Oracle relevance, first-layer attention, compressor relevance and answer tokens of every sample."""
     adapter = get_adapter(model)
     scorer = None
@@ -84,7 +84,7 @@ def _per_sample(model, processor, samples: list[Sample], compressor: str | None)
 
 def _run(model, processor, samples: list[Sample], rows: list[dict] | None, batch_size: int, label: str) -> dict:
     """Answers of the wrapped ``model`` to ``samples``: accuracy (overall, per kind), answer region kept (with the
-    samples' ``rows`` from :func:`_per_sample`, else None), and the mean of every sample's retention
+    samples' ``rows`` from :func:`per_sample`, else None), and the mean of every sample's retention
     (:attr:`~hf_tokenprune.PruneStats.retention`)."""
     answers, kept_region, retention, flops = [], [], [], []
     for i in tqdm(range(0, len(samples), batch_size), desc=label, leave=False):
@@ -134,7 +134,7 @@ def evaluate(model, processor, samples: list[Sample], *, label: str, compressor:
     if compressor is None:
         scorers = [s for s in scorers if s not in COMPRESSOR_SCORERS]
         auto_scorers = [s for s in auto_scorers if s not in COMPRESSOR_SCORERS]
-    rows = _per_sample(model, processor, samples, compressor)
+    rows = per_sample(model, processor, samples, compressor)
     result: dict = {"n": len(samples), "pointing": {}, "accuracy": {}, "per_kind": {}, "answer_region_kept": {},
                     "retention": {}, "retention_per_kind": {}, "prefill_flops": {}, "calibration": {}}
     for name in ("oracle", "compressor", "attention"):
