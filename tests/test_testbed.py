@@ -114,7 +114,7 @@ def test_the_shipped_compressor_keeps_objects_over_background():
     report = profile.selection(model, processor, results.samples_of(range(1000, 1008), results.KINDS),
                                str(results.COMPRESSOR))
     assert report["questions"] == 8 and 0.05 < report["all_tokens_objects"] < 0.25  # 16-48 objects of 256 cells
-    for scorer in ("oracle", "compressor", "attention"):  # 160 questions: ORACLE / 89 / 84% at 12.5%, objects 12.7%
+    for scorer in ("oracle", "compressor", "attention"):  # 160 questions: 87 / 89 / 84% at 12.5%, objects 12.7%
         assert report[scorer]["0.125"]["objects"] > 3 * report["all_tokens_objects"]
 
 
@@ -131,7 +131,7 @@ def test_shipped_projector_answers_held_out_lookups():
     prune_wrap(model, ratio=0.25, scorer="compressor", compressor=str(results.COMPRESSOR))
     pruned = accuracy(model, processor, questions, batch_size=16)["accuracy"]
     assert model.tokenprune.last_stats.visual_tokens_after[0] == 64
-    assert pruned >= 0.8 * full  # measured 0.906 here, equal to full
+    assert pruned >= 0.8 * full  # measured 0.938 here (30 / 32), one more than with all tokens
 
 
 def test_demo_on_the_testbed_without_the_wheels_is_one_line_naming_the_install(monkeypatch, tmp_path, capsys):
