@@ -10,6 +10,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .compressor import INFERENCE_FEATURES
+
 # errors whose message says what went wrong without their type's name
 _PLAIN_ERRORS = (ValueError, OSError, RuntimeError)
 
@@ -97,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="R_v from the answer's gradients (default), or uniform over the tokens of each "
                             "sample's annotated evidence boxes (meta.boxes: [frame, x0, y0, x1, y1] in pixels)")
     label.add_argument("--limit", type=int, help="label only the first N samples")
-    label.add_argument("--feature", default="first_layer_attention",
-                       choices=["first_layer_attention", "first_layer_head_attention"],
+    label.add_argument("--feature", default=INFERENCE_FEATURES[0], choices=INFERENCE_FEATURES,
                        help="compressor input stored with each label: A^0_v (default, the paper's), or A^0_v of "
                             "each head of the first layer (same inference cost)")
     label.add_argument("--relevance-from", metavar="LABELS",

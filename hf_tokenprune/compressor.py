@@ -60,9 +60,11 @@ from .atomic import default_mode
 from .config import TokenPruneConfig, check_fraction
 
 __all__ = ["CALIBRATION_FIELDS", "Compressor", "CompressorMismatchError", "CompressorNotFoundError",
-           "DepthwiseSeparableConv1d", "FEATURES", "InvalidCompressorError", "validate_calibration"]
+           "DepthwiseSeparableConv1d", "FEATURES", "INFERENCE_FEATURES", "InvalidCompressorError",
+           "validate_calibration"]
 
-FEATURES = ("first_layer_attention", "first_layer_head_attention", "layer_attention")
+INFERENCE_FEATURES = ("first_layer_attention", "first_layer_head_attention")  # what pruning computes
+FEATURES = (*INFERENCE_FEATURES, "layer_attention")
 MAX_CHANNELS = 4096
 MAX_LAYERS = 16
 MAX_KERNEL_SIZE = 63

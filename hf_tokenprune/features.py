@@ -135,15 +135,10 @@ def received_attention(layer: nn.Module, hidden_states: torch.Tensor,
         logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
         probs = logits.softmax(dim=-1)  # [b, heads, n_q, length]
         if not per_head:
-            return _row_mean(probs.mean(dim=1), q_valid)
-        return _row_mean(probs.flatten(0, 1), q_valid.repeat_interleave(probs.shape[1], dim=0)).unflatten(
-            0, probs.shape[:2])
-
-
-def _row_mean(probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean of ``probs`` ``[b, rows, length]`` over its ``valid`` ``[b, rows]`` rows: ``[b, length]``."""
-    probs = probs * valid.unsqueeze(-1)
-    return probs.sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp(min=1)
+            probs = probs.mean(dim=1, keepdim=True)
+        probs = probs * q_valid[:, None, :, None]
+        received = probs.sum(dim=2) / q_valid.sum(dim=1)[:, None, None].clamp(min=1)  # [b, heads or 1, length]
+        return received if per_head else received[:, 0]
 
 
 def delta_rule_attention(linear_attn: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -32,11 +32,12 @@ MASS_TOLERANCE = 1e-9  # a cumulative mass within this of the threshold reaches 
 
 
 def pack(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather ``values[b, mask[b]]`` into ``[batch, max_count]`` (order kept) and a validity mask."""
+    """Gather ``values[b, mask[b]]`` into ``[batch, max_count, ...]`` (order kept; ``values``: ``[batch, length,
+    ...]``, zeros after each sample's count) and a ``[batch, max_count]`` validity mask."""
     counts = mask.sum(dim=1)
     width = int(counts.max()) if counts.numel() else 0
     valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
-    packed = values.new_zeros((values.shape[0], width))
+    packed = values.new_zeros((values.shape[0], width, *values.shape[2:]))
     packed[valid] = values[mask]
     return packed, valid
 

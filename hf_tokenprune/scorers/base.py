@@ -69,17 +69,12 @@ class ScoreInputs:
         """``A^0_v`` of each query head (not averaged over heads), ``[batch, heads, max_visual]``."""
         attention = first_layer_attention(self.text_model, self.inputs_embeds, self.rotary_positions,
                                           self.attention_mask, self.layout.instruction_mask, per_head=True)
-        mask = self.layout.visual_mask
-        return torch.stack([pack(attention[:, h], mask)[0] for h in range(attention.shape[1])], dim=1)
+        return pack(attention.transpose(1, 2), self.layout.visual_mask)[0].transpose(1, 2)
 
     @cached_property
     def visual_embeds(self) -> torch.Tensor:
         """The visual embeddings entering the LLM, ``[batch, max_visual, hidden]``."""
-        mask = self.layout.visual_mask
-        width = self.valid.shape[1]
-        out = self.inputs_embeds.new_zeros((mask.shape[0], width, self.inputs_embeds.shape[-1]))
-        out[self.valid] = self.inputs_embeds[mask]
-        return out
+        return pack(self.inputs_embeds, self.layout.visual_mask)[0]
 
 
 class Scorer(ABC):

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..compressor import Compressor
+from ..compressor import INFERENCE_FEATURES, Compressor
 from .base import ScoreInputs, Scorer
-
-FEATURES = ("first_layer_attention", "first_layer_head_attention")  # the features pruning computes
 
 
 class CompressorScorer(Scorer):
@@ -18,9 +16,10 @@ class CompressorScorer(Scorer):
     distribution = "softmax"  # the logits; their softmax is the compressor's relevance R~_v
 
     def __init__(self, compressor: Compressor) -> None:
-        if compressor.feature not in FEATURES:
+        if compressor.feature not in INFERENCE_FEATURES:
             raise ValueError(f"this compressor reads feature {compressor.feature!r} ({compressor.in_channels} "
-                             f"channels), a training ablation; pruning computes only {' and '.join(FEATURES)}")
+                             "channels), a training ablation; pruning computes only "
+                             f"{' and '.join(INFERENCE_FEATURES)}")
         self.compressor = compressor
 
     def features(self, inputs: ScoreInputs) -> torch.Tensor:

@@ -38,14 +38,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..compressor import INFERENCE_FEATURES
 from ..explain import AGGREGATIONS, box_relevance, visual_relevance
 from ..wrap import score_inputs
 from .processes import process_state
 from .store import LabelRecord, LabelWriter, load_records, merge_index
 
 Judge = Callable[[str, str], bool]
-FEATURE = "first_layer_attention"
-FEATURES = (FEATURE, "first_layer_head_attention")  # A^0_v, or A^0_v of each head of the first layer ([heads, N_v])
+FEATURES = INFERENCE_FEATURES  # A^0_v, or A^0_v of each head of the first layer ([heads, N_v])
+FEATURE = FEATURES[0]
 FIELDS = ("id", "question", "answer", "image", "images", "video")
 RELEVANCE = ("gradient", "boxes")  # where R_v comes from: the answer's gradients, or the annotated evidence
 
